@@ -1,0 +1,31 @@
+# Two commands: `make demo` (the main job) and `make test`. Both create .venv on first use.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: demo test proto bench-ingest clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	# CPU torch first: a bare `torch` requirement would pull several GB of CUDA wheels.
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $@
+
+demo: $(STAMP)
+	$(VENV)/bin/aurora-jax demo --config configs/demo-cpu.yaml
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests
+
+# Regenerate the gRPC/protobuf stubs after editing bridge/proto/aurora.proto.
+proto: $(STAMP)
+	$(PY) -m grpc_tools.protoc -I. --python_out=. --pyi_out=. --grpc_python_out=. bridge/proto/aurora.proto
+
+bench-ingest: $(STAMP)
+	$(VENV)/bin/aurora-jax bench ingest
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

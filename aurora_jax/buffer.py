@@ -1,0 +1,327 @@
+"""Durable replay buffer: bounded memory in front of an append-only spool on disk.
+
+Why a spool: the ingest endpoint acknowledges a trace only once it is on disk (fsync policy
+permitting), so a trainer crash loses nothing it acknowledged. Consumption is recorded in a
+second append-only log; on restart every spooled trace not yet consumed is loaded again.
+
+Layout of `spool_dir`:
+  seg-<first seq>.log  records: header (magic, seq u64, length u32, crc32 u32) + serialized RequestTrace
+  consumed.log         u64 seqs that the trainer has finished with (at-least-once: a lost mark replays)
+Sealed segments whose records are all consumed are deleted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import struct
+import threading
+import time
+import zlib
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+
+from bridge.traces import Trace, decode
+
+log = logging.getLogger(__name__)
+
+_HDR = struct.Struct("<4sQII")
+_MAGIC = b"AUR1"
+_SEQ = struct.Struct("<Q")
+
+
+@dataclasses.dataclass
+class BufferConfig:
+    spool_dir: str = "runs/spool"
+    capacity_traces: int = 4096
+    capacity_bytes: int = 2 << 30  # in-memory bound on decoded traces
+    fsync: Literal["always", "group", "none"] = "group"  # group = one fsync covers concurrent writers
+    segment_bytes: int = 256 << 20
+    max_reuse: int = 4  # a trace is consumed after this many samples
+    evict_after_uses: int = 1  # when full, traces sampled this often may make room (oldest first)
+    staleness_tau: float = 4.0  # sampling weight exp(-lag / tau), lag in draft versions
+    max_staleness: int = 32  # traces more versions behind than this are dropped
+    retry_after_ms: int = 250  # hint given to clients under backpressure
+
+    def __post_init__(self):
+        for name in ("capacity_traces", "capacity_bytes", "segment_bytes", "max_reuse"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive")
+        if self.staleness_tau <= 0:
+            raise ValueError("staleness_tau must be positive")
+
+
+class BufferFull(Exception):
+    def __init__(self, retry_after_ms: int, why: str):
+        super().__init__(why)
+        self.retry_after_ms = retry_after_ms
+
+
+@dataclasses.dataclass
+class Entry:
+    seq: int
+    trace: Trace
+    nbytes: int
+    segment: int
+    uses: int = 0
+
+
+class ReplayBuffer:
+    def __init__(self, cfg: BufferConfig):
+        self.cfg = cfg
+        self.dir = Path(cfg.spool_dir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self._io = threading.Lock()  # spool file writes, seq assignment
+        self._mem = threading.Condition()  # in-memory entries, counters
+        self._sync_lock = threading.Lock()
+        self._entries: dict[int, Entry] = {}
+        self._bytes = 0
+        self._reserved = (0, 0)  # (traces, bytes) written but not yet durable
+        self._live: dict[int, int] = {}  # segment id -> live (unconsumed) records
+        self.stats = dict(accepted=0, backpressured=0, consumed=0, evicted_stale=0, recovered=0)
+        self._written = 0  # records written (tickets for group commit)
+        self._synced = 0
+        self._next_seq = 1
+        self._recover()
+
+    # ------------------------------------------------------------ write path
+
+    def put(self, payload: bytes, trace: Trace) -> int:
+        """Append a validated trace durably and make it sampleable. Returns its seq.
+
+        Raises BufferFull (nothing written) when memory is at capacity and nothing can be
+        evicted yet: the caller answers RESOURCE_EXHAUSTED with a retry hint.
+        """
+        nbytes = trace.nbytes
+        header_rest = (len(payload), zlib.crc32(payload))
+        with self._mem:
+            self._make_room(nbytes)
+            n, b = self._reserved
+            self._reserved = (n + 1, b + nbytes)
+        entry = None
+        try:
+            with self._io:
+                if self._seg_size >= self.cfg.segment_bytes:
+                    self._rotate()
+                seq, seg = self._next_seq, self._seg_id
+                self._append(_HDR.pack(_MAGIC, seq, *header_rest), payload)
+                self._next_seq += 1
+                self._written += 1
+                ticket = self._written
+                with self._mem:  # count it live now so a rotation cannot collect its segment
+                    self._live[seg] = self._live.get(seg, 0) + 1
+                if self.cfg.fsync == "always":
+                    os.fsync(self._fd)
+                    self._synced = ticket
+            if self.cfg.fsync == "group":
+                self._group_sync(ticket)
+            entry = Entry(seq, trace, nbytes, seg)
+        finally:
+            with self._mem:
+                n, b = self._reserved
+                self._reserved = (n - 1, b - nbytes)
+                if entry is not None:
+                    self._entries[seq] = entry
+                    self._bytes += nbytes
+                    self.stats["accepted"] += 1
+                    self._mem.notify_all()
+        return seq
+
+    def _make_room(self, nbytes: int) -> None:
+        cfg = self.cfg
+        if nbytes > cfg.capacity_bytes:
+            raise BufferFull(cfg.retry_after_ms, f"trace of {nbytes} bytes exceeds capacity_bytes={cfg.capacity_bytes}")
+
+        def full() -> bool:
+            n, b = self._reserved
+            return (len(self._entries) + n + 1 > cfg.capacity_traces
+                    or self._bytes + b + nbytes > cfg.capacity_bytes)
+
+        if full():
+            for e in [e for e in self._entries.values() if e.uses >= cfg.evict_after_uses]:
+                self._consume(e)
+                if not full():
+                    break
+        if full():
+            self.stats["backpressured"] += 1
+            raise BufferFull(cfg.retry_after_ms,
+                             f"replay buffer full ({len(self._entries)} traces, {self._bytes} bytes), "
+                             f"trainer has not consumed enough yet")
+
+    def _append(self, header: bytes, payload: bytes) -> None:
+        os.write(self._fd, header)
+        view = memoryview(payload)
+        while view:
+            view = view[os.write(self._fd, view):]
+        self._seg_size += len(header) + len(payload)
+
+    def _group_sync(self, ticket: int) -> None:
+        # Whoever takes the lock first fsyncs everything written so far; the writers that
+        # queued behind it find their record already covered and return at once.
+        with self._sync_lock:
+            if self._synced >= ticket:
+                return
+            with self._io:
+                fd, target = os.dup(self._fd), self._written
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            self._synced = target
+
+    def _open_segment(self, seg_id: int) -> None:
+        self._seg_id = seg_id
+        path = self.dir / f"seg-{seg_id:012d}.log"
+        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        self._seg_size = os.fstat(self._fd).st_size
+
+    def _rotate(self) -> None:
+        if self.cfg.fsync != "none":
+            os.fsync(self._fd)  # records of a sealed segment are durable before we move on
+        os.close(self._fd)
+        old = self._seg_id
+        self._open_segment(self._next_seq)
+        with self._mem:
+            self._gc_segment(old)
+
+    # ------------------------------------------------------------ read path
+
+    def sample(self, n: int, rng: np.random.Generator, current_version: int = 0) -> list[Entry]:
+        """Draw up to n traces, favouring fresh ones: weight exp(-lag/tau) / (1 + uses).
+
+        Traces more than `max_staleness` versions behind are dropped first; a trace used
+        `max_reuse` times is consumed (removed from memory, marked in consumed.log).
+        """
+        cfg = self.cfg
+        with self._mem:
+            for e in [e for e in self._entries.values()
+                      if current_version - e.trace.draft_version > cfg.max_staleness]:
+                self._consume(e)
+                self.stats["evicted_stale"] += 1
+            entries = list(self._entries.values())
+            if not entries or n <= 0:
+                return []
+            lag = np.array([max(0, current_version - e.trace.draft_version) for e in entries], np.float64)
+            uses = np.array([e.uses for e in entries], np.float64)
+            w = np.exp(-lag / cfg.staleness_tau) / (1.0 + uses)
+            idx = rng.choice(len(entries), size=min(n, len(entries)), replace=False, p=w / w.sum())
+            picked = [entries[i] for i in idx]
+            for e in picked:
+                e.uses += 1
+                if e.uses >= cfg.max_reuse:
+                    self._consume(e)
+            return picked
+
+    def wait_for(self, n: int, timeout: float) -> bool:
+        """Block until at least n traces are buffered (or timeout). True if they are."""
+        with self._mem:
+            return self._mem.wait_for(lambda: len(self._entries) >= n, timeout)
+
+    def entries(self) -> list[Entry]:
+        with self._mem:
+            return list(self._entries.values())
+
+    def consume(self, seqs) -> None:
+        """Mark traces as finished with (used by FIFO consumers and tests)."""
+        with self._mem:
+            for s in seqs:
+                e = self._entries.get(s)
+                if e is not None:
+                    self._consume(e)
+
+    def _consume(self, e: Entry) -> None:  # holds self._mem
+        del self._entries[e.seq]
+        self._bytes -= e.nbytes
+        self.stats["consumed"] += 1
+        self._consumed_log.write(_SEQ.pack(e.seq))
+        self._consumed_log.flush()
+        self._live[e.segment] -= 1
+        self._gc_segment(e.segment)
+
+    def _gc_segment(self, seg: int) -> None:  # holds self._mem
+        if self._live.get(seg, 0) == 0 and seg != self._seg_id:
+            self._live.pop(seg, None)
+            try:
+                os.unlink(self.dir / f"seg-{seg:012d}.log")
+            except FileNotFoundError:
+                pass
+
+    def snapshot_stats(self) -> dict:
+        with self._mem:
+            spool = sum(p.stat().st_size for p in self.dir.glob("seg-*.log"))
+            return dict(self.stats, buffered=len(self._entries), buffered_bytes=self._bytes, spool_bytes=spool)
+
+    def close(self) -> None:
+        with self._io:
+            if self.cfg.fsync != "none":
+                os.fsync(self._fd)
+            os.close(self._fd)
+        with self._mem:
+            self._consumed_log.close()
+
+    # ------------------------------------------------------------ recovery
+
+    def _recover(self) -> None:
+        consumed_path = self.dir / "consumed.log"
+        consumed: set[int] = set()
+        if consumed_path.exists():
+            raw = consumed_path.read_bytes()
+            raw = raw[: len(raw) - len(raw) % _SEQ.size]  # a torn last mark is just replayed
+            consumed = set(np.frombuffer(raw, "<u8").tolist())
+        segs = sorted(self.dir.glob("seg-*.log"))
+        t0 = time.monotonic()
+        next_seq, keep = 1, []
+        for i, path in enumerate(segs):
+            seg_id = int(path.stem.split("-")[1])
+            next_seq = max(next_seq, seg_id)  # a segment is named by the first seq it was opened for
+            live = 0
+            for seq, payload in _read_records(path, truncate_tail=(i == len(segs) - 1)):
+                next_seq = max(next_seq, seq + 1)
+                if seq in consumed:
+                    keep.append(seq)
+                    continue
+                trace = decode(payload)
+                self._entries[seq] = Entry(seq, trace, trace.nbytes, seg_id)
+                self._bytes += trace.nbytes
+                live += 1
+            self._live[seg_id] = live
+        self._next_seq = next_seq
+        # Keep only marks that still refer to spooled records, then drop fully-consumed sealed
+        # segments. The newest segment stays: its name keeps seqs from ever being reused.
+        tmp = consumed_path.with_suffix(".tmp")
+        tmp.write_bytes(np.asarray(sorted(keep), "<u8").tobytes())
+        os.replace(tmp, consumed_path)
+        self._consumed_log = open(consumed_path, "ab")
+        self._seg_id = max(self._live) if self._live else next_seq
+        for seg in list(self._live):
+            self._gc_segment(seg)
+        self._open_segment(self._seg_id)
+        self.stats["recovered"] = len(self._entries)
+        if self._entries:
+            log.info("recovered %d unconsumed traces (%.1f MB) from %s in %.2fs", len(self._entries),
+                     self._bytes / 1e6, self.dir, time.monotonic() - t0)
+
+
+def _read_records(path: Path, truncate_tail: bool):
+    """Yield (seq, payload) of valid records; a torn tail (crash mid-write) is cut off."""
+    with open(path, "rb") as f:
+        data = f.read()
+    off = 0
+    while off + _HDR.size <= len(data):
+        magic, seq, length, crc = _HDR.unpack_from(data, off)
+        end = off + _HDR.size + length
+        if magic != _MAGIC or end > len(data):
+            break
+        payload = data[off + _HDR.size:end]
+        if zlib.crc32(payload) != crc:
+            break
+        yield seq, payload
+        off = end
+    if off < len(data):
+        log.warning("%s: %d bytes of torn or corrupt tail after offset %d dropped (never acknowledged)",
+                    path, len(data) - off, off)
+        if truncate_tail:
+            os.truncate(path, off)

@@ -1,0 +1,93 @@
+"""`aurora-jax` command line. Subcommands import their heavy dependencies lazily, so
+`aurora-jax --help` is instant and serving-side commands never pull in JAX."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from bridge.config import ConfigError
+
+EPILOG = """Overrides: any config key can be set after the options as key.sub=value, e.g.
+  aurora-jax ingest --config configs/trainer.yaml ingest.address=0.0.0.0:50051 buffer.fsync=always
+"""
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(level=getattr(logging, level.upper()), stream=sys.stderr,
+                        format="%(asctime)s %(levelname).1s %(name)s: %(message)s", datefmt="%H:%M:%S")
+
+
+def _cmd_ingest(args) -> int:
+    from aurora_jax.config import TrainerConfig
+    from aurora_jax.service import run_ingest
+    from bridge.config import load_config
+
+    cfg = load_config(TrainerConfig, args.config, args.overrides)
+    return run_ingest(cfg, stats_every=args.stats_every)
+
+
+def _cmd_demo(args) -> int:
+    from aurora_jax.demo import DemoConfig, run_demo
+    from bridge.config import load_config
+
+    cfg = load_config(DemoConfig, args.config, args.overrides)
+    return run_demo(cfg)
+
+
+def _cmd_bench(args) -> int:
+    if args.what == "ingest":
+        from bench.ingest import main as bench_main
+    else:  # argparse restricts choices
+        raise AssertionError(args.what)
+    return bench_main(args.bench_args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="aurora-jax",
+        description="Online speculative decoding: serve with a draft, export traces, train the draft in JAX, "
+                    "hot-swap it back.",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
+
+    s = sub.add_parser("ingest", help="run the TraceIngest gRPC endpoint with its durable replay buffer",
+                       description="Run the TraceIngest endpoint alone: traces are validated, spooled durably "
+                                   "and acknowledged; unconsumed traces survive a restart.",
+                       epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    s.add_argument("--config", default="configs/trainer.yaml", help="trainer YAML config (default: %(default)s)")
+    s.add_argument("--stats-every", type=float, default=10.0, help="seconds between stats log lines (0 = never)")
+    s.add_argument("overrides", nargs="*", metavar="key=value")
+    s.set_defaults(func=_cmd_ingest)
+
+    s = sub.add_parser("demo", help="the main job on CPU (see README)",
+                       epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    s.add_argument("--config", default="configs/demo-cpu.yaml", help="demo YAML config (default: %(default)s)")
+    s.add_argument("overrides", nargs="*", metavar="key=value")
+    s.set_defaults(func=_cmd_demo)
+
+    s = sub.add_parser("bench", help="benchmarks: print a table of ratios and write JSON",
+                       description="Benchmarks. Each prints a table and writes JSON under --out. "
+                                   "Pass -h after the name for its options, e.g. `aurora-jax bench ingest -h`.")
+    s.add_argument("what", choices=["ingest"], help="ingest: endpoint throughput vs raw loopback gRPC")
+    s.add_argument("bench_args", nargs=argparse.REMAINDER, help="options of that benchmark")
+    s.set_defaults(func=_cmd_bench)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _setup_logging(args.log_level)
+    try:
+        return args.func(args) or 0
+    except ConfigError as e:
+        print(f"aurora-jax: config error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,154 @@
+"""TraceIngest gRPC server: reassemble, validate, spool durably, then acknowledge.
+
+Per-trace problems (bad field, oversize, buffer full) are answered in that trace's PushAck
+so one bad trace does not tear down a stream carrying good ones; stream-level problems (no
+or wrong token, a message over the gRPC limit) end the call with the gRPC status itself.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import threading
+from concurrent import futures
+from pathlib import Path
+
+import grpc
+
+from aurora_jax import __version__
+from aurora_jax.buffer import BufferFull, ReplayBuffer
+from aurora_jax.config import IngestConfig, resolve_secret
+from aurora_jax.validate import TraceLimits, validate
+from bridge.proto import aurora_pb2 as pb
+from bridge.proto import aurora_pb2_grpc as pb_grpc
+from bridge.tensors import TraceError
+from bridge.traces import OversizeError, Reassembler, decode
+
+log = logging.getLogger(__name__)
+
+OK = grpc.StatusCode.OK.value[0]
+INVALID_ARGUMENT = grpc.StatusCode.INVALID_ARGUMENT.value[0]
+RESOURCE_EXHAUSTED = grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]
+# Room for the TraceChunk framing around a payload of max_chunk_bytes.
+FRAME_SLACK = 64 << 10
+
+
+class IngestServicer(pb_grpc.TraceIngestServicer):
+    def __init__(self, buffer: ReplayBuffer, limits: TraceLimits):
+        self.buffer = buffer
+        self.limits = limits
+        self._lock = threading.Lock()
+        self.rejected = 0
+
+    def _reject(self, rid: str, code: int, msg: str, retry_after_ms: int = 0) -> pb.PushAck:
+        if not retry_after_ms:  # backpressure is counted by the buffer, not as a rejection
+            with self._lock:
+                self.rejected += 1
+        log.warning("trace %r rejected: %s", rid, msg)
+        return pb.PushAck(request_id=rid, code=code, message=msg, retry_after_ms=retry_after_ms)
+
+    def ingest(self, rid: str, payload: bytes) -> pb.PushAck:
+        """Decode, validate and store one whole trace; the ack says what happened."""
+        try:
+            trace = decode(payload)
+            if trace.request_id != rid:
+                raise TraceError("request_id", f"{trace.request_id!r} does not match its chunks' {rid!r}")
+            validate(trace, self.limits)
+        except TraceError as e:
+            return self._reject(rid, INVALID_ARGUMENT, f"request {rid!r}: {e}")
+        try:
+            seq = self.buffer.put(payload, trace)
+        except BufferFull as e:
+            return self._reject(rid, RESOURCE_EXHAUSTED, str(e), max(1, e.retry_after_ms))
+        return pb.PushAck(request_id=rid, code=OK, seq=seq)
+
+    def Push(self, request_iterator, context):
+        chunks = Reassembler(self.limits.max_trace_bytes)
+        for chunk in request_iterator:
+            try:
+                payload = chunks.add(chunk)
+            except OversizeError as e:
+                yield self._reject(chunk.request_id, RESOURCE_EXHAUSTED, str(e))
+                continue
+            except TraceError as e:
+                yield self._reject(chunk.request_id, INVALID_ARGUMENT, str(e))
+                continue
+            if payload is not None:
+                yield self.ingest(chunk.request_id, payload)
+        for rid in chunks.pending:
+            log.warning("stream ended with trace %r incomplete; client will resend it", rid)
+
+    def Health(self, request, context):
+        return pb.HealthReply(serving=True, version=__version__)
+
+    def Stats(self, request, context):
+        s = self.buffer.snapshot_stats()
+        return pb.StatsReply(accepted=s["accepted"], rejected=self.rejected, backpressured=s["backpressured"],
+                             buffered=s["buffered"], buffered_bytes=s["buffered_bytes"], consumed=s["consumed"],
+                             evicted_stale=s["evicted_stale"], spool_bytes=s["spool_bytes"])
+
+
+class BearerAuth(grpc.ServerInterceptor):
+    """Requires `authorization: Bearer <token>` on every call but Health (for liveness probes)."""
+
+    OPEN = {"/aurora.v1.TraceIngest/Health"}
+
+    def __init__(self, token: str):
+        self._expected = f"Bearer {token}".encode()
+
+    def intercept_service(self, continuation, details):
+        handler = continuation(details)
+        if handler is None or details.method in self.OPEN:
+            return handler
+        got = dict(details.invocation_metadata).get("authorization", "")
+        if hmac.compare_digest(got.encode(), self._expected):
+            return handler
+        why = "missing authorization metadata" if not got else "invalid bearer token"
+
+        def deny(request, context):
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, f"{details.method}: {why}")
+
+        kind = (handler.request_streaming, handler.response_streaming)
+        make = {(False, False): grpc.unary_unary_rpc_method_handler,
+                (True, False): grpc.stream_unary_rpc_method_handler,
+                (False, True): grpc.unary_stream_rpc_method_handler,
+                (True, True): grpc.stream_stream_rpc_method_handler}[kind]
+        return make(deny)
+
+
+def server_options(limits: TraceLimits) -> list[tuple[str, int]]:
+    size = limits.max_chunk_bytes + FRAME_SLACK
+    return [("grpc.max_receive_message_length", size), ("grpc.max_send_message_length", size)]
+
+
+class IngestServer:
+    """A real gRPC server around a ReplayBuffer. `port` is the bound port after start()."""
+
+    def __init__(self, cfg: IngestConfig, limits: TraceLimits, buffer: ReplayBuffer):
+        self.cfg, self.limits, self.buffer = cfg, limits, buffer
+        self.servicer = IngestServicer(buffer, limits)
+        token = resolve_secret(cfg.auth_token)
+        self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=cfg.max_workers, thread_name_prefix="ingest"),
+                                   options=server_options(limits),
+                                   interceptors=[BearerAuth(token)] if token else [])
+        pb_grpc.add_TraceIngestServicer_to_server(self.servicer, self._server)
+        if cfg.tls_cert:
+            creds = grpc.ssl_server_credentials([(Path(cfg.tls_key).read_bytes(), Path(cfg.tls_cert).read_bytes())])
+            self.port = self._server.add_secure_port(cfg.address, creds)
+        else:
+            self.port = self._server.add_insecure_port(cfg.address)
+        if self.port == 0:
+            raise OSError(f"ingest: cannot bind {cfg.address}")
+        self.address = f"{cfg.address.rpartition(':')[0]}:{self.port}"
+
+    def start(self) -> "IngestServer":
+        self._server.start()
+        log.info("TraceIngest listening on %s (%s, auth %s)", self.address,
+                 "TLS" if self.cfg.tls_cert else "plaintext", "on" if self.cfg.auth_token else "off")
+        return self
+
+    def stop(self, grace: float | None = 1.0) -> None:
+        self._server.stop(grace).wait()
+
+    def wait(self) -> None:
+        self._server.wait_for_termination()

@@ -1,0 +1,177 @@
+"""Trace export client: the serving tier's side of TraceIngest.
+
+Decoding must never wait on the trainer, so `submit` only appends to a bounded queue; a
+background thread encodes, chunks and streams batches, retries with exponential backoff when
+the trainer is down or pushing back, and drops the oldest traces first once the queue is
+full (counted in `stats()["dropped"]`). Delivery is at-least-once: a trace whose ack was lost
+in a broken stream is sent again.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import logging
+import random
+import threading
+import time
+from pathlib import Path
+
+import grpc
+
+from bridge.proto import aurora_pb2 as pb
+from bridge.proto import aurora_pb2_grpc as pb_grpc
+from bridge.traces import Trace, chunks, encode
+
+log = logging.getLogger(__name__)
+
+_OK = grpc.StatusCode.OK.value[0]
+_RESOURCE_EXHAUSTED = grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]
+
+
+@dataclasses.dataclass
+class TraceClientConfig:
+    address: str = "127.0.0.1:50051"
+    auth_token: str = ""  # sent as `authorization: Bearer <token>`
+    tls_root_cert: str = ""  # PEM of the CA that signed the trainer's cert; "" = plaintext
+    max_queue: int = 256  # traces held while the trainer is slow or down; oldest dropped past this
+    batch_size: int = 8  # traces per stream
+    max_chunk_bytes: int = 2 << 20  # must not exceed the server's limits.max_chunk_bytes
+    rpc_timeout_s: float = 60.0
+    backoff_initial_s: float = 0.1
+    backoff_max_s: float = 5.0
+
+    def __post_init__(self):
+        for name in ("max_queue", "batch_size", "max_chunk_bytes"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive")
+
+
+@dataclasses.dataclass
+class _Item:
+    request_id: str
+    trace: Trace | None
+    payload: bytes | None = None  # encoded once, kept across retries
+
+
+class TraceClient:
+    def __init__(self, cfg: TraceClientConfig):
+        self.cfg = cfg
+        opts = [("grpc.max_send_message_length", cfg.max_chunk_bytes + (64 << 10)),
+                ("grpc.max_receive_message_length", 4 << 20)]
+        if cfg.tls_root_cert:
+            creds = grpc.ssl_channel_credentials(root_certificates=Path(cfg.tls_root_cert).read_bytes())
+            self._channel = grpc.secure_channel(cfg.address, creds, options=opts)
+        else:
+            self._channel = grpc.insecure_channel(cfg.address, options=opts)
+        self._stub = pb_grpc.TraceIngestStub(self._channel)
+        self._metadata = [("authorization", f"Bearer {cfg.auth_token}")] if cfg.auth_token else []
+        self._queue: collections.deque[_Item] = collections.deque()
+        self._cond = threading.Condition()
+        self._inflight = 0
+        self._stop = threading.Event()
+        self._counts = dict(submitted=0, acked=0, rejected=0, dropped=0, retries=0, backpressured=0)
+        self.last_error = ""
+        self._thread = threading.Thread(target=self._run, name="trace-client", daemon=True)
+        self._thread.start()
+
+    # ------------------------------------------------------------ caller side (never blocks)
+
+    def submit(self, trace: Trace) -> None:
+        with self._cond:
+            self._counts["submitted"] += 1
+            self._queue.append(_Item(trace.request_id, trace))
+            self._trim()
+            self._cond.notify()
+
+    def stats(self) -> dict[str, int]:
+        with self._cond:
+            return dict(self._counts, queued=len(self._queue) + self._inflight)
+
+    def flush(self, timeout: float = 30.0) -> bool:
+        """Wait until every queued trace was acked, rejected or dropped. True if that happened."""
+        with self._cond:
+            return self._cond.wait_for(lambda: not self._queue and not self._inflight, timeout)
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Try to deliver what is queued for up to `timeout` seconds, then stop."""
+        self.flush(timeout)
+        self._stop.set()
+        with self._cond:
+            self._cond.notify_all()
+        self._thread.join(timeout=max(1.0, self.cfg.rpc_timeout_s))
+        self._channel.close()
+
+    def health(self, timeout: float = 2.0) -> pb.HealthReply:
+        return self._stub.Health(pb.HealthRequest(), timeout=timeout, metadata=self._metadata)
+
+    def server_stats(self, timeout: float = 5.0) -> pb.StatsReply:
+        return self._stub.Stats(pb.StatsRequest(), timeout=timeout, metadata=self._metadata)
+
+    def _trim(self) -> None:  # holds the lock
+        while len(self._queue) > self.cfg.max_queue:
+            dropped = self._queue.popleft()
+            self._counts["dropped"] += 1
+            log.debug("trace queue full: dropped %s", dropped.request_id)
+
+    # ------------------------------------------------------------ sender thread
+
+    def _run(self) -> None:
+        backoff = self.cfg.backoff_initial_s
+        while not self._stop.is_set():
+            with self._cond:
+                self._cond.wait_for(lambda: self._queue or self._stop.is_set(), timeout=0.5)
+                batch = [self._queue.popleft() for _ in range(min(self.cfg.batch_size, len(self._queue)))]
+                self._inflight = len(batch)
+            if not batch:
+                continue
+            pending = {item.request_id: item for item in batch}
+            try:
+                retry_after = self._send(batch, pending)
+                backoff = self.cfg.backoff_initial_s
+            except grpc.RpcError as e:
+                retry_after = backoff
+                backoff = min(2 * backoff, self.cfg.backoff_max_s)
+                self.last_error = f"{e.code().name}: {e.details()}"
+                log.warning("trace export to %s failed (%s); retrying %d traces in %.2fs",
+                            self.cfg.address, self.last_error, len(batch), retry_after)
+            left = list(pending.values())
+            with self._cond:
+                if left:
+                    self._counts["retries"] += len(left)
+                    self._queue.extendleft(reversed(left))
+                    self._trim()
+                self._inflight = 0
+                self._cond.notify_all()
+            if retry_after:
+                self._stop.wait(retry_after * random.uniform(0.8, 1.2))
+
+    def _send(self, batch: list[_Item], pending: dict[str, _Item]) -> float:
+        """Stream one batch, removing settled traces from `pending`. Returns seconds to wait."""
+        for item in batch:
+            if item.payload is None:
+                item.payload = encode(item.trace)
+                item.trace = None
+
+        def requests():
+            for item in batch:
+                yield from chunks(item.request_id, item.payload, self.cfg.max_chunk_bytes)
+
+        retry_after = 0.0
+        for ack in self._stub.Push(requests(), timeout=self.cfg.rpc_timeout_s, metadata=self._metadata):
+            if ack.code == _OK:
+                self._count("acked")
+                pending.pop(ack.request_id, None)
+            elif ack.code == _RESOURCE_EXHAUSTED and ack.retry_after_ms:
+                self._count("backpressured")
+                retry_after = max(retry_after, ack.retry_after_ms / 1000)
+            else:
+                self._count("rejected")
+                pending.pop(ack.request_id, None)
+                self.last_error = ack.message
+                log.error("trainer rejected trace %s: %s", ack.request_id, ack.message)
+        return retry_after
+
+    def _count(self, key: str) -> None:
+        with self._cond:
+            self._counts[key] += 1

@@ -1,0 +1,66 @@
+"""Shared fixtures: a real TraceIngest server on 127.0.0.1 with a spool in tmp_path."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import grpc
+import numpy as np
+import pytest
+
+from aurora_jax.buffer import BufferConfig
+from aurora_jax.config import IngestConfig, TrainerConfig
+from aurora_jax.service import start_ingest
+from aurora_jax.validate import TraceLimits
+from bridge.proto import aurora_pb2 as pb
+from bridge.proto import aurora_pb2_grpc as pb_grpc
+from bridge.synthetic import random_trace
+from bridge.traces import chunks, encode
+
+VOCAB = 1000
+
+
+def make_trace(i: int, seed: int = 0, **kw):
+    rng = np.random.default_rng([seed, i])
+    kw.setdefault("vocab", VOCAB)
+    return random_trace(rng, request_id=f"req-{seed}-{i}", **kw)
+
+
+def trainer_config(tmp_path, **sections) -> TrainerConfig:
+    cfg = TrainerConfig(ingest=IngestConfig(address="127.0.0.1:0"), limits=TraceLimits(vocab_size=VOCAB),
+                        buffer=BufferConfig(spool_dir=str(tmp_path / "spool")))
+    for name, changes in sections.items():
+        setattr(cfg, name, dataclasses.replace(getattr(cfg, name), **changes))
+    return cfg
+
+
+@pytest.fixture
+def server_factory(tmp_path):
+    started = []
+
+    def start(**sections):
+        srv = start_ingest(trainer_config(tmp_path, **sections))
+        started.append(srv)
+        return srv
+
+    yield start
+    for srv in started:
+        srv.stop(grace=0)
+        srv.buffer.close()
+
+
+def push_raw(address: str, messages, metadata=(), timeout: float = 10.0) -> list[pb.PushAck]:
+    """Stream TraceChunks straight through the stub (no client library) and collect the acks."""
+    with grpc.insecure_channel(address) as ch:
+        stub = pb_grpc.TraceIngestStub(ch)
+        return list(stub.Push(iter(messages), metadata=metadata, timeout=timeout))
+
+
+def push_payload(address: str, rid: str, payload: bytes, max_chunk: int = 1 << 20, **kw) -> pb.PushAck:
+    acks = push_raw(address, chunks(rid, payload, max_chunk), **kw)
+    assert len(acks) == 1, acks
+    return acks[0]
+
+
+def push_trace(address: str, trace, **kw) -> pb.PushAck:
+    return push_payload(address, trace.request_id, encode(trace), **kw)

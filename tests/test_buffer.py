@@ -1,0 +1,148 @@
+import os
+import threading
+
+import numpy as np
+import pytest
+
+from aurora_jax.buffer import BufferConfig, BufferFull, ReplayBuffer
+from bridge.traces import encode
+from tests.conftest import make_trace
+from tests.test_wire import assert_traces_equal
+
+
+def put(buf, trace):
+    return buf.put(encode(trace), trace)
+
+
+def cfg(tmp_path, **kw):
+    return BufferConfig(spool_dir=str(tmp_path / "spool"), **kw)
+
+
+@pytest.mark.parametrize("fsync", ["always", "group", "none"])
+def test_recovers_unconsumed_after_reopen(tmp_path, fsync):
+    buf = ReplayBuffer(cfg(tmp_path, fsync=fsync))
+    traces = [make_trace(i) for i in range(10)]
+    seqs = [put(buf, t) for t in traces]
+    assert seqs == list(range(1, 11))
+    buf.consume(seqs[:4])
+    buf.close()
+    buf2 = ReplayBuffer(cfg(tmp_path, fsync=fsync))
+    got = buf2.entries()
+    assert [e.seq for e in got] == seqs[4:]
+    for e, t in zip(got, traces[4:]):
+        assert_traces_equal(e.trace, t)
+    assert put(buf2, make_trace(99)) == 11  # seqs keep increasing across restarts
+    buf2.close()
+
+
+def test_torn_tail_is_dropped_and_appends_continue(tmp_path):
+    buf = ReplayBuffer(cfg(tmp_path))
+    for i in range(3):
+        put(buf, make_trace(i))
+    buf.close()
+    seg = sorted((tmp_path / "spool").glob("seg-*.log"))[-1]
+    size = seg.stat().st_size
+    with open(seg, "ab") as f:  # a crash in the middle of writing record 4
+        f.write(b"AUR1" + b"\x04" * 20)
+    buf2 = ReplayBuffer(cfg(tmp_path))
+    assert len(buf2.entries()) == 3 and seg.stat().st_size == size
+    put(buf2, make_trace(3))
+    buf2.close()
+    assert [e.seq for e in ReplayBuffer(cfg(tmp_path)).entries()] == [1, 2, 3, 4]
+
+
+def test_corrupt_record_detected_by_crc(tmp_path):
+    buf = ReplayBuffer(cfg(tmp_path))
+    put(buf, make_trace(0))
+    put(buf, make_trace(1))
+    buf.close()
+    seg = sorted((tmp_path / "spool").glob("seg-*.log"))[-1]
+    data = bytearray(seg.read_bytes())
+    data[-10] ^= 0xFF  # flip a byte inside the last record's payload
+    seg.write_bytes(bytes(data))
+    assert [e.seq for e in ReplayBuffer(cfg(tmp_path)).entries()] == [1]
+
+
+def test_consumed_segments_are_deleted(tmp_path):
+    c = cfg(tmp_path, segment_bytes=20_000)  # a few traces per segment
+    buf = ReplayBuffer(c)
+    seqs = [put(buf, make_trace(i)) for i in range(12)]
+    n_segs = len(list((tmp_path / "spool").glob("seg-*.log")))
+    assert n_segs >= 3
+    buf.consume(seqs[:-1])
+    assert len(list((tmp_path / "spool").glob("seg-*.log"))) < n_segs
+    buf.close()
+    buf2 = ReplayBuffer(c)
+    assert [e.seq for e in buf2.entries()] == seqs[-1:]
+    buf2.consume(seqs[-1:])
+    buf2.close()
+    buf3 = ReplayBuffer(c)  # every record consumed: nothing comes back, seqs are not reused
+    assert buf3.entries() == [] and put(buf3, make_trace(50)) == seqs[-1] + 1
+    buf3.close()
+
+
+def test_backpressure_when_full_and_eviction_of_used(tmp_path):
+    buf = ReplayBuffer(cfg(tmp_path, capacity_traces=3, evict_after_uses=1, max_reuse=10))
+    for i in range(3):
+        put(buf, make_trace(i))
+    with pytest.raises(BufferFull) as e:
+        put(buf, make_trace(3))
+    assert e.value.retry_after_ms > 0 and "replay buffer full" in str(e.value)
+    assert buf.snapshot_stats()["backpressured"] == 1
+    assert len(buf.entries()) == 3  # the refused trace was not written
+    buf.sample(1, np.random.default_rng(0))  # one trace used once -> evictable
+    put(buf, make_trace(3))
+    assert len(buf.entries()) == 3
+    buf.close()
+    assert len(ReplayBuffer(cfg(tmp_path)).entries()) == 3  # the evicted one is marked consumed
+
+
+def test_byte_capacity(tmp_path):
+    t = make_trace(0)
+    buf = ReplayBuffer(cfg(tmp_path, capacity_bytes=int(t.nbytes * 2.5)))
+    put(buf, t)
+    put(buf, make_trace(1))
+    with pytest.raises(BufferFull):
+        put(buf, make_trace(2))
+    buf.close()
+
+
+def test_sampling_prefers_fresh_and_drops_stale(tmp_path):
+    buf = ReplayBuffer(cfg(tmp_path, staleness_tau=1.0, max_staleness=5, max_reuse=1000))
+    for i in range(20):
+        put(buf, make_trace(i, draft_version=0 if i < 10 else 4))
+    rng = np.random.default_rng(0)
+    versions = [e.trace.draft_version for _ in range(200) for e in buf.sample(1, rng, current_version=4)]
+    assert versions.count(4) > 0.9 * len(versions)  # weight ratio e^-4 for the old ones
+    buf.sample(1, rng, current_version=6)  # lag 6 > max_staleness for version 0
+    assert all(e.trace.draft_version == 4 for e in buf.entries())
+    assert buf.snapshot_stats()["evicted_stale"] == 10
+    buf.close()
+
+
+def test_max_reuse_consumes(tmp_path):
+    buf = ReplayBuffer(cfg(tmp_path, max_reuse=2))
+    put(buf, make_trace(0))
+    rng = np.random.default_rng(0)
+    assert len(buf.sample(4, rng)) == 1 and len(buf.sample(4, rng)) == 1
+    assert buf.sample(4, rng) == [] and buf.snapshot_stats()["consumed"] == 1
+    buf.close()
+
+
+def test_concurrent_writers_group_commit(tmp_path):
+    buf = ReplayBuffer(cfg(tmp_path, fsync="group", segment_bytes=200_000))
+    calls = []
+    real_fsync = os.fsync
+    os.fsync = lambda fd: (calls.append(fd), real_fsync(fd))[1]
+    try:
+        threads = [threading.Thread(target=lambda k=k: [put(buf, make_trace(i, seed=k)) for i in range(10)])
+                   for k in range(8)]
+        [t.start() for t in threads]
+        [t.join() for t in threads]
+    finally:
+        os.fsync = real_fsync
+    assert len(buf.entries()) == 80
+    assert sorted(e.seq for e in buf.entries()) == list(range(1, 81))
+    assert 0 < len(calls) <= 80  # never more than one fsync per record
+    buf.close()
+    assert len(ReplayBuffer(cfg(tmp_path)).entries()) == 80

@@ -1,0 +1,94 @@
+import dataclasses
+from typing import Literal
+
+import pytest
+
+from aurora_jax.config import TrainerConfig
+from bridge.config import ConfigError, load_config
+
+
+@dataclasses.dataclass
+class Inner:
+    lr: float = 1e-3
+    mode: Literal["a", "b"] = "a"
+    names: list[str] = dataclasses.field(default_factory=list)
+
+    def __post_init__(self):
+        if self.lr <= 0:
+            raise ValueError("lr must be positive")
+
+
+@dataclasses.dataclass
+class Outer:
+    inner: Inner = dataclasses.field(default_factory=Inner)
+    steps: int = 10
+    tag: str | None = None
+    on: bool = False
+
+
+def write(tmp_path, text):
+    p = tmp_path / "c.yaml"
+    p.write_text(text)
+    return p
+
+
+def test_yaml_and_overrides(tmp_path):
+    p = write(tmp_path, "steps: 5\ninner:\n  lr: 0.5\n  names: [x, y]\n")
+    cfg = load_config(Outer, p, ["inner.mode=b", "steps=7", "tag=hello", "on=true", "inner.lr=2"])
+    assert cfg == Outer(inner=Inner(lr=2.0, mode="b", names=["x", "y"]), steps=7, tag="hello", on=True)
+    assert isinstance(cfg.inner.lr, float)
+
+
+def test_unknown_key_names_key_and_file(tmp_path):
+    p = write(tmp_path, "inner:\n  lrr: 0.5\n")
+    with pytest.raises(ConfigError, match=r"c\.yaml: unknown key 'inner\.lrr'; did you mean 'inner\.lr'"):
+        load_config(Outer, p)
+
+
+def test_unknown_override_is_named(tmp_path):
+    with pytest.raises(ConfigError, match=r"override 'inner\.nope=1'.*unknown key 'inner\.nope'"):
+        load_config(Outer, None, ["inner.nope=1"])
+
+
+@pytest.mark.parametrize("text,match", [
+    ("steps: ten\n", r"key 'steps' expects an integer, got 'ten'"),
+    ("steps: 1.5\n", r"key 'steps' expects an integer"),
+    ("on: 1\n", r"key 'on' expects true or false"),
+    ("inner:\n  mode: c\n", r"key 'inner.mode' expects one of 'a', 'b'"),
+    ("inner:\n  names: [1]\n", r"key 'inner.names\[0\]' expects a string"),
+    ("inner: 3\n", r"'inner' must be a mapping"),
+    ("inner:\n  lr: -1\n", r"invalid section 'inner': lr must be positive"),
+    ("- a\n", r"top level must be a mapping"),
+    ("a: [\n", r"not valid YAML"),
+])
+def test_wrong_types_name_the_key_and_file(tmp_path, text, match):
+    p = write(tmp_path, text)
+    with pytest.raises(ConfigError, match=match) as e:
+        load_config(Outer, p)
+    assert str(p) in str(e.value)
+
+
+def test_missing_file():
+    with pytest.raises(ConfigError, match="cannot read config file"):
+        load_config(Outer, "/nonexistent/x.yaml")
+
+
+def test_shipped_configs_load():
+    from aurora_jax.demo import DemoConfig
+
+    cfg = load_config(TrainerConfig, "configs/trainer.yaml")
+    assert cfg.ingest.address.startswith("127.0.0.1")
+    demo = load_config(DemoConfig, "configs/demo-cpu.yaml")
+    assert demo.trainer.limits.vocab_size == 4096
+
+
+def test_tls_pair_required():
+    with pytest.raises(ConfigError, match="tls_cert and tls_key must be set together"):
+        load_config(TrainerConfig, None, ["ingest.tls_cert=/x.pem"])
+
+
+def test_override_text_kept_for_string_keys():
+    cfg = load_config(TrainerConfig, "configs/trainer.yaml", ["ingest.auth_token=0123", "ingest.address=localhost:1:30"])
+    assert cfg.ingest.auth_token == "0123" and cfg.ingest.address == "localhost:1:30"
+    with pytest.raises(ConfigError, match="key 'ingest.max_workers' expects an integer, got 'many'"):
+        load_config(TrainerConfig, "configs/trainer.yaml", ["ingest.max_workers=many"])
