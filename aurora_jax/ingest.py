@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hmac
 import logging
+import queue
 import threading
 from concurrent import futures
 from pathlib import Path
@@ -20,9 +21,9 @@ from aurora_jax.buffer import BufferFull, ReplayBuffer
 from aurora_jax.config import IngestConfig, resolve_secret
 from aurora_jax.validate import TraceLimits, validate
 from bridge.proto import aurora_pb2 as pb
-from bridge.proto import aurora_pb2_grpc as pb_grpc
-from bridge.tensors import TraceError
-from bridge.traces import OversizeError, Reassembler, decode
+from bridge.chunks import SERVICE, Reassembler, parse_chunk
+from bridge.tensors import OversizeError, TraceError
+from bridge.traces import Trace, decode
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +34,7 @@ RESOURCE_EXHAUSTED = grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]
 FRAME_SLACK = 64 << 10
 
 
-class IngestServicer(pb_grpc.TraceIngestServicer):
+class IngestServicer:
     def __init__(self, buffer: ReplayBuffer, limits: TraceLimits):
         self.buffer = buffer
         self.limits = limits
@@ -47,8 +48,8 @@ class IngestServicer(pb_grpc.TraceIngestServicer):
         log.warning("trace %r rejected: %s", rid, msg)
         return pb.PushAck(request_id=rid, code=code, message=msg, retry_after_ms=retry_after_ms)
 
-    def ingest(self, rid: str, payload: bytes) -> pb.PushAck:
-        """Decode, validate and store one whole trace; the ack says what happened."""
+    def check(self, rid: str, payload) -> tuple[memoryview, Trace] | pb.PushAck:
+        """Decode and validate one whole trace: (payload, trace) if sound, else the error ack."""
         try:
             trace = decode(payload)
             if trace.request_id != rid:
@@ -56,27 +57,48 @@ class IngestServicer(pb_grpc.TraceIngestServicer):
             validate(trace, self.limits)
         except TraceError as e:
             return self._reject(rid, INVALID_ARGUMENT, f"request {rid!r}: {e}")
+        return payload, trace
+
+    def store(self, payload, trace: Trace) -> pb.PushAck:
         try:
             seq = self.buffer.put(payload, trace)
         except BufferFull as e:
-            return self._reject(rid, RESOURCE_EXHAUSTED, str(e), max(1, e.retry_after_ms))
-        return pb.PushAck(request_id=rid, code=OK, seq=seq)
+            return self._reject(trace.request_id, RESOURCE_EXHAUSTED, str(e), max(1, e.retry_after_ms))
+        return pb.PushAck(request_id=trace.request_id, code=OK, seq=seq)
+
+    def _read(self, request_iterator, out: queue.Queue) -> None:
+        """Reader half of a stream: reassemble and validate, hand sound traces to the writer."""
+        chunks = Reassembler(self.limits.max_trace_bytes, allocate=self.buffer.allocate)
+        try:
+            for msg in request_iterator:
+                rid = ""
+                try:
+                    chunk, part = parse_chunk(msg)
+                    rid = chunk.request_id
+                    payload = chunks.add(chunk, part)
+                except OversizeError as e:
+                    out.put(self._reject(rid, RESOURCE_EXHAUSTED, str(e)))
+                    continue
+                except TraceError as e:
+                    out.put(self._reject(rid, INVALID_ARGUMENT, str(e)))
+                    continue
+                if payload is not None:
+                    out.put(self.check(rid, payload))
+            for rid in chunks.pending:
+                log.warning("stream ended with trace %r incomplete; the client resends it", rid)
+        except grpc.RpcError:  # client went away; nothing of the open trace was acked
+            pass
+        finally:
+            out.put(None)
 
     def Push(self, request_iterator, context):
-        chunks = Reassembler(self.limits.max_trace_bytes)
-        for chunk in request_iterator:
-            try:
-                payload = chunks.add(chunk)
-            except OversizeError as e:
-                yield self._reject(chunk.request_id, RESOURCE_EXHAUSTED, str(e))
-                continue
-            except TraceError as e:
-                yield self._reject(chunk.request_id, INVALID_ARGUMENT, str(e))
-                continue
-            if payload is not None:
-                yield self.ingest(chunk.request_id, payload)
-        for rid in chunks.pending:
-            log.warning("stream ended with trace %r incomplete; client will resend it", rid)
+        # Two halves so that receiving and validating trace N+1 overlaps spooling trace N
+        # (file writes release the GIL); acks still leave in arrival order.
+        ready: queue.Queue = queue.Queue(maxsize=2)
+        threading.Thread(target=self._read, args=(request_iterator, ready), daemon=True,
+                         name="ingest-read").start()
+        while (item := ready.get()) is not None:
+            yield item if isinstance(item, pb.PushAck) else self.store(*item)
 
     def Health(self, request, context):
         return pb.HealthReply(serving=True, version=__version__)
@@ -131,7 +153,7 @@ class IngestServer:
         self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=cfg.max_workers, thread_name_prefix="ingest"),
                                    options=server_options(limits),
                                    interceptors=[BearerAuth(token)] if token else [])
-        pb_grpc.add_TraceIngestServicer_to_server(self.servicer, self._server)
+        self._server.add_generic_rpc_handlers((self._handlers(),))
         if cfg.tls_cert:
             creds = grpc.ssl_server_credentials([(Path(cfg.tls_key).read_bytes(), Path(cfg.tls_cert).read_bytes())])
             self.port = self._server.add_secure_port(cfg.address, creds)
@@ -140,6 +162,17 @@ class IngestServer:
         if self.port == 0:
             raise OSError(f"ingest: cannot bind {cfg.address}")
         self.address = f"{cfg.address.rpartition(':')[0]}:{self.port}"
+
+    def _handlers(self):
+        # Push takes raw bytes: chunks are parsed by bridge.chunks without copying payloads.
+        s = self.servicer
+        return grpc.method_handlers_generic_handler(SERVICE, {
+            "Push": grpc.stream_stream_rpc_method_handler(s.Push, response_serializer=pb.PushAck.SerializeToString),
+            "Health": grpc.unary_unary_rpc_method_handler(s.Health, pb.HealthRequest.FromString,
+                                                          pb.HealthReply.SerializeToString),
+            "Stats": grpc.unary_unary_rpc_method_handler(s.Stats, pb.StatsRequest.FromString,
+                                                         pb.StatsReply.SerializeToString),
+        })
 
     def start(self) -> "IngestServer":
         self._server.start()

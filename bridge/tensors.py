@@ -36,23 +36,36 @@ class TraceError(ValueError):
         self.detail = message
 
 
-def to_wire(array: np.ndarray, out: pb.Tensor | None = None) -> pb.Tensor:
-    """Fill (or create) a wire Tensor from a numpy array."""
+class OversizeError(TraceError):
+    """A trace exceeds a configured size limit (answered RESOURCE_EXHAUSTED)."""
+
+
+def wire_header(array: np.ndarray) -> tuple[pb.Tensor, np.ndarray]:
+    """(Tensor with dtype and shape but no data, the array as contiguous little-endian)."""
     a = np.asarray(array)
     code = _TO_WIRE.get(a.dtype.newbyteorder("=") if a.dtype.byteorder == ">" else a.dtype)
     if code is None:
         raise TypeError(f"dtype {a.dtype} has no wire encoding (supported: {', '.join(DTYPE_NAMES.values())})")
     if a.dtype.byteorder == ">":
         a = a.astype(a.dtype.newbyteorder("<"))
+    return pb.Tensor(dtype=code, shape=a.shape), np.ascontiguousarray(a)
+
+
+def to_wire(array: np.ndarray, out: pb.Tensor | None = None) -> pb.Tensor:
+    """Fill (or create) a wire Tensor from a numpy array."""
+    header, a = wire_header(array)
     t = out if out is not None else pb.Tensor()
-    t.dtype = code
-    t.shape[:] = a.shape
-    t.data = np.ascontiguousarray(a).tobytes()
+    t.dtype = header.dtype
+    t.shape[:] = header.shape
+    t.data = a.tobytes()
     return t
 
 
-def from_wire(t: pb.Tensor, field: str) -> np.ndarray:
-    """Decode a wire Tensor, checking dtype, shape and byte count. Read-only view of the bytes."""
+def from_wire(t: pb.Tensor, data: bytes | memoryview | None = None, *, field: str) -> np.ndarray:
+    """Decode a wire Tensor, checking dtype, shape and byte count. Read-only view of the bytes.
+
+    `data` overrides `t.data` (zero-copy decoding passes a view of the received payload).
+    """
     dtype = _FROM_WIRE.get(t.dtype)
     if dtype is None:
         raise TraceError(field, f"unknown or unspecified dtype code {t.dtype}")
@@ -61,10 +74,11 @@ def from_wire(t: pb.Tensor, field: str) -> np.ndarray:
         raise TraceError(field, f"negative dimension in shape {list(shape)}")
     n = int(np.prod(shape, dtype=np.int64)) if shape else 1
     expected = n * dtype.itemsize
-    if len(t.data) != expected:
+    data = t.data if data is None else data
+    if len(data) != expected:
         raise TraceError(
-            field, f"data has {len(t.data)} bytes, expected {expected} for {DTYPE_NAMES[t.dtype]}{list(shape)}")
-    return np.frombuffer(t.data, dtype=dtype).reshape(shape)
+            field, f"data has {len(data)} bytes, expected {expected} for {DTYPE_NAMES[t.dtype]}{list(shape)}")
+    return np.frombuffer(data, dtype=dtype).reshape(shape)
 
 
 def wire_dtype_name(t: pb.Tensor) -> str:

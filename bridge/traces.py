@@ -9,13 +9,12 @@ the field when it is not; semantic checks (shapes agree, vocab bounds, finitenes
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator
-
 import numpy as np
 from google.protobuf.message import DecodeError
 
+from bridge import wire
 from bridge.proto import aurora_pb2 as pb
-from bridge.tensors import BF16, TraceError, from_wire, to_wire, wire_dtype_name
+from bridge.tensors import BF16, TraceError, from_wire, to_wire, wire_dtype_name, wire_header
 
 HIDDEN_DTYPES = (np.dtype(np.float32), np.dtype(np.float16), BF16)
 
@@ -64,14 +63,15 @@ class Trace:
         return n
 
 
-def to_proto(trace: Trace) -> pb.RequestTrace:
+def to_proto(trace: Trace, with_aux: bool = True) -> pb.RequestTrace:
     m = pb.RequestTrace(request_id=trace.request_id, draft_version=trace.draft_version,
                         domain=trace.domain, prompt_len=trace.prompt_len)
     m.timing.start_unix_s = trace.start_unix_s
     m.timing.end_unix_s = trace.end_unix_s
     m.timing.target_forwards = trace.target_forwards
     to_wire(np.asarray(trace.tokens, np.int32), m.tokens)
-    to_wire(trace.aux_hidden, m.aux_hidden)
+    if with_aux:
+        to_wire(trace.aux_hidden, m.aux_hidden)
     to_wire(np.asarray(trace.target_ids, np.int32), m.target.ids)
     to_wire(np.asarray(trace.target_logprobs, np.float32), m.target.logprobs)
     for s in trace.steps:
@@ -86,15 +86,31 @@ def to_proto(trace: Trace) -> pb.RequestTrace:
     return m
 
 
+def encode_parts(trace: Trace) -> list:
+    """The serialized RequestTrace as buffers to concatenate; the last one is the hidden-state
+    array's own memory (no copy). Field order differs from SerializeToString, which protobuf
+    parsers accept: fields may appear in any order."""
+    header, aux = wire_header(trace.aux_hidden)
+    header = header.SerializeToString()
+    data_key = wire.key(_DATA_FIELD) + wire.varint(aux.nbytes)
+    tensor_len = len(header) + len(data_key) + aux.nbytes
+    return [to_proto(trace, with_aux=False).SerializeToString(),
+            wire.key(_AUX_FIELD) + wire.varint(tensor_len) + header + data_key,
+            aux.reshape(-1).view(np.uint8)]
+
+
 def encode(trace: Trace) -> bytes:
-    return to_proto(trace).SerializeToString()
+    return b"".join(encode_parts(trace))
 
 
 def _tensor(msg, name: str, field: str, dtypes: tuple[np.dtype, ...]) -> np.ndarray:
     if not msg.HasField(name):
         raise TraceError(field, "missing")
     t = getattr(msg, name)
-    a = from_wire(t, field)
+    return _check_dtype(from_wire(t, field=field), t, field, dtypes)
+
+
+def _check_dtype(a: np.ndarray, t: pb.Tensor, field: str, dtypes: tuple[np.dtype, ...]) -> np.ndarray:
     if a.dtype not in dtypes:
         want = " or ".join(str(d) for d in dtypes)
         raise TraceError(field, f"dtype {wire_dtype_name(t)} not allowed, expected {want}")
@@ -104,8 +120,11 @@ def _tensor(msg, name: str, field: str, dtypes: tuple[np.dtype, ...]) -> np.ndar
 _I32, _F32, _BOOL = (np.dtype("<i4"),), (np.dtype("<f4"),), (np.dtype(np.bool_),)
 
 
-def from_proto(m: pb.RequestTrace) -> Trace:
-    """Decode a RequestTrace message, checking presence and dtype of every tensor."""
+def from_proto(m: pb.RequestTrace, aux_hidden: tuple[pb.Tensor, memoryview] | None = None) -> Trace:
+    """Decode a RequestTrace message, checking presence and dtype of every tensor.
+
+    `aux_hidden` = (Tensor header without data, data view) when the caller split it off.
+    """
     if not m.HasField("target"):
         raise TraceError("target", "missing")
     steps = []
@@ -128,7 +147,9 @@ def from_proto(m: pb.RequestTrace) -> Trace:
         request_id=m.request_id,
         tokens=_tensor(m, "tokens", "tokens", _I32),
         prompt_len=m.prompt_len,
-        aux_hidden=_tensor(m, "aux_hidden", "aux_hidden", HIDDEN_DTYPES),
+        aux_hidden=(_tensor(m, "aux_hidden", "aux_hidden", HIDDEN_DTYPES) if aux_hidden is None
+                    else _check_dtype(from_wire(*aux_hidden, field="aux_hidden"), aux_hidden[0], "aux_hidden",
+                                      HIDDEN_DTYPES)),
         target_ids=_tensor(m.target, "ids", "target.ids", _I32),
         target_logprobs=_tensor(m.target, "logprobs", "target.logprobs", _F32),
         steps=steps,
@@ -140,86 +161,25 @@ def from_proto(m: pb.RequestTrace) -> Trace:
     )
 
 
-def decode(payload: bytes) -> Trace:
-    m = pb.RequestTrace()
-    try:
-        m.ParseFromString(payload)
-    except DecodeError as e:
-        raise TraceError("payload", f"not a serialized RequestTrace ({e})") from None
-    return from_proto(m)
-
-
-# ---------------------------------------------------------------- chunking
-
-
-def chunks(request_id: str, payload: bytes, max_chunk_bytes: int) -> Iterator[pb.TraceChunk]:
-    """Split a serialized trace into TraceChunks of at most `max_chunk_bytes` payload each."""
-    if max_chunk_bytes <= 0:
-        raise ValueError("max_chunk_bytes must be positive")
-    count = max(1, -(-len(payload) // max_chunk_bytes))
+def decode(payload) -> Trace:
+    """Parse a serialized RequestTrace (bytes-like). `aux_hidden` (nearly all the bytes) is a
+    zero-copy read-only view into `payload`; protobuf parses only the small remainder."""
     view = memoryview(payload)
-    for i in range(count):
-        part = view[i * max_chunk_bytes:(i + 1) * max_chunk_bytes]
-        yield pb.TraceChunk(request_id=request_id, chunk_index=i, chunk_count=count,
-                            payload=part.tobytes() if count > 1 else payload)
+    try:
+        split = wire.split_field(view, _AUX_FIELD)
+        aux = None
+        if split is not None:
+            rest, (lo, hi) = split
+            inner = wire.split_field(view, _DATA_FIELD, lo, hi)
+            if inner is not None:
+                header, (dlo, dhi) = inner
+                aux = (pb.Tensor.FromString(header), view[dlo:dhi].toreadonly())
+        m = pb.RequestTrace.FromString(rest if aux is not None else view)
+    except (DecodeError, wire.WireError) as e:
+        raise TraceError("payload", f"not a serialized RequestTrace ({e})") from None
+    return from_proto(m, aux_hidden=aux)
 
 
-class Reassembler:
-    """Joins the chunks of traces arriving on one stream (requests may interleave).
-
-    Bounded: at most `max_pending` partial traces and `max_trace_bytes` per trace, so a
-    misbehaving client cannot grow server memory without limit.
-    """
-
-    def __init__(self, max_trace_bytes: int, max_pending: int = 16):
-        self.max_trace_bytes = max_trace_bytes
-        self.max_pending = max_pending
-        self._open: dict[str, tuple[int, list[bytes], int]] = {}  # rid -> (count, parts, size)
-        self._failed: dict[str, int] = {}  # rid -> chunk_count of a trace rejected part-way
-
-    def add(self, c: pb.TraceChunk) -> bytes | None:
-        """Returns the whole payload once its last chunk arrived, else None.
-
-        Raises TraceError (bad framing) or OversizeError (over a size limit); either way the
-        partial trace is dropped so the stream can continue with the next one.
-        """
-        rid = c.request_id
-        if not rid:
-            raise TraceError("chunk.request_id", "empty")
-        if rid in self._failed:  # rest of a trace already answered with an error: skip quietly
-            if c.chunk_index != 0:
-                if c.chunk_index + 1 >= self._failed[rid]:
-                    del self._failed[rid]
-                return None
-            del self._failed[rid]  # index 0 again: the client starts over
-        count, parts, size = self._open.pop(rid, (c.chunk_count, [], 0))
-        try:
-            if c.chunk_count != count or count == 0:
-                raise TraceError("chunk.chunk_count", f"request {rid!r}: {c.chunk_count}, expected {count or '>= 1'}")
-            if c.chunk_index != len(parts):
-                raise TraceError("chunk.chunk_index",
-                                 f"request {rid!r}: got chunk {c.chunk_index}, expected {len(parts)}")
-            size += len(c.payload)
-            if size > self.max_trace_bytes:
-                raise OversizeError("payload", f"request {rid!r} exceeds max_trace_bytes={self.max_trace_bytes}")
-            if len(self._open) >= self.max_pending and count > 1:
-                raise OversizeError("chunk", f"more than {self.max_pending} partial traces open on this stream")
-        except TraceError:
-            if c.chunk_index + 1 < c.chunk_count:
-                self._failed[rid] = c.chunk_count
-            raise
-        if count == 1:
-            return c.payload
-        parts.append(c.payload)
-        if len(parts) == count:
-            return b"".join(parts)
-        self._open[rid] = (count, parts, size)
-        return None
-
-    @property
-    def pending(self) -> list[str]:
-        return list(self._open)
-
-
-class OversizeError(TraceError):
-    """A trace exceeds a configured size limit (answered RESOURCE_EXHAUSTED)."""
+# Field numbers from aurora.proto that the hand-framed paths rely on.
+_AUX_FIELD = pb.RequestTrace.DESCRIPTOR.fields_by_name["aux_hidden"].number
+_DATA_FIELD = pb.Tensor.DESCRIPTOR.fields_by_name["data"].number

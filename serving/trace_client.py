@@ -21,7 +21,8 @@ import grpc
 
 from bridge.proto import aurora_pb2 as pb
 from bridge.proto import aurora_pb2_grpc as pb_grpc
-from bridge.traces import Trace, chunks, encode
+from bridge.chunks import PUSH_METHOD, chunk_messages
+from bridge.traces import Trace, encode_parts
 
 log = logging.getLogger(__name__)
 
@@ -36,13 +37,14 @@ class TraceClientConfig:
     tls_root_cert: str = ""  # PEM of the CA that signed the trainer's cert; "" = plaintext
     max_queue: int = 256  # traces held while the trainer is slow or down; oldest dropped past this
     batch_size: int = 8  # traces per stream
+    streams: int = 2  # concurrent streams (sender threads): keeps the trainer's reader and writer busy
     max_chunk_bytes: int = 2 << 20  # must not exceed the server's limits.max_chunk_bytes
     rpc_timeout_s: float = 60.0
     backoff_initial_s: float = 0.1
     backoff_max_s: float = 5.0
 
     def __post_init__(self):
-        for name in ("max_queue", "batch_size", "max_chunk_bytes"):
+        for name in ("max_queue", "batch_size", "streams", "max_chunk_bytes"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive")
 
@@ -51,7 +53,7 @@ class TraceClientConfig:
 class _Item:
     request_id: str
     trace: Trace | None
-    payload: bytes | None = None  # encoded once, kept across retries
+    parts: list | None = None  # encoded once, kept across retries
 
 
 class TraceClient:
@@ -65,6 +67,8 @@ class TraceClient:
         else:
             self._channel = grpc.insecure_channel(cfg.address, options=opts)
         self._stub = pb_grpc.TraceIngestStub(self._channel)
+        # Push sends pre-framed chunk bytes (no serializer): see bridge.chunks.
+        self._push = self._channel.stream_stream(PUSH_METHOD, response_deserializer=pb.PushAck.FromString)
         self._metadata = [("authorization", f"Bearer {cfg.auth_token}")] if cfg.auth_token else []
         self._queue: collections.deque[_Item] = collections.deque()
         self._cond = threading.Condition()
@@ -72,8 +76,10 @@ class TraceClient:
         self._stop = threading.Event()
         self._counts = dict(submitted=0, acked=0, rejected=0, dropped=0, retries=0, backpressured=0)
         self.last_error = ""
-        self._thread = threading.Thread(target=self._run, name="trace-client", daemon=True)
-        self._thread.start()
+        self._threads = [threading.Thread(target=self._run, name=f"trace-client-{i}", daemon=True)
+                         for i in range(cfg.streams)]
+        for t in self._threads:
+            t.start()
 
     # ------------------------------------------------------------ caller side (never blocks)
 
@@ -99,7 +105,8 @@ class TraceClient:
         self._stop.set()
         with self._cond:
             self._cond.notify_all()
-        self._thread.join(timeout=max(1.0, self.cfg.rpc_timeout_s))
+        for t in self._threads:
+            t.join(timeout=max(1.0, self.cfg.rpc_timeout_s))
         self._channel.close()
 
     def health(self, timeout: float = 2.0) -> pb.HealthReply:
@@ -122,7 +129,7 @@ class TraceClient:
             with self._cond:
                 self._cond.wait_for(lambda: self._queue or self._stop.is_set(), timeout=0.5)
                 batch = [self._queue.popleft() for _ in range(min(self.cfg.batch_size, len(self._queue)))]
-                self._inflight = len(batch)
+                self._inflight += len(batch)
             if not batch:
                 continue
             pending = {item.request_id: item for item in batch}
@@ -141,24 +148,23 @@ class TraceClient:
                     self._counts["retries"] += len(left)
                     self._queue.extendleft(reversed(left))
                     self._trim()
-                self._inflight = 0
+                self._inflight -= len(batch)
                 self._cond.notify_all()
             if retry_after:
                 self._stop.wait(retry_after * random.uniform(0.8, 1.2))
 
     def _send(self, batch: list[_Item], pending: dict[str, _Item]) -> float:
         """Stream one batch, removing settled traces from `pending`. Returns seconds to wait."""
-        for item in batch:
-            if item.payload is None:
-                item.payload = encode(item.trace)
-                item.trace = None
 
-        def requests():
+        def requests():  # encoded lazily: trace N+1 is encoded while trace N is on the wire
             for item in batch:
-                yield from chunks(item.request_id, item.payload, self.cfg.max_chunk_bytes)
+                if item.parts is None:
+                    item.parts = encode_parts(item.trace)
+                    item.trace = None
+                yield from chunk_messages(item.request_id, item.parts, self.cfg.max_chunk_bytes)
 
         retry_after = 0.0
-        for ack in self._stub.Push(requests(), timeout=self.cfg.rpc_timeout_s, metadata=self._metadata):
+        for ack in self._push(requests(), timeout=self.cfg.rpc_timeout_s, metadata=self._metadata):
             if ack.code == _OK:
                 self._count("acked")
                 pending.pop(ack.request_id, None)

@@ -13,9 +13,9 @@ from aurora_jax.config import IngestConfig, TrainerConfig
 from aurora_jax.service import start_ingest
 from aurora_jax.validate import TraceLimits
 from bridge.proto import aurora_pb2 as pb
-from bridge.proto import aurora_pb2_grpc as pb_grpc
+from bridge.chunks import PUSH_METHOD, chunk_messages
 from bridge.synthetic import random_trace
-from bridge.traces import chunks, encode
+from bridge.traces import encode
 
 VOCAB = 1000
 
@@ -50,14 +50,14 @@ def server_factory(tmp_path):
 
 
 def push_raw(address: str, messages, metadata=(), timeout: float = 10.0) -> list[pb.PushAck]:
-    """Stream TraceChunks straight through the stub (no client library) and collect the acks."""
+    """Stream serialized TraceChunks straight to the server (no client library); collect the acks."""
     with grpc.insecure_channel(address) as ch:
-        stub = pb_grpc.TraceIngestStub(ch)
-        return list(stub.Push(iter(messages), metadata=metadata, timeout=timeout))
+        push = ch.stream_stream(PUSH_METHOD, response_deserializer=pb.PushAck.FromString)
+        return list(push(iter(messages), metadata=metadata, timeout=timeout))
 
 
 def push_payload(address: str, rid: str, payload: bytes, max_chunk: int = 1 << 20, **kw) -> pb.PushAck:
-    acks = push_raw(address, chunks(rid, payload, max_chunk), **kw)
+    acks = push_raw(address, chunk_messages(rid, [payload], max_chunk), **kw)
     assert len(acks) == 1, acks
     return acks[0]
 

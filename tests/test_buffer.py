@@ -4,7 +4,7 @@ import threading
 import numpy as np
 import pytest
 
-from aurora_jax.buffer import BufferConfig, BufferFull, ReplayBuffer
+from aurora_jax.buffer import _HDR, BufferConfig, BufferFull, ReplayBuffer, _aligned
 from bridge.traces import encode
 from tests.conftest import make_trace
 from tests.test_wire import assert_traces_equal
@@ -58,7 +58,8 @@ def test_corrupt_record_detected_by_crc(tmp_path):
     buf.close()
     seg = sorted((tmp_path / "spool").glob("seg-*.log"))[-1]
     data = bytearray(seg.read_bytes())
-    data[-10] ^= 0xFF  # flip a byte inside the last record's payload
+    second = _aligned(_HDR.size + len(encode(make_trace(0))))
+    data[second + _HDR.size + 10] ^= 0xFF  # flip a byte inside the second record's payload
     seg.write_bytes(bytes(data))
     assert [e.seq for e in ReplayBuffer(cfg(tmp_path)).entries()] == [1]
 

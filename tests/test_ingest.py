@@ -16,7 +16,8 @@ from aurora_jax.ingest import INVALID_ARGUMENT, OK, RESOURCE_EXHAUSTED
 from bridge.proto import aurora_pb2 as pb
 from bridge.proto import aurora_pb2_grpc as pb_grpc
 from bridge.tensors import to_wire
-from bridge.traces import chunks, encode, to_proto
+from bridge.chunks import chunk_messages
+from bridge.traces import encode, to_proto
 from serving.trace_client import TraceClient, TraceClientConfig
 from tests.conftest import VOCAB, make_trace, push_payload, push_raw, push_trace
 from tests.test_wire import assert_traces_equal
@@ -111,8 +112,9 @@ def test_malformed_traces_get_status_naming_field_and_lose_nothing(server_factor
     # A bad trace in the middle of a stream does not stop the good ones around it.
     rid, bad = _mutate(MALFORMED["NaN hidden state"][0])(0)
     t1, t2 = make_trace(51), make_trace(52)
-    acks = push_raw(server.address, [*chunks(t1.request_id, encode(t1), 4096), *chunks(rid, bad, 4096),
-                                     *chunks(t2.request_id, encode(t2), 4096)])
+    acks = push_raw(server.address, [*chunk_messages(t1.request_id, [encode(t1)], 4096),
+                                     *chunk_messages(rid, [bad], 4096),
+                                     *chunk_messages(t2.request_id, [encode(t2)], 4096)])
     assert [a.code for a in acks] == [OK, INVALID_ARGUMENT, OK]
     got = {e.trace.request_id: e.trace for e in server.buffer.entries()}
     assert set(got) == {t.request_id for t in good + [t1, t2]}

@@ -4,7 +4,9 @@ import pytest
 
 from bridge.proto import aurora_pb2 as pb
 from bridge.tensors import TraceError, from_wire, to_wire
-from bridge.traces import OversizeError, Reassembler, chunks, decode, encode
+from bridge.chunks import Reassembler, chunk_messages, parse_chunk
+from bridge.tensors import OversizeError
+from bridge.traces import decode, encode, to_proto
 from tests.conftest import make_trace
 
 
@@ -15,20 +17,20 @@ def test_tensor_round_trip_bit_exact(dtype):
     if np.issubdtype(np.dtype(dtype), np.floating) or dtype is ml_dtypes.bfloat16:
         a.reshape(-1)[:3] = [np.inf, -np.inf, np.nan]  # special values survive too
     t = pb.Tensor.FromString(to_wire(a).SerializeToString())
-    b = from_wire(t, "x")
+    b = from_wire(t, field="x")
     assert b.dtype == np.dtype(dtype) and b.shape == a.shape
     assert a.tobytes() == b.tobytes()
 
 
 def test_tensor_big_endian_input_is_normalized():
     a = np.arange(6, dtype=">i4").reshape(2, 3)
-    b = from_wire(to_wire(a), "x")
+    b = from_wire(to_wire(a), field="x")
     assert b.dtype == np.dtype("<i4") and np.array_equal(a, b)
 
 
 def test_tensor_scalar_and_empty():
     for a in (np.float32(3.5), np.zeros((0, 4), np.int32)):
-        b = from_wire(to_wire(np.asarray(a)), "x")
+        b = from_wire(to_wire(np.asarray(a)), field="x")
         assert b.shape == np.shape(a) and np.array_equal(a, b)
 
 
@@ -36,10 +38,10 @@ def test_tensor_errors_name_field():
     t = to_wire(np.zeros((2, 3), np.float32))
     t.shape[:] = [2, 4]
     with pytest.raises(TraceError, match=r"aux_hidden: data has 24 bytes, expected 32 for float32\[2, 4\]"):
-        from_wire(t, "aux_hidden")
+        from_wire(t, field="aux_hidden")
     t.dtype = 0
     with pytest.raises(TraceError, match="unknown or unspecified dtype"):
-        from_wire(t, "aux_hidden")
+        from_wire(t, field="aux_hidden")
     with pytest.raises(TypeError, match="no wire encoding"):
         to_wire(np.zeros(2, np.complex64))
 
@@ -80,35 +82,86 @@ def test_decode_names_missing_and_wrong_dtype():
         decode(b"\xff\xff\xff")
 
 
+def feed(r, msg):
+    return r.add(*parse_chunk(msg))
+
+
 def test_chunking_reassembles_interleaved():
     payloads = {f"r{i}": bytes(np.random.default_rng(i).integers(0, 256, 10_000 + i, dtype=np.uint8)) for i in range(3)}
-    streams = {rid: list(chunks(rid, p, 999)) for rid, p in payloads.items()}
+    # Parts of uneven sizes: chunk boundaries fall inside and between parts.
+    streams = {rid: list(chunk_messages(rid, [p[:10], p[10:5000], p[5000:]], 999)) for rid, p in payloads.items()}
     assert all(len(c) > 10 for c in streams.values())
     r = Reassembler(max_trace_bytes=1 << 20)
     out = {}
     while any(streams.values()):  # round-robin interleaving
         for rid, cs in streams.items():
             if cs:
-                got = r.add(cs.pop(0))
+                got = feed(r, cs.pop(0))
                 if got is not None:
-                    out[rid] = got
+                    out[rid] = bytes(got)
     assert out == payloads and not r.pending
+
+
+def test_chunk_messages_are_plain_protobuf():
+    msgs = list(chunk_messages("x", [b"ab", b"cdef"], 4))
+    parsed = [pb.TraceChunk.FromString(m) for m in msgs]
+    assert [(c.chunk_index, c.chunk_count, c.total_bytes, c.payload) for c in parsed] == [(0, 2, 6, b"abcd"), (1, 2, 6, b"ef")]
+    assert len(list(chunk_messages("y", [b""], 4))) == 1
+
+
+def test_encode_matches_protobuf_semantics():
+    t = make_trace(0)
+    assert pb.RequestTrace.FromString(encode(t)) == to_proto(t)
 
 
 def test_reassembler_errors():
     r = Reassembler(max_trace_bytes=5000)
-    cs = list(chunks("a", b"x" * 4000, 1000))
-    r.add(cs[0])
+    cs = list(chunk_messages("a", [b"x" * 4000], 1000))
+    feed(r, cs[0])
     with pytest.raises(TraceError, match=r"chunk.chunk_index: request 'a': got chunk 2, expected 1"):
-        r.add(cs[2])
+        feed(r, cs[2])
     assert not r.pending  # the broken trace is dropped, the stream can continue
-    assert r.add(cs[3]) is None  # the rest of the rejected trace is skipped quietly
-    big = list(chunks("b", b"y" * 7000, 1000))
-    with pytest.raises(OversizeError, match="exceeds max_trace_bytes=5000"):
-        for c in big[:6]:
-            r.add(c)
-    assert r.add(big[6]) is None and not r.pending
-    assert r.add(next(chunks("b", b"z" * 10, 1000))) == b"z" * 10  # the same id may be sent again
-    c = pb.TraceChunk(request_id="c", chunk_index=0, chunk_count=0)
+    assert feed(r, cs[3]) is None  # the rest of the rejected trace is skipped quietly
+    big = list(chunk_messages("b", [b"y" * 7000], 1000))
+    with pytest.raises(OversizeError, match="of 7000 bytes exceeds max_trace_bytes=5000"):
+        feed(r, big[0])  # refused on the first chunk, before anything is allocated
+    assert all(feed(r, c) is None for c in big[1:]) and not r.pending
+    assert bytes(feed(r, next(chunk_messages("b", [b"z" * 10], 1000)))) == b"z" * 10  # the id may come again
+    lying = pb.TraceChunk.FromString(next(chunk_messages("c", [b"q" * 3000], 1000)))
+    lying.total_bytes = 2000
+    with pytest.raises(TraceError, match="more bytes than total_bytes=2000"):
+        for i in range(3):
+            lying.chunk_index = i
+            feed(r, lying.SerializeToString())
     with pytest.raises(TraceError, match="chunk_count"):
-        r.add(c)
+        feed(r, pb.TraceChunk(request_id="d", chunk_index=0, chunk_count=0).SerializeToString())
+    with pytest.raises(TraceError, match="chunk.total_bytes: request 'e': required"):
+        feed(r, pb.TraceChunk(request_id="e", chunk_index=0, chunk_count=2, payload=b"x").SerializeToString())
+    with pytest.raises(TraceError, match="chunk: not a serialized TraceChunk"):
+        parse_chunk(b"\xff\xff")
+
+
+def test_decode_aux_hidden_is_zero_copy_view_of_payload():
+    t = make_trace(0)
+    payload = encode(t)
+    d = decode(payload)
+    assert np.shares_memory(d.aux_hidden, np.frombuffer(payload, np.uint8))
+    assert not d.aux_hidden.flags.writeable  # nobody can scribble over the received bytes
+    assert_traces_equal(t, d)
+
+
+def test_decode_falls_back_when_aux_field_is_repeated():
+    # Protobuf merges a repeated singular message field; the zero-copy scan must not guess.
+    t = make_trace(0)
+    first = pb.RequestTrace()
+    first.aux_hidden.dtype = pb.BF16  # merged with the full tensor that follows
+    payload = first.SerializeToString() + encode(t)
+    d = decode(payload)
+    assert_traces_equal(t, d)
+    assert not np.shares_memory(d.aux_hidden, np.frombuffer(payload, np.uint8))  # parsed the plain way
+
+
+def test_decode_rejects_truncated_payload():
+    payload = encode(make_trace(0))
+    with pytest.raises(TraceError, match="payload: not a serialized RequestTrace"):
+        decode(payload[: len(payload) // 2])

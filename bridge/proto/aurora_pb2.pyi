@@ -93,16 +93,18 @@ class RequestTrace(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., draft_version: _Optional[int] = ..., domain: _Optional[str] = ..., timing: _Optional[_Union[Timing, _Mapping]] = ..., tokens: _Optional[_Union[Tensor, _Mapping]] = ..., prompt_len: _Optional[int] = ..., aux_hidden: _Optional[_Union[Tensor, _Mapping]] = ..., target: _Optional[_Union[TopK, _Mapping]] = ..., steps: _Optional[_Iterable[_Union[TreeStep, _Mapping]]] = ...) -> None: ...
 
 class TraceChunk(_message.Message):
-    __slots__ = ("request_id", "chunk_index", "chunk_count", "payload")
+    __slots__ = ("request_id", "chunk_index", "chunk_count", "payload", "total_bytes")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     CHUNK_INDEX_FIELD_NUMBER: _ClassVar[int]
     CHUNK_COUNT_FIELD_NUMBER: _ClassVar[int]
     PAYLOAD_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     chunk_index: int
     chunk_count: int
     payload: bytes
-    def __init__(self, request_id: _Optional[str] = ..., chunk_index: _Optional[int] = ..., chunk_count: _Optional[int] = ..., payload: _Optional[bytes] = ...) -> None: ...
+    total_bytes: int
+    def __init__(self, request_id: _Optional[str] = ..., chunk_index: _Optional[int] = ..., chunk_count: _Optional[int] = ..., payload: _Optional[bytes] = ..., total_bytes: _Optional[int] = ...) -> None: ...
 
 class PushAck(_message.Message):
     __slots__ = ("request_id", "code", "message", "seq", "retry_after_ms")
