@@ -58,7 +58,7 @@ class BufferConfig:
     retry_after_ms: int = 250  # hint given to clients under backpressure
 
     def __post_init__(self):
-        for name in ("capacity_traces", "capacity_bytes", "segment_bytes", "max_reuse"):
+        for name in ("capacity_traces", "capacity_bytes", "segment_bytes", "max_reuse", "retry_after_ms"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive")
         if self.staleness_tau <= 0:
@@ -113,14 +113,16 @@ class ReplayBuffer:
         flags = mmap.MAP_PRIVATE | getattr(mmap, "MAP_ANONYMOUS", 0x20) | getattr(mmap, "MAP_POPULATE", 0)
         return RecordBuffer(-1, _aligned(_HDR.size + nbytes), flags=flags), _HDR.size
 
-    def put(self, payload: bytes, trace: Trace) -> int:
-        """Append a validated trace durably and make it sampleable. Returns its seq.
+    def put(self, payload, trace: Trace) -> int:
+        """Append a validated trace (`payload`: its serialized bytes) durably and make it
+        sampleable. Returns its seq.
 
         Raises BufferFull (nothing written) when memory is at capacity and nothing can be
-        evicted yet: the caller answers RESOURCE_EXHAUSTED with a retry hint.
+        evicted yet: the caller answers RESOURCE_EXHAUSTED with the retry hint it carries
+        (0 = retrying cannot help).
         """
         nbytes = trace.nbytes
-        header_rest = (len(payload), zlib.crc32(payload))
+        length, crc = len(payload), zlib.crc32(payload)
         with self._mem:
             self._make_room(nbytes)
             n, b = self._reserved
@@ -131,7 +133,7 @@ class ReplayBuffer:
                 if self._seg_size >= self.cfg.segment_bytes:
                     self._rotate()
                 seq, seg = self._next_seq, self._seg_id
-                self._append(seq, payload, *header_rest)
+                self._append(seq, payload, length, crc)
                 self._next_seq += 1
                 self._written += 1
                 ticket = self._written
@@ -157,7 +159,7 @@ class ReplayBuffer:
     def _make_room(self, nbytes: int) -> None:
         cfg = self.cfg
         if nbytes > cfg.capacity_bytes:
-            raise BufferFull(cfg.retry_after_ms, f"trace of {nbytes} bytes exceeds capacity_bytes={cfg.capacity_bytes}")
+            raise BufferFull(0, f"trace of {nbytes} bytes can never fit: capacity_bytes={cfg.capacity_bytes}")
 
         def full() -> bool:
             n, b = self._reserved

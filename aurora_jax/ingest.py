@@ -63,7 +63,7 @@ class IngestServicer:
         try:
             seq = self.buffer.put(payload, trace)
         except BufferFull as e:
-            return self._reject(trace.request_id, RESOURCE_EXHAUSTED, str(e), max(1, e.retry_after_ms))
+            return self._reject(trace.request_id, RESOURCE_EXHAUSTED, str(e), e.retry_after_ms)
         return pb.PushAck(request_id=trace.request_id, code=OK, seq=seq)
 
     def _read(self, request_iterator, out: queue.Queue) -> None:
@@ -86,8 +86,8 @@ class IngestServicer:
                     out.put(self.check(rid, payload))
             for rid in chunks.pending:
                 log.warning("stream ended with trace %r incomplete; the client resends it", rid)
-        except grpc.RpcError:  # client went away; nothing of the open trace was acked
-            pass
+        except Exception as e:  # the client went away (cancel, deadline): nothing of an open trace was acked
+            log.debug("push stream ended: %r", e)
         finally:
             out.put(None)
 

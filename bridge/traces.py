@@ -103,14 +103,11 @@ def encode(trace: Trace) -> bytes:
     return b"".join(encode_parts(trace))
 
 
-def _tensor(msg, name: str, field: str, dtypes: tuple[np.dtype, ...]) -> np.ndarray:
+def _tensor(msg, name: str, field: str, dtypes: tuple[np.dtype, ...], data=None) -> np.ndarray:
     if not msg.HasField(name):
         raise TraceError(field, "missing")
     t = getattr(msg, name)
-    return _check_dtype(from_wire(t, field=field), t, field, dtypes)
-
-
-def _check_dtype(a: np.ndarray, t: pb.Tensor, field: str, dtypes: tuple[np.dtype, ...]) -> np.ndarray:
+    a = from_wire(t, data, field=field)
     if a.dtype not in dtypes:
         want = " or ".join(str(d) for d in dtypes)
         raise TraceError(field, f"dtype {wire_dtype_name(t)} not allowed, expected {want}")
@@ -120,10 +117,10 @@ def _check_dtype(a: np.ndarray, t: pb.Tensor, field: str, dtypes: tuple[np.dtype
 _I32, _F32, _BOOL = (np.dtype("<i4"),), (np.dtype("<f4"),), (np.dtype(np.bool_),)
 
 
-def from_proto(m: pb.RequestTrace, aux_hidden: tuple[pb.Tensor, memoryview] | None = None) -> Trace:
+def from_proto(m: pb.RequestTrace, aux_data=None) -> Trace:
     """Decode a RequestTrace message, checking presence and dtype of every tensor.
 
-    `aux_hidden` = (Tensor header without data, data view) when the caller split it off.
+    `aux_data`: the hidden states' bytes when the caller split them off the message.
     """
     if not m.HasField("target"):
         raise TraceError("target", "missing")
@@ -147,9 +144,7 @@ def from_proto(m: pb.RequestTrace, aux_hidden: tuple[pb.Tensor, memoryview] | No
         request_id=m.request_id,
         tokens=_tensor(m, "tokens", "tokens", _I32),
         prompt_len=m.prompt_len,
-        aux_hidden=(_tensor(m, "aux_hidden", "aux_hidden", HIDDEN_DTYPES) if aux_hidden is None
-                    else _check_dtype(from_wire(*aux_hidden, field="aux_hidden"), aux_hidden[0], "aux_hidden",
-                                      HIDDEN_DTYPES)),
+        aux_hidden=_tensor(m, "aux_hidden", "aux_hidden", HIDDEN_DTYPES, data=aux_data),
         target_ids=_tensor(m.target, "ids", "target.ids", _I32),
         target_logprobs=_tensor(m.target, "logprobs", "target.logprobs", _F32),
         steps=steps,
@@ -167,17 +162,16 @@ def decode(payload) -> Trace:
     view = memoryview(payload)
     try:
         split = wire.split_field(view, _AUX_FIELD)
-        aux = None
-        if split is not None:
-            rest, (lo, hi) = split
-            inner = wire.split_field(view, _DATA_FIELD, lo, hi)
-            if inner is not None:
-                header, (dlo, dhi) = inner
-                aux = (pb.Tensor.FromString(header), view[dlo:dhi].toreadonly())
-        m = pb.RequestTrace.FromString(rest if aux is not None else view)
+        inner = split and wire.split_field(view, _DATA_FIELD, *split[1])
+        if not inner:  # no or repeated field: let protobuf parse (and merge) the whole message
+            return from_proto(pb.RequestTrace.FromString(view))
+        m = pb.RequestTrace.FromString(split[0])
+        m.aux_hidden.SetInParent()
+        m.aux_hidden.ParseFromString(inner[0])  # dtype and shape; the data stays in `payload`
     except (DecodeError, wire.WireError) as e:
         raise TraceError("payload", f"not a serialized RequestTrace ({e})") from None
-    return from_proto(m, aux_hidden=aux)
+    lo, hi = inner[1]
+    return from_proto(m, aux_data=view[lo:hi].toreadonly())
 
 
 # Field numbers from aurora.proto that the hand-framed paths rely on.

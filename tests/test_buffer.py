@@ -103,8 +103,12 @@ def test_byte_capacity(tmp_path):
     buf = ReplayBuffer(cfg(tmp_path, capacity_bytes=int(t.nbytes * 2.5)))
     put(buf, t)
     put(buf, make_trace(1))
-    with pytest.raises(BufferFull):
+    with pytest.raises(BufferFull) as e:
         put(buf, make_trace(2))
+    assert e.value.retry_after_ms > 0  # room will come
+    with pytest.raises(BufferFull, match="can never fit") as e:
+        put(buf, make_trace(3, num_tokens=400))
+    assert e.value.retry_after_ms == 0  # no point retrying
     buf.close()
 
 

@@ -252,3 +252,4 @@ def test_sigkill_recovers_every_acked_trace(tmp_path):
     for t in traces:
         assert_traces_equal(got[t.request_id], t)
     buf.close()
+
