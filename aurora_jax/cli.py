@@ -85,6 +85,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"aurora-jax: config error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # unreadable files, ports in use: say what, not a traceback
+        print(f"aurora-jax: error: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
 

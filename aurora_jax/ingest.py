@@ -140,7 +140,9 @@ class BearerAuth(grpc.ServerInterceptor):
 
 def server_options(limits: TraceLimits) -> list[tuple[str, int]]:
     size = limits.max_chunk_bytes + FRAME_SLACK
-    return [("grpc.max_receive_message_length", size), ("grpc.max_send_message_length", size)]
+    # so_reuseport off: a second trainer on the same port must fail, not silently split the traffic.
+    return [("grpc.max_receive_message_length", size), ("grpc.max_send_message_length", size),
+            ("grpc.so_reuseport", 0)]
 
 
 class IngestServer:
@@ -154,13 +156,16 @@ class IngestServer:
                                    options=server_options(limits),
                                    interceptors=[BearerAuth(token)] if token else [])
         self._server.add_generic_rpc_handlers((self._handlers(),))
-        if cfg.tls_cert:
-            creds = grpc.ssl_server_credentials([(Path(cfg.tls_key).read_bytes(), Path(cfg.tls_cert).read_bytes())])
-            self.port = self._server.add_secure_port(cfg.address, creds)
-        else:
-            self.port = self._server.add_insecure_port(cfg.address)
+        try:
+            if cfg.tls_cert:
+                creds = grpc.ssl_server_credentials([(Path(cfg.tls_key).read_bytes(), Path(cfg.tls_cert).read_bytes())])
+                self.port = self._server.add_secure_port(cfg.address, creds)
+            else:
+                self.port = self._server.add_insecure_port(cfg.address)
+        except RuntimeError:  # grpc raises this when the port cannot be bound
+            self.port = 0
         if self.port == 0:
-            raise OSError(f"ingest: cannot bind {cfg.address}")
+            raise OSError(f"ingest.address: cannot bind {cfg.address} (in use, or not a local address?)")
         self.address = f"{cfg.address.rpartition(':')[0]}:{self.port}"
 
     def _handlers(self):

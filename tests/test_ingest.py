@@ -253,3 +253,9 @@ def test_sigkill_recovers_every_acked_trace(tmp_path):
         assert_traces_equal(got[t.request_id], t)
     buf.close()
 
+
+
+def test_port_in_use_is_a_clear_error(server_factory):
+    server = server_factory()
+    with pytest.raises(OSError, match=f"ingest.address: cannot bind 127.0.0.1:{server.port}"):
+        server_factory(ingest=dict(address=f"127.0.0.1:{server.port}"))
