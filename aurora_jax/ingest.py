@@ -21,7 +21,7 @@ from aurora_jax.buffer import BufferFull, ReplayBuffer
 from aurora_jax.config import IngestConfig, resolve_secret
 from aurora_jax.validate import TraceLimits, validate
 from bridge.proto import aurora_pb2 as pb
-from bridge.chunks import SERVICE, Reassembler, parse_chunk
+from bridge.chunks import SERVICE, Reassembler, max_message_bytes, parse_chunk
 from bridge.tensors import OversizeError, TraceError
 from bridge.traces import Trace, decode
 
@@ -30,8 +30,6 @@ log = logging.getLogger(__name__)
 OK = grpc.StatusCode.OK.value[0]
 INVALID_ARGUMENT = grpc.StatusCode.INVALID_ARGUMENT.value[0]
 RESOURCE_EXHAUSTED = grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]
-# Room for the TraceChunk framing around a payload of max_chunk_bytes.
-FRAME_SLACK = 64 << 10
 
 
 class IngestServicer:
@@ -139,7 +137,7 @@ class BearerAuth(grpc.ServerInterceptor):
 
 
 def server_options(limits: TraceLimits) -> list[tuple[str, int]]:
-    size = limits.max_chunk_bytes + FRAME_SLACK
+    size = max_message_bytes(limits.max_chunk_bytes)
     # so_reuseport off: a second trainer on the same port must fail, not silently split the traffic.
     return [("grpc.max_receive_message_length", size), ("grpc.max_send_message_length", size),
             ("grpc.so_reuseport", 0)]

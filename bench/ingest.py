@@ -10,6 +10,7 @@ loopback gRPC in Python can reach on this machine. Both servers run as separate 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import multiprocessing as mp
 import subprocess
@@ -23,7 +24,7 @@ import grpc
 import numpy as np
 
 from bridge.synthetic import random_trace
-from bridge.chunks import chunk_messages
+from bridge.chunks import chunk_messages, max_message_bytes
 from bridge.traces import encode
 
 _RAW_METHOD = "/aurora.bench.Raw/Push"
@@ -120,12 +121,13 @@ def main(argv: list[str] | None = None) -> int:
     traces = []
     for i in range(a.traces):  # share arrays between traces: encoding cost is what matters
         t = base[i % len(base)]
-        traces.append(type(t)(**{**t.__dict__, "request_id": f"trace-{i}"}))
+        traces.append(dataclasses.replace(t, request_id=f"trace-{i}"))
     payload = [encode(t) for t in traces]
     messages = [m for t, b in zip(traces, payload) for m in chunk_messages(t.request_id, [b], a.chunk_bytes)]
     total = sum(len(b) for b in payload)
+    raw_bytes = sum(len(m) for m in messages)
     hidden_bytes = sum(t.aux_hidden.nbytes for t in traces)
-    max_msg = a.chunk_bytes + (64 << 10)
+    max_msg = max_message_bytes(a.chunk_bytes)
     per_trace_msgs = max(1, len(messages) // len(traces))
 
     # Rounds interleave the paths so that a noisy neighbour slows all of them alike; each row
@@ -140,12 +142,12 @@ def main(argv: list[str] | None = None) -> int:
                 s, _ = bench_endpoint(traces, path, a.chunk_bytes, a.batch, vocab, a.hidden)
             best[path] = min(best[path], s)
             print(f"  round {r + 1}/{a.repeat} {path:>6}: {s:.2f}s", flush=True)
-    raw_mbs = sum(len(m) for m in messages) / best["raw"] / 1e6
+    raw_mbs = raw_bytes / best["raw"] / 1e6
     rows = []
     for path in paths:
         s = best[path]
         name = "raw loopback gRPC (bytes only)" if path == "raw" else f"TraceIngest endpoint, fsync={path}"
-        mbs = (sum(len(m) for m in messages) if path == "raw" else total) / s / 1e6
+        mbs = (raw_bytes if path == "raw" else total) / s / 1e6
         rows.append(dict(path=name, seconds=s, traces_per_s=len(traces) / s, payload_mb_s=mbs,
                          hidden_mb_s=hidden_bytes / s / 1e6, ratio=mbs / raw_mbs))
 

@@ -17,6 +17,12 @@ from bridge.tensors import OversizeError, TraceError
 
 SERVICE = pb.DESCRIPTOR.services_by_name["TraceIngest"].full_name
 PUSH_METHOD = f"/{SERVICE}/Push"  # called with raw bytes: requests are pre-framed TraceChunks
+FRAME_SLACK = 64 << 10  # room for the TraceChunk fields around a payload of max_chunk_bytes
+
+
+def max_message_bytes(max_chunk_bytes: int) -> int:
+    """The gRPC message limit both ends must allow for chunks of `max_chunk_bytes` payload."""
+    return max_chunk_bytes + FRAME_SLACK
 _PAYLOAD = pb.TraceChunk.DESCRIPTOR.fields_by_name["payload"].number
 
 

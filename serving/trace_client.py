@@ -21,7 +21,7 @@ import grpc
 
 from bridge.proto import aurora_pb2 as pb
 from bridge.proto import aurora_pb2_grpc as pb_grpc
-from bridge.chunks import PUSH_METHOD, chunk_messages
+from bridge.chunks import PUSH_METHOD, chunk_messages, max_message_bytes
 from bridge.traces import Trace, encode_parts
 
 log = logging.getLogger(__name__)
@@ -59,7 +59,7 @@ class _Item:
 class TraceClient:
     def __init__(self, cfg: TraceClientConfig):
         self.cfg = cfg
-        opts = [("grpc.max_send_message_length", cfg.max_chunk_bytes + (64 << 10)),
+        opts = [("grpc.max_send_message_length", max_message_bytes(cfg.max_chunk_bytes)),
                 ("grpc.max_receive_message_length", 4 << 20)]
         if cfg.tls_root_cert:
             creds = grpc.ssl_channel_credentials(root_certificates=Path(cfg.tls_root_cert).read_bytes())
