@@ -43,14 +43,14 @@ def first_nonfinite(a: np.ndarray) -> tuple[int, ...] | None:
     """Index of the first NaN/Inf in a float array, or None."""
     mask = _EXP_MASK.get(a.dtype)
     flat = a.reshape(-1)
-    if mask is None:
-        bad = ~np.isfinite(flat)
-        hit = int(np.argmax(bad)) if bad.any() else -1
+    if mask is None or flat.size <= _BLOCK:
+        ok = np.isfinite(flat)
+        hit = -1 if ok.all() else int(np.argmin(ok))
     else:
-        u, tmp, hit = flat.view(np.uint16), np.empty(min(_BLOCK, flat.size), np.uint16), -1
+        u, tmp, hit = flat.view(np.uint16), np.empty(_BLOCK, np.uint16), -1
         for lo in range(0, u.size, _BLOCK):
             t = np.bitwise_and(u[lo:lo + _BLOCK], 0x7FFF, out=tmp[:min(_BLOCK, u.size - lo)])
-            if t.size and t.max() >= mask:
+            if t.max() >= mask:
                 hit = lo + int(np.argmax(t >= mask))
                 break
     return None if hit < 0 else tuple(int(i) for i in np.unravel_index(hit, a.shape))

@@ -6,6 +6,8 @@ payload length must agree, otherwise a TraceError names the field.
 
 from __future__ import annotations
 
+import math
+
 import ml_dtypes
 import numpy as np
 
@@ -72,7 +74,7 @@ def from_wire(t: pb.Tensor, data: bytes | memoryview | None = None, *, field: st
     shape = tuple(t.shape)
     if any(d < 0 for d in shape):
         raise TraceError(field, f"negative dimension in shape {list(shape)}")
-    n = int(np.prod(shape, dtype=np.int64)) if shape else 1
+    n = math.prod(shape)
     expected = n * dtype.itemsize
     data = t.data if data is None else data
     if len(data) != expected:
