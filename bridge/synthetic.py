@@ -43,3 +43,45 @@ def random_trace(rng: np.random.Generator, *, request_id: str, num_tokens: int =
     return Trace(request_id=request_id, tokens=toks, prompt_len=prompt_len, aux_hidden=aux, target_ids=ids,
                  target_logprobs=logprobs, steps=steps, draft_version=draft_version, domain=domain,
                  start_unix_s=1.0, end_unix_s=2.0, target_forwards=len(steps))
+
+
+def toy_target_trace(rng: np.random.Generator, *, request_id: str, succ: np.ndarray, features: np.ndarray,
+                     num_tokens: int = 48, prompt_len: int = 8, topk: int = 2, num_steps: int = 4,
+                     tree_nodes: int = 6, noise: float = 0.1, draft_version: int = 0,
+                     domain: str = "toy") -> Trace:
+    """A trace served by a toy target whose greedy next token is `succ[token]`.
+
+    The target puts 1 - noise on succ[x_t] (the rest on other tokens), and the text follows it
+    except for `noise` random jumps, so a draft can learn the mapping; aux hidden states are
+    `features[x_t]` (plus noise). Trees accept the target's choice and reject random siblings.
+    """
+    V = succ.size
+    T = num_tokens
+    toks = np.empty(T, np.int32)
+    toks[0] = rng.integers(V)
+    for t in range(1, T):
+        toks[t] = succ[toks[t - 1]] if rng.random() >= noise else rng.integers(V)
+    ids = np.empty((T, topk), np.int32)
+    ids[:, 0] = succ[toks]
+    for j in range(1, topk):
+        ids[:, j] = (succ[toks] + j) % V
+    lp = np.full((T, topk), np.log(noise / max(topk - 1, 1)) if topk > 1 else 0.0, np.float32)
+    lp[:, 0] = np.log(1 - noise) if topk > 1 else 0.0
+    aux = (features[toks] + 0.01 * rng.standard_normal((T, features.shape[1]))).astype(BF16)
+    steps = []
+    for p in np.linspace(prompt_len - 1, T - 2, num_steps).astype(int) if num_steps else []:
+        depth = 0
+        while p + depth + 1 < T and depth < 3 and toks[p + depth + 1] == succ[toks[p + depth]]:
+            depth += 1
+        parents = np.concatenate([np.arange(-1, depth - 1), rng.integers(-1, max(depth, 1), tree_nodes - depth)])
+        parents = np.minimum(parents, np.arange(tree_nodes) - 1).astype(np.int32)
+        node_tokens = np.concatenate([toks[p + 1:p + 1 + depth], rng.integers(0, V, tree_nodes - depth)]).astype(np.int32)
+        for j in range(depth, tree_nodes):  # a rejected node never equals the target's choice
+            ctx = toks[p] if parents[j] < 0 else node_tokens[parents[j]]
+            if node_tokens[j] == succ[ctx]:
+                node_tokens[j] = (node_tokens[j] + 1) % V
+        accepted = np.arange(tree_nodes) < depth
+        steps.append(TreeStep(int(p), node_tokens, parents, accepted))
+    return Trace(request_id=request_id, tokens=toks, prompt_len=prompt_len, aux_hidden=aux, target_ids=ids,
+                 target_logprobs=lp, steps=steps, draft_version=draft_version, domain=domain,
+                 start_unix_s=1.0, end_unix_s=2.0, target_forwards=len(steps))

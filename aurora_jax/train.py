@@ -1,0 +1,160 @@
+"""The optimizer step: one pure jitted function over (params, opt_state, frozen, batch), sharded
+over a device mesh so the same code runs on 1 CPU, 8 GPUs or a TPU slice.
+
+Why split the model: `nnx.split` separates trainable `Param`s (optimized, checkpointed with the
+optimizer state) from the frozen target embedding and vocabulary maps, which are inputs to the
+step (never closed over, or XLA would bake them into the executable as constants).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Literal, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from aurora_jax.batching import Batch
+from aurora_jax.model import Eagle3Draft
+from aurora_jax.objective import ObjectiveConfig, loss_fn
+from aurora_jax.tree_attention import tree_attention
+
+
+@dataclasses.dataclass
+class OptimConfig:
+    lr: float = 3e-4
+    schedule: Literal["constant", "cosine"] = "constant"  # online training never "ends": constant by default
+    warmup_steps: int = 20
+    total_steps: int = 10000  # cosine horizon
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.0
+    b1: float = 0.9
+    b2: float = 0.95
+    clip_norm: float = 1.0  # global-norm clipping; 0 = off
+
+    def __post_init__(self):
+        if self.lr <= 0 or self.warmup_steps < 0 or self.total_steps <= 0:
+            raise ValueError("lr and total_steps must be positive, warmup_steps >= 0")
+
+
+@dataclasses.dataclass
+class MeshConfig:
+    data: int = 0  # devices on the data axis; 0 = all visible devices
+    fsdp: bool = False  # shard each parameter's largest divisible dim over the data axis
+    coordinator: str = ""  # multi-host: "host:port" of process 0 -> jax.distributed.initialize
+    num_processes: int = 1
+    process_id: int = 0
+
+
+def make_optimizer(cfg: OptimConfig) -> optax.GradientTransformation:
+    if cfg.schedule == "cosine":
+        lr = optax.warmup_cosine_decay_schedule(0.0, cfg.lr, max(cfg.warmup_steps, 1), cfg.total_steps,
+                                                cfg.lr * cfg.min_lr_ratio)
+    else:
+        lr = optax.join_schedules([optax.linear_schedule(0.0, cfg.lr, max(cfg.warmup_steps, 1)),
+                                   optax.constant_schedule(cfg.lr)], [max(cfg.warmup_steps, 1)])
+    decay_mask = lambda params: jax.tree.map(lambda x: x.ndim >= 2, params)  # no decay on norms
+    tx = optax.adamw(lr, b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay, mask=decay_mask)
+    return optax.chain(optax.clip_by_global_norm(cfg.clip_norm), tx) if cfg.clip_norm > 0 else tx
+
+
+def make_mesh(cfg: MeshConfig) -> Mesh:
+    if cfg.coordinator and not jax.distributed.is_initialized():
+        jax.distributed.initialize(cfg.coordinator, cfg.num_processes, cfg.process_id)
+    devices = jax.devices()
+    n = cfg.data or len(devices)
+    if n > len(devices):
+        raise ValueError(f"mesh.data={n} but only {len(devices)} devices are visible")
+    return Mesh(np.asarray(devices[:n]), ("data",))
+
+
+def _param_spec(x, n: int, fsdp: bool) -> P:
+    if not fsdp or x.ndim == 0:
+        return P()
+    dims = sorted(range(x.ndim), key=lambda d: -x.shape[d])
+    for d in dims:
+        if x.shape[d] % n == 0:
+            spec = [None] * x.ndim
+            spec[d] = "data"
+            return P(*spec)
+    return P()
+
+
+def _batch_spec(name: str) -> P:
+    return P("data") if name in ("aux", "neg_slot", "neg_tok", "neg_mask") else P(None, "data")
+
+
+class TrainState(NamedTuple):
+    step: jax.Array
+    params: Any  # nnx.State of Params
+    opt_state: Any
+
+
+class Learner:
+    """Owns the sharded train state and the compiled step for one draft model."""
+
+    def __init__(self, model: Eagle3Draft, objective: ObjectiveConfig, optim: OptimConfig, mesh: Mesh,
+                 fsdp: bool = False, attention=tree_attention):
+        self.objective, self.mesh = objective, mesh
+        self.graphdef, params, self.rest = nnx.split(model, nnx.Param, ...)
+        n = mesh.devices.size
+        self.param_sharding = jax.tree.map(lambda x: NamedSharding(mesh, _param_spec(x, n, fsdp)), params)
+        replicated = NamedSharding(mesh, P())
+        self.rest = jax.device_put(self.rest, jax.tree.map(lambda _: replicated, self.rest))
+        self.tx = make_optimizer(optim)
+        params = jax.device_put(params, self.param_sharding)
+        opt_state = jax.jit(self.tx.init)(params)  # moments follow the params' sharding
+        self.state = TrainState(jax.device_put(jnp.zeros((), jnp.int32), replicated), params, opt_state)
+        self.batch_sharding = Batch(**{k: NamedSharding(mesh, _batch_spec(k)) for k in Batch._fields})
+        graphdef, tx = self.graphdef, self.tx
+
+        def step(state: TrainState, rest, batch: Batch):
+            def f(p):
+                return loss_fn(nnx.merge(graphdef, p, rest), batch, objective, attention)
+            (_, metrics), grads = jax.value_and_grad(f, has_aux=True)(state.params)
+            updates, opt_state = tx.update(grads, state.opt_state, state.params)
+            params = optax.apply_updates(state.params, updates)
+            metrics["grad_norm"] = optax.global_norm(grads)
+            return TrainState(state.step + 1, params, opt_state), metrics
+
+        self._step = jax.jit(step, donate_argnums=(0,))
+        self.rows_multiple = n
+
+    def device_batch(self, batch: Batch) -> Batch:
+        """Host numpy batch -> global arrays sharded over the data axis (multi-host aware)."""
+        if batch.aux.shape[0] % self.rows_multiple:
+            raise ValueError(f"batch rows {batch.aux.shape[0]} not divisible by mesh data size {self.rows_multiple}")
+        return Batch(*(jax.make_array_from_process_local_data(s, np.asarray(a))
+                       for s, a in zip(self.batch_sharding, batch)))
+
+    def train_step(self, batch: Batch) -> dict[str, jax.Array]:
+        self.state, metrics = self._step(self.state, self.rest, self.device_batch(batch))
+        return metrics
+
+    @property
+    def step(self) -> int:
+        return int(self.state.step)
+
+    @property
+    def compiled_shapes(self) -> int:
+        """Distinct batch shapes compiled so far (bucketing keeps this small)."""
+        return self._step._cache_size()
+
+    def model(self) -> Eagle3Draft:
+        """The current draft as an NNX module (shares the live arrays; do not mutate)."""
+        return nnx.merge(self.graphdef, self.state.params, self.rest)
+
+    def host_params(self) -> dict[str, np.ndarray]:
+        """Flat {'midlayer.self_attn.q_proj.kernel': array, ...} of every variable, on the host."""
+        out = {}
+        for tree in (self.state.params, self.rest):
+            for path, v in nnx.to_flat_state(tree):
+                out[".".join(str(p) for p in path)] = np.asarray(jax.device_get(v.get_value()))
+        return out
+
+    def restore(self, state: TrainState) -> None:
+        self.state = state
