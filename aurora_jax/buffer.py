@@ -87,8 +87,13 @@ class Entry:
 
 
 class ReplayBuffer:
-    def __init__(self, cfg: BufferConfig):
+    def __init__(self, cfg: BufferConfig, defer_consume: bool = False):
+        """`defer_consume`: consumed traces leave memory at once but their marks reach
+        consumed.log only through `commit_consumed` (the trainer commits them with the
+        checkpoint that includes their effect, so a crash replays them instead of losing them)."""
         self.cfg = cfg
+        self.defer_consume = defer_consume
+        self._uncommitted: list[Entry] = []
         self.dir = Path(cfg.spool_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
         self._io = threading.Lock()  # spool file writes, seq assignment
@@ -294,10 +299,32 @@ class ReplayBuffer:
         del self._entries[e.seq]
         self._bytes -= e.nbytes
         self.stats["consumed"] += 1
-        self._consumed_log.write(_SEQ.pack(e.seq))
+        if self.defer_consume:
+            self._uncommitted.append(Entry(e.seq, None, 0, e.segment))  # drop the trace, keep the mark
+        else:
+            self._mark([e])
+
+    def _mark(self, entries) -> None:  # holds self._mem
+        self._consumed_log.write(b"".join(_SEQ.pack(e.seq) for e in entries))
         self._consumed_log.flush()
-        self._live[e.segment] -= 1
-        self._gc_segment(e.segment)
+        for e in entries:
+            self._live[e.segment] -= 1
+        for seg in {e.segment for e in entries}:
+            self._gc_segment(seg)
+
+    def take_consumed(self) -> list[Entry]:
+        """The consumption marks not yet committed (deferred mode); pass them to commit_consumed."""
+        with self._mem:
+            out, self._uncommitted = self._uncommitted, []
+            return out
+
+    def commit_consumed(self, marks: list[Entry]) -> None:
+        """Make these consumption marks durable (then their spool segments may be collected)."""
+        if not marks:
+            return
+        with self._mem:
+            self._mark(marks)
+            os.fsync(self._consumed_log.fileno())
 
     def _gc_segment(self, seg: int) -> None:  # holds self._mem
         if self._live.get(seg, 0) == 0 and seg != self._seg_id:

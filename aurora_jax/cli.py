@@ -17,6 +17,9 @@ EPILOG = """Overrides: any config key can be set after the options as key.sub=va
 def _setup_logging(level: str) -> None:
     logging.basicConfig(level=getattr(logging, level.upper()), stream=sys.stderr,
                         format="%(asctime)s %(levelname).1s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    if level.lower() != "debug":  # orbax logs every save phase through absl at INFO
+        logging.getLogger("absl").setLevel(logging.WARNING)
+        logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)  # "no TPU" notes
 
 
 def _cmd_ingest(args) -> int:
@@ -26,6 +29,16 @@ def _cmd_ingest(args) -> int:
 
     cfg = load_config(TrainerConfig, args.config, args.overrides)
     return run_ingest(cfg, stats_every=args.stats_every)
+
+
+def _cmd_train(args) -> int:
+    from aurora_jax.config import TrainerConfig
+    from aurora_jax.loop import run_train
+    from bridge.config import load_config
+
+    overrides = list(args.overrides) + ([f"loop.max_steps={args.steps}"] if args.steps is not None else [])
+    cfg = load_config(TrainerConfig, args.config, overrides)
+    return run_train(cfg, resume=args.resume)
 
 
 def _cmd_demo(args) -> int:
@@ -39,6 +52,8 @@ def _cmd_demo(args) -> int:
 def _cmd_bench(args) -> int:
     if args.what == "ingest":
         from bench.ingest import main as bench_main
+    elif args.what == "train":
+        from bench.train import main as bench_main
     else:  # argparse restricts choices
         raise AssertionError(args.what)
     return bench_main(args.bench_args)
@@ -62,6 +77,20 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("overrides", nargs="*", metavar="key=value")
     s.set_defaults(func=_cmd_ingest)
 
+    s = sub.add_parser("train", help="run the trainer: ingest endpoint + buffer + async train loop",
+                       description="Run the trainer process: the TraceIngest endpoint fills the durable buffer "
+                                   "while the draft trains on it (EAGLE3 TTT over trees), publishing a new "
+                                   "draft_version every loop.sync_every steps and checkpointing with orbax. "
+                                   "Metrics go to stderr and loop.metrics_path (JSONL).",
+                       epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    s.add_argument("--config", default="configs/trainer.yaml", help="trainer YAML config (default: %(default)s)")
+    s.add_argument("--resume", action="store_true",
+                   help="restore model, optimizer, step, draft_version and sampler from the latest checkpoint "
+                        "in checkpoint.dir (the buffer resumes from its spool)")
+    s.add_argument("--steps", type=int, default=None, help="shorthand for loop.max_steps=N")
+    s.add_argument("overrides", nargs="*", metavar="key=value")
+    s.set_defaults(func=_cmd_train)
+
     s = sub.add_parser("demo", help="the main job on CPU (see README)",
                        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     s.add_argument("--config", default="configs/demo-cpu.yaml", help="demo YAML config (default: %(default)s)")
@@ -71,7 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("bench", help="benchmarks: print a table of ratios and write JSON",
                        description="Benchmarks. Each prints a table and writes JSON under --out. "
                                    "Pass -h after the name for its options, e.g. `aurora-jax bench ingest -h`.")
-    s.add_argument("what", choices=["ingest"], help="ingest: endpoint throughput vs raw loopback gRPC")
+    s.add_argument("what", choices=["ingest", "train"],
+                   help="ingest: endpoint throughput vs raw loopback gRPC; train: step time and tree tokens/s")
     s.add_argument("bench_args", nargs=argparse.REMAINDER, help="options of that benchmark")
     s.set_defaults(func=_cmd_bench)
     return p

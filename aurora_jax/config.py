@@ -5,7 +5,12 @@ from __future__ import annotations
 import dataclasses
 import os
 
+from aurora_jax.batching import BatchConfig
 from aurora_jax.buffer import BufferConfig
+from aurora_jax.checkpoint import CheckpointConfig
+from aurora_jax.model import DraftConfig
+from aurora_jax.objective import ObjectiveConfig
+from aurora_jax.train import MeshConfig, OptimConfig
 from aurora_jax.validate import TraceLimits
 
 
@@ -37,7 +42,45 @@ def resolve_secret(value: str) -> str:
 
 
 @dataclasses.dataclass
+class LoopConfig:
+    """The asynchronous train loop around the buffer."""
+
+    max_steps: int = 0  # stop after this many optimizer steps (0 = until SIGINT/SIGTERM)
+    traces_per_step: int = 0  # traces sampled per step (0 = batch.rows); packing fits short ones together
+    min_traces: int = 1  # wait until the buffer holds this many
+    sync_every: int = 50  # publish a new draft_version every N steps (0 = never)
+    log_every: int = 10  # steps between log lines (every step goes to the JSONL file)
+    metrics_path: str = "runs/train/metrics.jsonl"
+    progress: bool = True  # tqdm bar on stderr
+    seed: int = 0
+    embedding: str = ""  # target embedding [V, H]: .npy, or .safetensors (key `embedding_key`)
+    embedding_key: str = "model.embed_tokens.weight"
+
+    def __post_init__(self):
+        if min(self.max_steps, self.traces_per_step, self.sync_every) < 0 or self.min_traces < 1 or self.log_every < 1:
+            raise ValueError("max_steps, traces_per_step, sync_every must be >= 0; min_traces, log_every >= 1")
+
+
+@dataclasses.dataclass
 class TrainerConfig:
     ingest: IngestConfig = dataclasses.field(default_factory=IngestConfig)
     limits: TraceLimits = dataclasses.field(default_factory=TraceLimits)
     buffer: BufferConfig = dataclasses.field(default_factory=BufferConfig)
+    model: DraftConfig = dataclasses.field(default_factory=DraftConfig)
+    objective: ObjectiveConfig = dataclasses.field(default_factory=ObjectiveConfig)
+    batch: BatchConfig = dataclasses.field(default_factory=BatchConfig)
+    optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
+    mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
+    checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
+    loop: LoopConfig = dataclasses.field(default_factory=LoopConfig)
+
+    def __post_init__(self):
+        if self.model.vocab_size != self.limits.vocab_size:
+            raise ValueError(f"model.vocab_size={self.model.vocab_size} must equal limits.vocab_size="
+                             f"{self.limits.vocab_size} (both are the target's vocabulary)")
+        if self.limits.target_hidden_size and self.limits.target_hidden_size != self.model.ht:
+            raise ValueError(f"limits.target_hidden_size={self.limits.target_hidden_size} != the draft's "
+                             f"target_hidden_size {self.model.ht}")
+        self.limits.target_hidden_size = self.model.ht  # accept only traces this draft can train on
+        if self.batch.rows % max(self.mesh.data, 1):
+            raise ValueError(f"batch.rows={self.batch.rows} must be a multiple of mesh.data={self.mesh.data}")

@@ -1,8 +1,9 @@
 """`make demo`: the smallest end-to-end loop that exists so far.
 
-Until the engine and trainer land (issues 3-6) the demo exercises the foundation for real:
-it starts the TraceIngest endpoint, streams synthetic traces through the serving tier's
-client, then reopens the spool as a restarted trainer would and checks nothing was lost.
+Until the engine and bridge land (issues 4-6) the demo runs the trainer half for real: a
+trainer process's ingest endpoint and train loop run concurrently while the serving tier's
+client streams traces from a toy target (greedy next token = a fixed random successor of the
+current one), and the draft's offline acceptance proxy climbs from 1 as it learns.
 """
 
 from __future__ import annotations
@@ -11,17 +12,16 @@ import dataclasses
 import json
 import logging
 import shutil
+import threading
 import time
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
-from aurora_jax.buffer import ReplayBuffer
 from aurora_jax.config import TrainerConfig
-from aurora_jax.service import start_ingest
+from aurora_jax.loop import Trainer
 from bridge.config import to_dict
-from bridge.synthetic import random_trace
+from bridge.synthetic import toy_target_trace
 from serving.trace_client import TraceClient, TraceClientConfig
 
 log = logging.getLogger(__name__)
@@ -32,41 +32,51 @@ class DemoConfig:
     trainer: TrainerConfig = dataclasses.field(default_factory=TrainerConfig)
     client: TraceClientConfig = dataclasses.field(default_factory=TraceClientConfig)
     run_dir: str = "runs/demo"
-    requests: int = 64
-    tokens: int = 256
-    hidden: int = 256  # target hidden size of the synthetic traces
+    requests: int = 256  # traces the toy "serving tier" sends
+    requests_per_s: float = 50.0
+    tokens: int = 96
     seed: int = 0
+
+
+def _serve(cfg: DemoConfig, client: TraceClient, stop: threading.Event) -> None:
+    V, Ht = cfg.trainer.model.vocab_size, cfg.trainer.model.ht
+    rng = np.random.default_rng(cfg.seed)
+    succ = rng.permutation(V).astype(np.int32)
+    feats = rng.standard_normal((V, 3 * Ht)).astype(np.float32)
+    for i in range(cfg.requests):
+        if stop.wait(1.0 / cfg.requests_per_s):
+            return
+        client.submit(toy_target_trace(rng, request_id=f"demo-{i}", succ=succ, features=feats,
+                                       num_tokens=cfg.tokens, prompt_len=cfg.tokens // 8, topk=4))
 
 
 def run_demo(cfg: DemoConfig) -> int:
     run_dir = Path(cfg.run_dir)
     shutil.rmtree(run_dir, ignore_errors=True)
-    cfg.trainer.buffer.spool_dir = str(run_dir / "spool")
-    server = start_ingest(cfg.trainer)
-    cfg.client.address = server.address
+    t = cfg.trainer
+    t.buffer.spool_dir, t.checkpoint.dir = str(run_dir / "spool"), str(run_dir / "ckpt")
+    t.loop.metrics_path = str(run_dir / "metrics.jsonl")
+    trainer = Trainer(t)
+    cfg.client.address = trainer.start_ingest()
     client = TraceClient(cfg.client)
-    rng = np.random.default_rng(cfg.seed)
+    stop = threading.Event()
+    feeder = threading.Thread(target=_serve, args=(cfg, client, stop), daemon=True)
     t0 = time.perf_counter()
+    feeder.start()
     try:
-        for i in tqdm(range(cfg.requests), desc="traces", unit="req"):
-            trace = random_trace(rng, request_id=f"demo-{i}", num_tokens=cfg.tokens, prompt_len=cfg.tokens // 4,
-                                 hidden=cfg.hidden, vocab=cfg.trainer.limits.vocab_size)
-            client.submit(trace)
-        client.flush(timeout=120)
-        elapsed = time.perf_counter() - t0
-        sent = client.stats()
-        stats = server.buffer.snapshot_stats()
+        last = trainer.run()
     finally:
+        stop.set()
+        feeder.join()
         client.close()
-        server.stop()
-        server.buffer.close()
-    recovered = ReplayBuffer(cfg.trainer.buffer)
-    n_recovered = len(recovered.entries())
-    recovered.close()
-    report = dict(config=to_dict(cfg), elapsed_s=elapsed, client=sent, server=stats, recovered_after_restart=n_recovered)
+        trainer.close()
+    elapsed = time.perf_counter() - t0
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    first, sent = rows[0], client.stats()
+    report = dict(config=to_dict(cfg), elapsed_s=elapsed, client=sent, first=first, last=last)
     (run_dir / "report.json").write_text(json.dumps(report, indent=2))
-    print(f"\nsent {sent['submitted']} traces in {elapsed:.2f}s: acked {sent['acked']}, rejected {sent['rejected']}, "
-          f"dropped {sent['dropped']}; buffered {stats['buffered']} ({stats['buffered_bytes'] / 1e6:.1f} MB); "
-          f"after a restart the spool gave back {n_recovered}.\nreport: {run_dir / 'report.json'}")
-    ok = sent["acked"] == cfg.requests and n_recovered == cfg.requests
-    return 0 if ok else 1
+    print(f"\n{last['step']} steps in {elapsed:.1f}s on {sent['acked']} traces (draft_version {last['draft_version']}): "
+          f"accept_len proxy {first['accept_len']:.2f} -> {last['accept_len']:.2f}, "
+          f"acc@depth0 {first['acc_d0']:.2f} -> {last['acc_d0']:.2f}, loss {first['loss']:.3f} -> {last['loss']:.3f}"
+          f"\nreport: {run_dir / 'report.json'}, metrics: {run_dir / 'metrics.jsonl'}, checkpoints: {t.checkpoint.dir}")
+    return 0 if last["accept_len"] > first["accept_len"] else 1

@@ -109,6 +109,7 @@ class Learner:
         params = jax.device_put(params, self.param_sharding)
         opt_state = jax.jit(self.tx.init)(params)  # moments follow the params' sharding
         self.state = TrainState(jax.device_put(jnp.zeros((), jnp.int32), replicated), params, opt_state)
+        self._host_step = 0
         self.batch_sharding = Batch(**{k: NamedSharding(mesh, _batch_spec(k)) for k in Batch._fields})
         graphdef, tx = self.graphdef, self.tx
 
@@ -133,11 +134,13 @@ class Learner:
 
     def train_step(self, batch: Batch) -> dict[str, jax.Array]:
         self.state, metrics = self._step(self.state, self.rest, self.device_batch(batch))
+        self._host_step += 1
         return metrics
 
     @property
     def step(self) -> int:
-        return int(self.state.step)
+        """Optimizer steps taken (a host counter: reading it never waits for the device)."""
+        return self._host_step
 
     @property
     def compiled_shapes(self) -> int:
@@ -158,3 +161,4 @@ class Learner:
 
     def restore(self, state: TrainState) -> None:
         self.state = state
+        self._host_step = int(state.step)

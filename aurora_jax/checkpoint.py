@@ -1,0 +1,78 @@
+"""Orbax checkpoints of the train state, committed together with the buffer's consumption.
+
+Each checkpoint step directory holds `state` (params, optimizer state, step: an orbax PyTree,
+restored with the live shardings) and `meta` (JSON: draft_version, sampler state, config). Saves
+are asynchronous and atomic (orbax finalises a step directory only when complete). The traces the
+trainer consumed before a save are marked consumed in the spool only once that save is durable,
+so `train --resume` continues from a state that has seen exactly what the buffer no longer holds.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+
+import jax
+import orbax.checkpoint as ocp
+
+from aurora_jax.buffer import ReplayBuffer
+from aurora_jax.train import TrainState
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class CheckpointConfig:
+    dir: str = "runs/ckpt"
+    every: int = 100  # optimizer steps between saves (0 = only at exit)
+    keep: int = 3  # most recent checkpoints kept
+    async_save: bool = True
+
+    def __post_init__(self):
+        if self.every < 0 or self.keep < 1:
+            raise ValueError("every must be >= 0 and keep >= 1")
+
+
+class Checkpointer:
+    def __init__(self, cfg: CheckpointConfig, buffer: ReplayBuffer | None = None):
+        self.cfg, self.buffer = cfg, buffer
+        self.dir = Path(cfg.dir).absolute()
+        self.mgr = ocp.CheckpointManager(self.dir, options=ocp.CheckpointManagerOptions(
+            max_to_keep=cfg.keep, enable_async_checkpointing=cfg.async_save, create=True))
+        self._marks = []  # consumption marks waiting for the in-flight save
+
+    def latest_step(self) -> int | None:
+        return self.mgr.latest_step()
+
+    def due(self, step: int) -> bool:
+        return self.cfg.every > 0 and step % self.cfg.every == 0
+
+    def save(self, step: int, state: TrainState, meta: dict) -> None:
+        """Start saving `state` at `step` (returns while it writes, unless async_save is off)."""
+        self._finish()
+        self._marks = self.buffer.take_consumed() if self.buffer is not None else []
+        self.mgr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                    meta=ocp.args.JsonSave(meta)), force=True)
+        log.info("checkpoint %d: saving to %s", step, self.dir)
+
+    def _finish(self) -> None:
+        self.mgr.wait_until_finished()
+        if self.buffer is not None and self._marks:
+            self.buffer.commit_consumed(self._marks)
+        self._marks = []
+
+    def restore(self, like: TrainState, step: int | None = None) -> tuple[TrainState, dict]:
+        """Restore into the structure, dtypes and shardings of `like` (the freshly built state)."""
+        step = self.mgr.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"no checkpoint in {self.dir}")
+        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
+        out = self.mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
+                                                             meta=ocp.args.JsonRestore()))
+        log.info("restored checkpoint %d from %s", step, self.dir)
+        return out.state, out.meta
+
+    def close(self) -> None:
+        self._finish()
+        self.mgr.close()

@@ -1,0 +1,199 @@
+"""The trainer process: ingest endpoint + durable buffer + train loop, running concurrently.
+
+gRPC threads fill the buffer while the loop samples from it (staleness-aware), packs a fixed-
+shape batch and dispatches the jitted step; host-side packing of step N+1 overlaps the device's
+work on step N (metrics are read one step late). Every `sync_every` steps the loop bumps
+`draft_version` and calls the publish hook (the bridge's WeightSync publisher plugs in there);
+every `checkpoint.every` steps it saves asynchronously with orbax.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Callable
+
+import jax
+import numpy as np
+from flax import nnx
+
+from aurora_jax.batching import pack
+from aurora_jax.buffer import ReplayBuffer
+from aurora_jax.checkpoint import Checkpointer
+from aurora_jax.config import TrainerConfig
+from aurora_jax.ingest import IngestServer
+from aurora_jax.model import Eagle3Draft, target_to_draft
+from aurora_jax.train import Learner, make_mesh
+from bridge.config import to_dict
+
+log = logging.getLogger(__name__)
+
+PublishHook = Callable[[int, nnx.State], None]  # (draft_version, full draft state incl. d2t/t2d)
+
+
+def load_embedding(path: str, key: str) -> np.ndarray:
+    if path.endswith(".npy"):
+        return np.load(path)
+    from safetensors.numpy import load_file
+    tensors = load_file(path)
+    if key not in tensors:
+        raise KeyError(f"{path}: no tensor {key!r} (has {sorted(tensors)[:8]}...)")
+    return tensors[key]
+
+
+class Trainer:
+    def __init__(self, cfg: TrainerConfig, publish: PublishHook | None = None, resume: bool = False):
+        self.cfg, self.publish = cfg, publish
+        self.buffer = ReplayBuffer(cfg.buffer, defer_consume=True)
+        self.server: IngestServer | None = None
+        model = Eagle3Draft(cfg.model, rngs=nnx.Rngs(cfg.loop.seed))
+        if cfg.loop.embedding:
+            model.set_embedding(load_embedding(cfg.loop.embedding, cfg.loop.embedding_key))
+        self.tgt2draft = target_to_draft(np.asarray(model.d2t[...]), cfg.model.vocab_size)
+        self.learner = Learner(model, cfg.objective, cfg.optim, make_mesh(cfg.mesh), cfg.mesh.fsdp)
+        self.ckpt = Checkpointer(cfg.checkpoint, self.buffer)
+        self.version = 0
+        self.rng = np.random.default_rng(cfg.loop.seed)
+        if resume:
+            state, meta = self.ckpt.restore(self.learner.state)
+            self.learner.restore(state)
+            self.version = int(meta["draft_version"])
+            self.rng.bit_generator.state = meta["sampler_rng"]
+            log.info("resumed at step %d, draft_version %d; %d traces in the buffer", self.learner.step,
+                     self.version, len(self.buffer.entries()))
+        Path(cfg.loop.metrics_path).parent.mkdir(parents=True, exist_ok=True)
+        self._metrics = open(cfg.loop.metrics_path, "a")
+        self._pending = None  # (step, device metrics, host info) awaiting readback
+        self._t_last = time.perf_counter()
+        self.last: dict = {}
+
+    def start_ingest(self) -> str:
+        self.server = IngestServer(self.cfg.ingest, self.cfg.limits, self.buffer).start()
+        return self.server.address
+
+    # ------------------------------------------------------------ one step
+
+    def step(self, timeout: float = 1.0) -> bool:
+        """Sample, pack and dispatch one optimizer step. False if the buffer had too little."""
+        cfg = self.cfg
+        if not self.buffer.wait_for(cfg.loop.min_traces, timeout):
+            return False
+        entries = self.buffer.sample(cfg.loop.traces_per_step or cfg.batch.rows, self.rng, self.version)
+        if not entries:
+            return False
+        batch, stats, _ = pack([e.trace for e in entries], cfg.batch, cfg.objective.ttt_length, self.tgt2draft,
+                               cfg.objective.train_on_prompt)
+        metrics = self.learner.train_step(batch)
+        self._flush()
+        self._pending = (self.learner.step, metrics, dict(
+            traces=len(entries) - stats.left_over, truncated=stats.truncated, dropped_nodes=stats.dropped_nodes,
+            lag=float(np.mean([max(0, self.version - e.trace.draft_version) for e in entries])),
+            shape=list(batch.tokens.shape)))
+        step = self.learner.step
+        if cfg.loop.sync_every and step % cfg.loop.sync_every == 0:
+            self.sync()
+        if self.ckpt.due(step):
+            self.save()
+        return True
+
+    def _flush(self) -> None:
+        """Read back the previous step's metrics (it has finished by now) and log them."""
+        if self._pending is None:
+            return
+        step, metrics, info = self._pending
+        self._pending = None
+        m = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        now = time.perf_counter()
+        dt, self._t_last = now - self._t_last, now
+        s = self.buffer.snapshot_stats()
+        rec = dict(step=step, time=time.time(), step_s=dt, tree_tokens_per_s=m["tree_tokens"] / max(dt, 1e-9),
+                   draft_version=self.version, buffered=s["buffered"], accepted=s["accepted"],
+                   compiled_shapes=self.learner.compiled_shapes, **info, **m)
+        self.last = rec
+        self._metrics.write(json.dumps(rec) + "\n")
+        self._metrics.flush()
+        if step % self.cfg.loop.log_every == 0:
+            accs = " ".join(f"{m[f'acc_d{j}']:.2f}" for j in range(self.cfg.objective.ttt_length))
+            log.info("step %d loss %.4f kl %.4f ul %.4f acc/depth [%s] accept_len %.2f | %.0f tree tok/s "
+                     "buffer %d v%d", step, m["loss"], m["kl"], m["unlikelihood"], accs, m["accept_len"],
+                     rec["tree_tokens_per_s"], s["buffered"], self.version)
+
+    # ------------------------------------------------------------ sync / checkpoint
+
+    def sync(self) -> None:
+        """Publish the current draft as a new draft_version (a failing publisher is logged, not fatal)."""
+        self.version += 1
+        if self.publish is None:
+            return
+        t0 = time.perf_counter()
+        try:
+            self.publish(self.version, nnx.state(self.learner.model()))
+            log.info("published draft_version %d in %.3fs", self.version, time.perf_counter() - t0)
+        except Exception:
+            log.exception("publishing draft_version %d failed; serving keeps the previous draft", self.version)
+
+    def save(self) -> None:
+        meta = dict(draft_version=self.version, step=self.learner.step, sampler_rng=self.rng.bit_generator.state,
+                    config=to_dict(self.cfg))
+        self.ckpt.save(self.learner.step, self.learner.state, meta)
+
+    # ------------------------------------------------------------ run
+
+    def run(self, stop: threading.Event | None = None) -> dict:
+        """Train until max_steps or `stop`; saves a final checkpoint. Returns the last metrics."""
+        stop = stop or threading.Event()
+        cfg = self.cfg.loop
+        bar = None
+        if cfg.progress:
+            from tqdm import tqdm
+            bar = tqdm(total=cfg.max_steps or None, initial=self.learner.step, desc="train", unit="step",
+                       file=sys.stderr, dynamic_ncols=True)
+        waited = time.monotonic()
+        while not stop.is_set() and not (cfg.max_steps and self.learner.step >= cfg.max_steps):
+            if not self.step(timeout=0.5):
+                if time.monotonic() - waited > 30:
+                    log.info("waiting for traces (buffer has %d, need %d)", len(self.buffer.entries()),
+                             cfg.min_traces)
+                    waited = time.monotonic()
+                continue
+            waited = time.monotonic()
+            if bar is not None:
+                bar.update(1)
+                if self.last:
+                    bar.set_postfix(loss=f"{self.last['loss']:.3f}", acc=f"{self.last['acc_d0']:.2f}",
+                                    v=self.version, buf=self.last["buffered"], refresh=False)
+        self._flush()
+        if bar is not None:
+            bar.close()
+        return self.last
+
+    def close(self) -> None:
+        if self.server is not None:
+            self.server.stop(grace=2.0)
+        self._flush()
+        if self.learner.step and self.ckpt.latest_step() != self.learner.step:
+            self.save()
+        self.ckpt.close()
+        self.buffer.close()
+        self._metrics.close()
+
+
+def run_train(cfg: TrainerConfig, resume: bool = False) -> int:
+    """`aurora-jax train`: serve ingest and train until max_steps or SIGINT/SIGTERM."""
+    trainer = Trainer(cfg, resume=resume)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    try:
+        print(f"listening on {trainer.start_ingest()}", flush=True)
+        last = trainer.run(stop)
+        if last:
+            log.info("stopped at step %d: loss %.4f accept_len %.2f", last["step"], last["loss"], last["accept_len"])
+    finally:
+        trainer.close()
+    return 0
