@@ -56,6 +56,11 @@ class Checkpointer:
                                                     meta=ocp.args.JsonSave(meta)), force=True)
         log.info("checkpoint %d: saving to %s", step, self.dir)
 
+    def poll(self) -> None:
+        """Commit the consumption marks of a save that has completed (cheap; call every step)."""
+        if self._marks and not self.mgr.is_saving_in_progress():
+            self._finish()
+
     def _finish(self) -> None:
         self.mgr.wait_until_finished()
         if self.buffer is not None and self._marks:

@@ -89,6 +89,7 @@ class Trainer:
         batch, stats, _ = pack([e.trace for e in entries], cfg.batch, cfg.objective.ttt_length, self.tgt2draft,
                                cfg.objective.train_on_prompt)
         metrics = self.learner.train_step(batch)
+        self.ckpt.poll()
         self._flush()
         self._pending = (self.learner.step, metrics, dict(
             traces=len(entries) - stats.left_over, truncated=stats.truncated, dropped_nodes=stats.dropped_nodes,

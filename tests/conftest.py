@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import os
+
+# Eight host CPU devices so the trainer's mesh tests can shard (must precede the first jax import).
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 
 import grpc
 import numpy as np
@@ -10,6 +14,7 @@ import pytest
 
 from aurora_jax.buffer import BufferConfig
 from aurora_jax.config import IngestConfig, TrainerConfig
+from aurora_jax.model import DraftConfig
 from aurora_jax.service import start_ingest
 from aurora_jax.validate import TraceLimits
 from bridge.proto import aurora_pb2 as pb
@@ -27,11 +32,12 @@ def make_trace(i: int, seed: int = 0, **kw):
 
 
 def trainer_config(tmp_path, **sections) -> TrainerConfig:
-    cfg = TrainerConfig(ingest=IngestConfig(address="127.0.0.1:0"), limits=TraceLimits(vocab_size=VOCAB),
-                        buffer=BufferConfig(spool_dir=str(tmp_path / "spool")))
+    parts = dict(ingest=IngestConfig(address="127.0.0.1:0"), limits=TraceLimits(vocab_size=VOCAB),
+                 buffer=BufferConfig(spool_dir=str(tmp_path / "spool")),
+                 model=DraftConfig(vocab_size=VOCAB, target_hidden_size=32))  # random_trace's default hidden
     for name, changes in sections.items():
-        setattr(cfg, name, dataclasses.replace(getattr(cfg, name), **changes))
-    return cfg
+        parts[name] = dataclasses.replace(parts.get(name) or getattr(TrainerConfig(**{k: parts[k] for k in ("limits", "model")}), name), **changes)
+    return TrainerConfig(**parts)
 
 
 @pytest.fixture

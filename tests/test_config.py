@@ -79,7 +79,17 @@ def test_shipped_configs_load():
     cfg = load_config(TrainerConfig, "configs/trainer.yaml")
     assert cfg.ingest.address.startswith("127.0.0.1")
     demo = load_config(DemoConfig, "configs/demo-cpu.yaml")
-    assert demo.trainer.limits.vocab_size == 4096
+    assert demo.trainer.limits.vocab_size == demo.trainer.model.vocab_size == 512
+    assert demo.trainer.limits.target_hidden_size == 32  # follows the draft's target_hidden_size
+
+
+def test_trainer_sections_must_agree():
+    with pytest.raises(ConfigError, match="model.vocab_size=32000 must equal limits.vocab_size=100"):
+        load_config(TrainerConfig, "configs/trainer.yaml", ["limits.vocab_size=100"])
+    with pytest.raises(ConfigError, match="batch.rows=6 must be a multiple of mesh.data=4"):
+        load_config(TrainerConfig, "configs/trainer.yaml", ["batch.rows=6", "mesh.data=4"])
+    with pytest.raises(ConfigError, match="key 'objective.ttt_length'.*ttt_length must be >= 1|ttt_length must be >= 1"):
+        load_config(TrainerConfig, "configs/trainer.yaml", ["objective.ttt_length=0"])
 
 
 def test_tls_pair_required():

@@ -75,8 +75,8 @@ MALFORMED = {
     "token id >= vocab": (_set(["tokens"], np.full(64, VOCAB, np.int32)), r"tokens: token id 1000 at index \[0\] outside"),
     "negative token id": (_set(["tokens"], np.full(64, -1, np.int32)), r"tokens: token id -1"),
     "NaN hidden state": (_aux_with_nan, r"aux_hidden: non-finite value nan at index \[3, 7\]"),
-    "hidden rows != T": (_set(["aux_hidden"], np.zeros((63, 96), np.float32)), r"aux_hidden: shape \[63, 96\] does not match expected \[64, \*\]"),
-    "hidden width not 3H": (_set(["aux_hidden"], np.zeros((64, 95), np.float32)), r"aux_hidden: width 95 is not 3 \* target hidden size"),
+    "hidden rows != T": (_set(["aux_hidden"], np.zeros((63, 96), np.float32)), r"aux_hidden: shape \[63, 96\] does not match expected \[64, 96\]"),
+    "hidden width not 3H": (_set(["aux_hidden"], np.zeros((64, 95), np.float32)), r"aux_hidden: shape \[64, 95\] does not match expected \[64, 96\]"),
     "hidden as int": (_set(["aux_hidden"], np.zeros((64, 96), np.int32)), r"aux_hidden: dtype int32 not allowed"),
     "tokens as int64": (_set(["tokens"], np.zeros(64, np.int64)), r"tokens: dtype int64 not allowed, expected int32"),
     "bytes disagree with shape": (lambda m: m.tokens.shape.__setitem__(0, 65), r"tokens: data has 256 bytes, expected 260"),
@@ -217,7 +217,7 @@ def test_trainer_down_client_never_blocks_and_counts_drops():
 def _start_ingest_process(spool, extra=()):
     cmd = [sys.executable, "-m", "aurora_jax.cli", "--log-level", "warning", "ingest", "--config",
            "configs/trainer.yaml", "ingest.address=127.0.0.1:0", f"buffer.spool_dir={spool}",
-           f"limits.vocab_size={VOCAB}", *extra]
+           f"limits.vocab_size={VOCAB}", f"model.vocab_size={VOCAB}", "model.target_hidden_size=32", *extra]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     line = proc.stdout.readline()
     assert line.startswith("listening on "), (line, proc.stderr.read() if proc.poll() is not None else "")
@@ -228,7 +228,7 @@ def test_sigkill_recovers_every_acked_trace(tmp_path):
     spool = tmp_path / "spool"
     proc, address = _start_ingest_process(spool)
     try:
-        traces = [make_trace(i, num_tokens=200, hidden=128) for i in range(30)]
+        traces = [make_trace(i, num_tokens=400, hidden=32) for i in range(30)]
         client = TraceClient(TraceClientConfig(address=address, batch_size=4))
         for t in traces:
             client.submit(t)
