@@ -119,7 +119,7 @@ class Learner:
             (_, metrics), grads = jax.value_and_grad(f, has_aux=True)(state.params)
             updates, opt_state = tx.update(grads, state.opt_state, state.params)
             params = optax.apply_updates(state.params, updates)
-            metrics["grad_norm"] = optax.global_norm(grads)
+            metrics["grad_norm"] = optax.tree.norm(grads)
             return TrainState(state.step + 1, params, opt_state), metrics
 
         self._step = jax.jit(step, donate_argnums=(0,))
