@@ -107,7 +107,7 @@ class Learner:
         self.rest = jax.device_put(self.rest, jax.tree.map(lambda _: replicated, self.rest))
         self.tx = make_optimizer(optim)
         params = jax.device_put(params, self.param_sharding)
-        opt_state = jax.jit(self.tx.init)(params)  # moments follow the params' sharding
+        opt_state = jax.jit(self.tx.init, out_shardings=self._opt_sharding(params, replicated))(params)
         self.state = TrainState(jax.device_put(jnp.zeros((), jnp.int32), replicated), params, opt_state)
         self._host_step = 0
         self.batch_sharding = Batch(**{k: NamedSharding(mesh, _batch_spec(k)) for k in Batch._fields})
@@ -124,6 +124,16 @@ class Learner:
 
         self._step = jax.jit(step, donate_argnums=(0,))
         self.rows_multiple = n
+
+    def _opt_sharding(self, params, replicated):
+        """Optimizer-state shardings: moments like their parameter, counters replicated. Explicit, so
+        that the state fed to the first step matches what the step returns (no second compile)."""
+        by_path = {jax.tree_util.keystr(p): s for p, s in jax.tree_util.tree_leaves_with_path(self.param_sharding)}
+
+        def pick(path, _):
+            key = jax.tree_util.keystr(path)
+            return next((s for k, s in by_path.items() if key.endswith(k)), replicated)
+        return jax.tree_util.tree_map_with_path(pick, jax.eval_shape(self.tx.init, params))
 
     def device_batch(self, batch: Batch) -> Batch:
         """Host numpy batch -> global arrays sharded over the data axis (multi-host aware)."""

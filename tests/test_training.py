@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import numpy as np
 import pytest
@@ -127,3 +129,12 @@ def test_step_on_8_forced_cpu_devices_matches_one_device(fsdp):
                                                                           succ=np.arange(V), features=np.zeros((V, 3 * HT)))],
                               BatchConfig(rows=2, lengths=[64], branch_slots=[0, 32], topk=2), D,
                               target_to_draft(np.zeros(V, int), V))[0])
+
+
+def test_bf16_activations_with_f32_master_weights():
+    cfg = dataclasses.replace(CFG, dtype="bfloat16")
+    learner = Learner(Eagle3Draft(cfg, rngs=nnx.Rngs(0)), ObjectiveConfig(ttt_length=D), OptimConfig(lr=3e-3),
+                      make_mesh(MeshConfig(data=1)))
+    losses = [float(learner.train_step(b)["loss"]) for b in _batches(30, seed=4, traces=4)]
+    assert all(np.isfinite(losses)) and np.mean(losses[-5:]) < np.mean(losses[:5])
+    assert all(v.dtype == np.float32 for k, v in learner.host_params().items() if "kernel" in k)
