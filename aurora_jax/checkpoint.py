@@ -48,12 +48,16 @@ class Checkpointer:
     def due(self, step: int) -> bool:
         return self.cfg.every > 0 and step % self.cfg.every == 0
 
-    def save(self, step: int, state: TrainState, meta: dict) -> None:
-        """Start saving `state` at `step` (returns while it writes, unless async_save is off)."""
+    def save(self, step: int, state: TrainState, meta: dict, vocab: dict | None = None) -> None:
+        """Start saving `state` at `step` (returns while it writes, unless async_save is off).
+
+        `vocab`: the draft's d2t/t2d (not trained, so not in `state`, but fixed for its lifetime)."""
         self._finish()
         self._marks = self.buffer.take_consumed() if self.buffer is not None else []
-        self.mgr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                    meta=ocp.args.JsonSave(meta)), force=True)
+        items = dict(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
+        if vocab is not None:
+            items["vocab"] = ocp.args.StandardSave(vocab)
+        self.mgr.save(step, args=ocp.args.Composite(**items), force=True)
         log.info("checkpoint %d: saving to %s", step, self.dir)
 
     def poll(self) -> None:
@@ -67,16 +71,20 @@ class Checkpointer:
             self.buffer.commit_consumed(self._marks)
         self._marks = []
 
-    def restore(self, like: TrainState, step: int | None = None) -> tuple[TrainState, dict]:
-        """Restore into the structure, dtypes and shardings of `like` (the freshly built state)."""
+    def restore(self, like: TrainState, step: int | None = None) -> tuple[TrainState, dict, dict | None]:
+        """Restore into the structure, dtypes and shardings of `like` (the freshly built state).
+        Returns (state, meta, vocab or None)."""
         step = self.mgr.latest_step() if step is None else step
         if step is None:
             raise FileNotFoundError(f"no checkpoint in {self.dir}")
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
-        out = self.mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
-                                                             meta=ocp.args.JsonRestore()))
+        items = dict(state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore())
+        has_vocab = "vocab" in self.mgr.item_metadata(step)
+        if has_vocab:
+            items["vocab"] = ocp.args.StandardRestore()
+        out = self.mgr.restore(step, args=ocp.args.Composite(**items))
         log.info("restored checkpoint %d from %s", step, self.dir)
-        return out.state, out.meta
+        return out.state, out.meta, (dict(out.vocab) if has_vocab else None)
 
     def close(self) -> None:
         self._finish()

@@ -8,6 +8,7 @@ import logging
 import sys
 
 from bridge.config import ConfigError
+from bridge.eagle3 import LayoutError
 
 EPILOG = """Overrides: any config key can be set after the options as key.sub=value, e.g.
   aurora-jax ingest --config configs/trainer.yaml ingest.address=0.0.0.0:50051 buffer.fsync=always
@@ -39,6 +40,21 @@ def _cmd_train(args) -> int:
     overrides = list(args.overrides) + ([f"loop.max_steps={args.steps}"] if args.steps is not None else [])
     cfg = load_config(TrainerConfig, args.config, overrides)
     return run_train(cfg, resume=args.resume)
+
+
+def _cmd_export_hf(args) -> int:
+    from aurora_jax.export import export_hf
+
+    path = export_hf(args.checkpoint, args.out, args.step, args.dtype)
+    print(f"wrote {path}/config.json and {path}/model.safetensors")
+    return 0
+
+
+def _cmd_import_hf(args) -> int:
+    from aurora_jax.export import describe_hf
+
+    print(describe_hf(args.path))
+    return 0
 
 
 def _cmd_demo(args) -> int:
@@ -91,6 +107,23 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("overrides", nargs="*", metavar="key=value")
     s.set_defaults(func=_cmd_train)
 
+    s = sub.add_parser("export-hf", help="write an orbax checkpoint as an SGLang-loadable EAGLE3 HF directory",
+                       description="Export the draft in CHECKPOINT (a checkpoint.dir; the latest step unless --step) "
+                                   "as config.json + model.safetensors in OUT, for SGLang's "
+                                   "--speculative-draft-model-path.")
+    s.add_argument("checkpoint", help="checkpoint directory (checkpoint.dir of a training run)")
+    s.add_argument("out", help="output directory")
+    s.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
+    s.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    s.set_defaults(func=_cmd_export_hf)
+
+    s = sub.add_parser("import-hf", help="check an EAGLE3 HF directory and print how to train from it",
+                       description="Load an existing EAGLE3 draft directory (e.g. trained by SpecForge), check every "
+                                   "key and shape, and print the `aurora-jax train loop.init_from=...` overrides that "
+                                   "start training from it.")
+    s.add_argument("path", help="EAGLE3 HF directory (config.json + *.safetensors)")
+    s.set_defaults(func=_cmd_import_hf)
+
     s = sub.add_parser("demo", help="the main job on CPU (see README)",
                        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     s.add_argument("--config", default="configs/demo-cpu.yaml", help="demo YAML config (default: %(default)s)")
@@ -114,6 +147,9 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args) or 0
     except ConfigError as e:
         print(f"aurora-jax: config error: {e}", file=sys.stderr)
+        return 2
+    except LayoutError as e:
+        print(f"aurora-jax: checkpoint layout error: {e}", file=sys.stderr)
         return 2
     except OSError as e:  # unreadable files, ports in use: say what, not a traceback
         print(f"aurora-jax: error: {e}", file=sys.stderr)

@@ -55,6 +55,8 @@ class LoopConfig:
     seed: int = 0
     embedding: str = ""  # target embedding [V, H]: .npy, or .safetensors (key `embedding_key`)
     embedding_key: str = "model.embed_tokens.weight"
+    init_from: str = ""  # start from an EAGLE3 HF dir (e.g. trained by SpecForge) instead of random
+    vocab_counts: str = ""  # draft_vocab_size < V: token counts [V] (.npy); "" = count the first traces
 
     def __post_init__(self):
         if min(self.max_steps, self.traces_per_step, self.sync_every) < 0 or self.min_traces < 1 or self.log_every < 1:

@@ -27,9 +27,11 @@ from aurora_jax.buffer import ReplayBuffer
 from aurora_jax.checkpoint import Checkpointer
 from aurora_jax.config import TrainerConfig
 from aurora_jax.ingest import IngestServer
-from aurora_jax.model import Eagle3Draft, target_to_draft
+from aurora_jax.model import Eagle3Draft, load_flat, target_to_draft
 from aurora_jax.train import Learner, make_mesh
 from bridge.config import to_dict
+from bridge.eagle3 import LayoutError, from_torch_layout, load_hf
+from bridge.vocab import build_vocab, count_tokens
 
 log = logging.getLogger(__name__)
 
@@ -52,25 +54,61 @@ class Trainer:
         self.buffer = ReplayBuffer(cfg.buffer, defer_consume=True)
         self.server: IngestServer | None = None
         model = Eagle3Draft(cfg.model, rngs=nnx.Rngs(cfg.loop.seed))
+        self.has_embedding = bool(cfg.loop.embedding)
         if cfg.loop.embedding:
             model.set_embedding(load_embedding(cfg.loop.embedding, cfg.loop.embedding_key))
-        self.tgt2draft = target_to_draft(np.asarray(model.d2t[...]), cfg.model.vocab_size)
+        pruned = cfg.model.vd < cfg.model.vocab_size
+        self._vocab_pending = pruned and not resume
+        if cfg.loop.init_from:  # "external with draft": continue an existing EAGLE3 checkpoint
+            self._init_from(model, cfg.loop.init_from)
+        elif self._vocab_pending and cfg.loop.vocab_counts:
+            model.set_vocab(build_vocab(np.load(cfg.loop.vocab_counts), cfg.model.vd)[0])
+            self._vocab_pending = False
         self.learner = Learner(model, cfg.objective, cfg.optim, make_mesh(cfg.mesh), cfg.mesh.fsdp)
         self.ckpt = Checkpointer(cfg.checkpoint, self.buffer)
         self.version = 0
         self.rng = np.random.default_rng(cfg.loop.seed)
         if resume:
-            state, meta = self.ckpt.restore(self.learner.state)
+            state, meta, vocab = self.ckpt.restore(self.learner.state)
             self.learner.restore(state)
+            if vocab is not None:
+                self.learner.set_buffers(**vocab)
             self.version = int(meta["draft_version"])
             self.rng.bit_generator.state = meta["sampler_rng"]
+            self.has_embedding |= bool(meta.get("has_embedding"))
             log.info("resumed at step %d, draft_version %d; %d traces in the buffer", self.learner.step,
                      self.version, len(self.buffer.entries()))
+        self._update_vocab_table()
         Path(cfg.loop.metrics_path).parent.mkdir(parents=True, exist_ok=True)
         self._metrics = open(cfg.loop.metrics_path, "a")
         self._pending = None  # (step, device metrics, host info) awaiting readback
         self._t_last = time.perf_counter()
         self.last: dict = {}
+
+    def _init_from(self, model: Eagle3Draft, path: str) -> None:
+        hf_cfg, sd = load_hf(path)
+        want, got = self.cfg.model.shapes(), hf_cfg.shapes()
+        if want != got:
+            diff = {k: (want[k], got[k]) for k in want if want[k] != got[k]}
+            raise LayoutError(f"loop.init_from={path}: its config.json does not match model.* (ours, theirs): {diff}")
+        load_flat(model, from_torch_layout(sd, hf_cfg))
+        self.has_embedding |= "embed_tokens.weight" in sd
+        self._vocab_pending = False  # the checkpoint's d2t/t2d stay (SGLang caches them)
+        log.info("initialised the draft from %s (%d tensors)", path, len(sd))
+
+    def _update_vocab_table(self) -> None:
+        self.tgt2draft = target_to_draft(np.asarray(self.learner.rest["d2t"].get_value()), self.cfg.model.vocab_size)
+
+    def _prune_vocab(self) -> None:
+        """Day 0 with draft_vocab_size < V: keep the tokens most frequent in the traces so far."""
+        counts = count_tokens((e.trace for e in self.buffer.entries()), self.cfg.model.vocab_size)
+        d2t, t2d = build_vocab(counts, self.cfg.model.vd)
+        self.learner.set_buffers(d2t=d2t, t2d=t2d)
+        self._update_vocab_table()
+        self._vocab_pending = False
+        log.info("draft vocabulary: the %d most frequent of %d tokens seen in %d traces (%.1f%% of occurrences)",
+                 self.cfg.model.vd, int((counts > 0).sum()), len(self.buffer.entries()),
+                 100 * counts[t2d].sum() / max(counts.sum(), 1))
 
     def start_ingest(self) -> str:
         self.server = IngestServer(self.cfg.ingest, self.cfg.limits, self.buffer).start()
@@ -83,6 +121,8 @@ class Trainer:
         cfg = self.cfg
         if not self.buffer.wait_for(cfg.loop.min_traces, timeout):
             return False
+        if self._vocab_pending:
+            self._prune_vocab()
         entries = self.buffer.sample(cfg.loop.traces_per_step or cfg.batch.rows, self.rng, self.version)
         if not entries:
             return False
@@ -140,8 +180,9 @@ class Trainer:
 
     def save(self) -> None:
         meta = dict(draft_version=self.version, step=self.learner.step, sampler_rng=self.rng.bit_generator.state,
-                    config=to_dict(self.cfg))
-        self.ckpt.save(self.learner.step, self.learner.state, meta)
+                    has_embedding=self.has_embedding, config=to_dict(self.cfg))
+        vocab = {k: np.asarray(self.learner.rest[k].get_value()) for k in ("d2t", "t2d")}
+        self.ckpt.save(self.learner.step, self.learner.state, meta, vocab)
 
     # ------------------------------------------------------------ run
 

@@ -10,7 +10,6 @@ its pre-norm sum is the hidden state handed to the next draft step.
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Callable
 
 import jax
@@ -19,50 +18,9 @@ import numpy as np
 from flax import nnx
 
 from aurora_jax.tree_attention import TreeMeta, tree_attention
+from bridge.eagle3 import DraftConfig  # noqa: F401  (the config lives with the shared layout)
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
-
-
-@dataclasses.dataclass
-class DraftConfig:
-    """The fields of an EAGLE3 `config.json` that shape the draft (HF names where they exist)."""
-
-    hidden_size: int = 256
-    num_attention_heads: int = 4
-    num_key_value_heads: int = 2
-    head_dim: int = 0  # 0 = hidden_size // num_attention_heads
-    intermediate_size: int = 688
-    vocab_size: int = 32000  # target vocabulary V
-    draft_vocab_size: int = 0  # Vd; 0 = V (no pruning)
-    target_hidden_size: int = 0  # Ht; 0 = hidden_size
-    rope_theta: float = 10000.0
-    rms_norm_eps: float = 1e-6
-    max_position_embeddings: int = 8192
-    param_dtype: str = "float32"  # master weights
-    dtype: str = "float32"  # activations / matmul inputs (bfloat16 on accelerators)
-
-    def __post_init__(self):
-        if self.hidden_size % self.num_attention_heads and not self.head_dim:
-            raise ValueError("hidden_size must be divisible by num_attention_heads (or set head_dim)")
-        if self.num_attention_heads % self.num_key_value_heads:
-            raise ValueError("num_attention_heads must be a multiple of num_key_value_heads")
-        if self.draft_vocab_size > self.vocab_size:
-            raise ValueError("draft_vocab_size cannot exceed vocab_size")
-        for name in ("param_dtype", "dtype"):
-            if getattr(self, name) not in _DTYPES:
-                raise ValueError(f"{name} must be one of {sorted(_DTYPES)}")
-
-    @property
-    def hd(self) -> int:
-        return self.head_dim or self.hidden_size // self.num_attention_heads
-
-    @property
-    def vd(self) -> int:
-        return self.draft_vocab_size or self.vocab_size
-
-    @property
-    def ht(self) -> int:
-        return self.target_hidden_size or self.hidden_size
 
 
 class Frozen(nnx.Variable):
@@ -221,3 +179,26 @@ def target_to_draft(d2t: np.ndarray, vocab_size: int) -> np.ndarray:
     out = np.full(vocab_size, -1, np.int32)
     out[np.arange(d2t.size) + d2t] = np.arange(d2t.size, dtype=np.int32)
     return out
+
+
+def flat_variables(model: Eagle3Draft) -> dict[str, jax.Array]:
+    """{'midlayer.self_attn.q_proj.kernel': array, ...}: every variable, keyed like `bridge.eagle3.TABLE`."""
+    return {".".join(map(str, path)): v.get_value() for path, v in nnx.to_flat_state(nnx.state(model))}
+
+
+def load_flat(model: Eagle3Draft, flat: dict[str, np.ndarray]) -> None:
+    """Overwrite the model's variables from a flat dict (e.g. an imported HF checkpoint).
+
+    Every key must name an existing variable with the same shape; missing ones keep their value
+    (an EAGLE3 checkpoint without `embed_tokens` keeps the target's embedding)."""
+    state = nnx.state(model)
+    by_path = {".".join(map(str, p)): v for p, v in nnx.to_flat_state(state)}
+    for k, a in flat.items():
+        if k not in by_path:
+            raise KeyError(f"draft has no variable {k!r}")
+        v = by_path[k]
+        old = v.get_value()
+        if tuple(a.shape) != tuple(old.shape):
+            raise ValueError(f"{k}: shape {list(a.shape)} != model's {list(old.shape)}")
+        v.set_value(jnp.asarray(np.asarray(a), old.dtype))
+    nnx.update(model, state)

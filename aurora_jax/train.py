@@ -169,6 +169,21 @@ class Learner:
                 out[".".join(str(p) for p in path)] = np.asarray(jax.device_get(v.get_value()))
         return out
 
+    def set_buffers(self, **values) -> None:
+        """Replace non-trained variables by path (e.g. d2t=..., t2d=...; before training starts)."""
+        flat = dict(nnx.to_flat_state(self.rest))
+        replicated = NamedSharding(self.mesh, P())
+        for path, v in flat.items():
+            name = ".".join(map(str, path))
+            if name in values:
+                old = v.get_value()
+                new = np.asarray(values.pop(name))
+                if new.shape != old.shape:
+                    raise ValueError(f"{name}: shape {new.shape} != {old.shape}")
+                v.set_value(jax.device_put(jnp.asarray(new, old.dtype), replicated))
+        if values:
+            raise KeyError(f"no such buffers: {sorted(values)}")
+
     def restore(self, state: TrainState) -> None:
         self.state = state
         self._host_step = int(state.step)

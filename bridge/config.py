@@ -76,6 +76,13 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[st
     return _build(cls, raw, "", origin, source)
 
 
+def from_dict(cls: type[T], raw: dict, source: str) -> T:
+    """Build `cls` from a plain dict (e.g. a config saved with a checkpoint); errors name `source`."""
+    origin: dict[str, str] = {}
+    _record_origin(raw, "", source, origin)
+    return _build(cls, raw, "", origin, source)
+
+
 def to_dict(cfg: Any) -> dict[str, Any]:
     """Plain-dict view of a config (for logs and JSON reports)."""
     return dataclasses.asdict(cfg)

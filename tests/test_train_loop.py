@@ -102,3 +102,48 @@ def test_train_command_help_and_config_errors():
     out = subprocess.run([sys.executable, "-m", "aurora_jax.cli", "train", "objective.ttt_lenght=3"],
                          capture_output=True, text=True)
     assert out.returncode == 2 and "did you mean 'objective.ttt_length'" in out.stderr
+
+
+def test_vocab_pruned_at_start_export_hf_and_train_from_the_export(tmp_path):
+    from bridge.eagle3 import load_hf, to_torch_layout
+
+    cfg = _cfg(tmp_path / "a", max_steps=3, sync_every=0, traces_per_step=4)
+    cfg.model = dataclasses.replace(cfg.model, draft_vocab_size=32)
+    a = Trainer(cfg)
+    traces = _traces(16)
+    try:
+        _push(a.start_ingest(), traces)
+        a.run()
+    finally:
+        a.close()
+    t2d = np.asarray(a.learner.rest["t2d"].get_value())
+    counts = np.bincount(np.concatenate([t.tokens for t in traces]), minlength=V)
+    assert t2d.sum() == 32 and counts[t2d].min() >= counts[~t2d].max()  # the most frequent tokens
+
+    out = tmp_path / "hf"
+    r = subprocess.run([sys.executable, "-m", "aurora_jax.cli", "export-hf", str(tmp_path / "a" / "ckpt"), str(out),
+                        "--dtype", "float32"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    hf_cfg, sd = load_hf(out)
+    want = to_torch_layout({k: v for k, v in a.learner.host_params().items() if k != "embed_tokens"})
+    assert "embed_tokens.weight" not in sd  # the trainer never had the target's real embedding
+    assert sd.keys() == want.keys()
+    for k in sd:
+        assert np.array_equal(sd[k], want[k]), k
+    r = subprocess.run([sys.executable, "-m", "aurora_jax.cli", "import-hf", str(out)], capture_output=True, text=True)
+    assert r.returncode == 0 and f"loop.init_from={out}" in r.stdout and "model.draft_vocab_size=32" in r.stdout
+
+    cfg_b = _cfg(tmp_path / "b", max_steps=1)
+    cfg_b.model = cfg.model
+    cfg_b.loop.init_from = str(out)
+    b = Trainer(cfg_b)
+    try:
+        got = b.learner.host_params()
+        for k, v in a.learner.host_params().items():
+            if k != "embed_tokens":
+                assert np.array_equal(got[k], v), k
+    finally:
+        b.close()
+    r = subprocess.run([sys.executable, "-m", "aurora_jax.cli", "train", f"loop.init_from={out}",
+                        f"limits.vocab_size={V}", f"model.vocab_size={V}"], capture_output=True, text=True)
+    assert r.returncode == 2 and "does not match model.*" in r.stderr and "Traceback" not in r.stderr

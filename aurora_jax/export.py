@@ -1,0 +1,75 @@
+"""Checkpoint -> Hugging Face EAGLE3 directory, and an HF directory's summary (import check).
+
+`export-hf` restores the draft from an orbax checkpoint (the config saved with it says its shape),
+maps it through `bridge.eagle3` and writes `config.json` + `model.safetensors`, loadable by SGLang
+as `--speculative-draft-model-path`. `embed_tokens` is written only if the trainer had the target's
+real embedding (otherwise SGLang should use the target's own). No torch: safetensors via numpy.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import orbax.checkpoint as ocp
+from flax import nnx
+
+from aurora_jax.config import TrainerConfig
+from aurora_jax.model import Eagle3Draft
+from aurora_jax.train import Learner, MeshConfig, make_mesh
+from bridge.config import from_dict
+from bridge.eagle3 import load_hf, save_hf, to_torch_layout
+
+log = logging.getLogger(__name__)
+
+
+def flat_from_learner(learner: Learner, with_embedding: bool) -> dict[str, np.ndarray]:
+    flat = learner.host_params()
+    if not with_embedding:
+        flat.pop("embed_tokens", None)
+    return flat
+
+
+def restore_for_export(ckpt_dir: str | Path, step: int | None = None) -> tuple[TrainerConfig, Learner, dict]:
+    """(config, learner holding the checkpoint's state and vocab, meta) on one host device."""
+    ckpt_dir = Path(ckpt_dir).absolute()
+    with ocp.CheckpointManager(ckpt_dir, options=ocp.CheckpointManagerOptions(read_only=True)) as mgr:
+        step = mgr.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"{ckpt_dir}: no checkpoint")
+        meta = mgr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+    cfg = from_dict(TrainerConfig, meta["config"], f"{ckpt_dir}/{step} (saved config)")
+    learner = Learner(Eagle3Draft(cfg.model, rngs=nnx.Rngs(0)), cfg.objective, cfg.optim, make_mesh(MeshConfig(data=1)))
+    from aurora_jax.checkpoint import CheckpointConfig, Checkpointer
+    ck = Checkpointer(CheckpointConfig(dir=str(ckpt_dir)))
+    try:
+        state, meta, vocab = ck.restore(learner.state, step)
+    finally:
+        ck.mgr.close()
+    learner.restore(state)
+    if vocab is not None:
+        learner.set_buffers(**vocab)
+    return cfg, learner, meta
+
+
+def export_hf(ckpt_dir: str, out_dir: str, step: int | None = None, torch_dtype: str = "bfloat16") -> Path:
+    cfg, learner, meta = restore_for_export(ckpt_dir, step)
+    sd = to_torch_layout(flat_from_learner(learner, bool(meta.get("has_embedding"))))
+    path = save_hf(out_dir, cfg.model, sd, torch_dtype)
+    log.info("exported step %d (draft_version %d) to %s", meta["step"], meta["draft_version"], path)
+    return path
+
+
+def describe_hf(path: str) -> str:
+    cfg, sd = load_hf(path)
+    n = sum(int(np.prod(v.shape)) for k, v in sd.items() if k not in ("d2t", "t2d"))
+    return (f"{path}: EAGLE3 draft, hidden {cfg.hidden_size}, heads {cfg.num_attention_heads}/{cfg.num_key_value_heads}, "
+            f"intermediate {cfg.intermediate_size}, vocab {cfg.vocab_size} -> draft {cfg.vd}, target hidden "
+            f"{cfg.ht}; {len(sd)} tensors, {n / 1e6:.1f}M parameters"
+            f"{'' if 'embed_tokens.weight' in sd else ' (no embed_tokens: the target embedding is used)'}\n"
+            f"train from it with: aurora-jax train loop.init_from={path} " +
+            " ".join(f"model.{k}={getattr(cfg, k)}" for k in ("hidden_size", "num_attention_heads",
+                     "num_key_value_heads", "head_dim", "intermediate_size", "vocab_size", "draft_vocab_size",
+                     "target_hidden_size", "rope_theta")))
+

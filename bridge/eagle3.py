@@ -1,0 +1,205 @@
+"""The EAGLE3 draft's config and parameter layout, shared by trainer (Flax) and serving (torch).
+
+One table maps the Flax NNX variable paths to SGLang's `LlamaForCausalLMEagle3` state_dict keys
+(DESIGN.md section 2): Flax Dense kernels are [in, out], torch Linear weights [out, in], so every
+`*.kernel` is transposed on the way; everything else keeps its name and layout. Arrays here are
+numpy (bf16 via ml_dtypes); `bridge.torch_io` does the zero-copy torch side. No JAX, no torch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+
+# (flax path, torch key, transpose)
+TABLE: tuple[tuple[str, str, bool], ...] = (
+    ("fc.kernel", "fc.weight", True),
+    ("midlayer.input_layernorm.weight", "midlayer.input_layernorm.weight", False),
+    ("midlayer.hidden_norm.weight", "midlayer.hidden_norm.weight", False),
+    *((f"midlayer.self_attn.{p}_proj.kernel", f"midlayer.self_attn.{p}_proj.weight", True) for p in "qkvo"),
+    ("midlayer.post_attention_layernorm.weight", "midlayer.post_attention_layernorm.weight", False),
+    *((f"midlayer.mlp.{p}_proj.kernel", f"midlayer.mlp.{p}_proj.weight", True) for p in ("gate", "up", "down")),
+    ("norm.weight", "norm.weight", False),
+    ("lm_head.kernel", "lm_head.weight", True),
+    ("embed_tokens", "embed_tokens.weight", False),
+    ("d2t", "d2t", False),
+    ("t2d", "t2d", False),
+)
+TORCH_KEYS = {f: t for f, t, _ in TABLE}
+FLAX_PATHS = {t: f for f, t, _ in TABLE}
+TRANSPOSED = {t for _, t, tr in TABLE if tr}
+OPTIONAL = {"embed_tokens.weight"}  # drafts may ship without it: the target's embedding is used
+VOCAB_KEYS = {"d2t", "t2d"}  # never changed by a hot-swap (SGLang caches d2t + arange at load)
+
+
+class LayoutError(ValueError):
+    """A state_dict that does not fit the EAGLE3 layout: names the key and what was wrong."""
+
+
+@dataclasses.dataclass
+class DraftConfig:
+    """The fields of an EAGLE3 `config.json` that shape the draft (HF names where they exist)."""
+
+    hidden_size: int = 256
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 2
+    head_dim: int = 0  # 0 = hidden_size // num_attention_heads
+    intermediate_size: int = 688
+    vocab_size: int = 32000  # target vocabulary V
+    draft_vocab_size: int = 0  # Vd; 0 = V (no pruning)
+    target_hidden_size: int = 0  # Ht; 0 = hidden_size
+    rope_theta: float = 10000.0
+    rms_norm_eps: float = 1e-6
+    max_position_embeddings: int = 8192
+    param_dtype: str = "float32"  # trainer: master weights
+    dtype: str = "float32"  # trainer: activations / matmul inputs (bfloat16 on accelerators)
+
+    def __post_init__(self):
+        if self.hidden_size % self.num_attention_heads and not self.head_dim:
+            raise ValueError("hidden_size must be divisible by num_attention_heads (or set head_dim)")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError("num_attention_heads must be a multiple of num_key_value_heads")
+        if self.draft_vocab_size > self.vocab_size:
+            raise ValueError("draft_vocab_size cannot exceed vocab_size")
+        for name in ("param_dtype", "dtype"):
+            if getattr(self, name) not in ("float32", "bfloat16", "float16"):
+                raise ValueError(f"{name} must be float32, bfloat16 or float16")
+
+    @property
+    def hd(self) -> int:
+        return self.head_dim or self.hidden_size // self.num_attention_heads
+
+    @property
+    def vd(self) -> int:
+        return self.draft_vocab_size or self.vocab_size
+
+    @property
+    def ht(self) -> int:
+        return self.target_hidden_size or self.hidden_size
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        """torch key -> shape in the SGLang checkpoint."""
+        H, hd, nh, nkv, I = self.hidden_size, self.hd, self.num_attention_heads, self.num_key_value_heads, \
+            self.intermediate_size
+        return {
+            "fc.weight": (H, 3 * self.ht),
+            "midlayer.input_layernorm.weight": (H,), "midlayer.hidden_norm.weight": (H,),
+            "midlayer.self_attn.q_proj.weight": (nh * hd, 2 * H),
+            "midlayer.self_attn.k_proj.weight": (nkv * hd, 2 * H),
+            "midlayer.self_attn.v_proj.weight": (nkv * hd, 2 * H),
+            "midlayer.self_attn.o_proj.weight": (H, nh * hd),
+            "midlayer.post_attention_layernorm.weight": (H,),
+            "midlayer.mlp.gate_proj.weight": (I, H), "midlayer.mlp.up_proj.weight": (I, H),
+            "midlayer.mlp.down_proj.weight": (H, I),
+            "norm.weight": (H,), "lm_head.weight": (self.vd, H),
+            "embed_tokens.weight": (self.vocab_size, H), "d2t": (self.vd,), "t2d": (self.vocab_size,),
+        }
+
+    def to_hf(self, torch_dtype: str = "bfloat16") -> dict:
+        """`config.json` for SGLang's `--speculative-draft-model-path`."""
+        return dict(architectures=["LlamaForCausalLMEagle3"], model_type="llama", hidden_act="silu",
+                    hidden_size=self.hidden_size, intermediate_size=self.intermediate_size,
+                    num_attention_heads=self.num_attention_heads, num_key_value_heads=self.num_key_value_heads,
+                    head_dim=self.hd, num_hidden_layers=1, vocab_size=self.vocab_size,
+                    draft_vocab_size=self.vd, target_hidden_size=self.ht, rope_theta=self.rope_theta,
+                    rms_norm_eps=self.rms_norm_eps, max_position_embeddings=self.max_position_embeddings,
+                    tie_word_embeddings=False, torch_dtype=torch_dtype)
+
+    @classmethod
+    def from_hf(cls, hf: dict, **overrides) -> "DraftConfig":
+        archs = hf.get("architectures") or []
+        if archs and not any("Eagle3" in a for a in archs):
+            raise LayoutError(f"config.json architectures {archs} is not an EAGLE3 draft")
+        if hf.get("rope_scaling"):
+            raise LayoutError(f"config.json rope_scaling {hf['rope_scaling']} is not supported yet (plain RoPE only)")
+        keys = {f.name for f in dataclasses.fields(cls)} - {"param_dtype", "dtype"}
+        kw = {k: hf[k] for k in keys if hf.get(k) is not None}
+        kw.setdefault("draft_vocab_size", hf.get("vocab_size", 0))
+        return cls(**kw, **overrides)
+
+
+def to_torch_layout(flat: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Flax paths -> torch keys, kernels transposed (numpy views: no copy)."""
+    missing = [p for p in TORCH_KEYS if p not in flat and TORCH_KEYS[p] not in OPTIONAL]
+    if missing:
+        raise LayoutError(f"Flax params lack {missing}")
+    out = {}
+    for path, a in flat.items():
+        if path not in TORCH_KEYS:
+            raise LayoutError(f"Flax variable {path!r} has no place in the EAGLE3 checkpoint")
+        key = TORCH_KEYS[path]
+        a = np.asarray(a)
+        out[key] = a.T if key in TRANSPOSED else a
+    out["d2t"] = out["d2t"].astype(np.int64)  # SGLang / SpecForge checkpoints store int64
+    out["t2d"] = out["t2d"].astype(bool)
+    return out
+
+
+def normalize_keys(sd: dict) -> dict:
+    """Accept SGLang's renamed (`layers.0.`) and `model.`-prefixed spellings of the keys."""
+    out = {}
+    for k, v in sd.items():
+        k2 = k[len("model."):] if k.startswith("model.") else k
+        k2 = "midlayer." + k2[len("layers.0."):] if k2.startswith("layers.0.") else k2
+        out[k2] = v
+    return out
+
+
+def check_layout(sd: dict, cfg: DraftConfig) -> None:
+    """Raise LayoutError naming every missing, unexpected or wrongly shaped key."""
+    want = cfg.shapes()
+    missing = sorted(set(want) - set(sd) - OPTIONAL)
+    unexpected = sorted(set(sd) - set(want))
+    if missing or unexpected:
+        raise LayoutError(f"EAGLE3 state_dict: missing {missing}, unexpected {unexpected}")
+    for k, v in sd.items():
+        if tuple(v.shape) != want[k]:
+            raise LayoutError(f"EAGLE3 state_dict: {k} has shape {list(v.shape)}, config says {list(want[k])}")
+
+
+def from_torch_layout(sd: dict[str, np.ndarray], cfg: DraftConfig) -> dict[str, np.ndarray]:
+    """torch keys (numpy arrays) -> Flax paths, kernels transposed back; layout checked first."""
+    sd = normalize_keys(sd)
+    check_layout(sd, cfg)
+    return {FLAX_PATHS[k]: (np.asarray(v).T if k in TRANSPOSED else np.asarray(v)) for k, v in sd.items()}
+
+
+def save_hf(out_dir: str | Path, cfg: DraftConfig, sd: dict[str, np.ndarray], torch_dtype: str = "bfloat16") -> Path:
+    """Write `config.json` + `model.safetensors` (SGLang-loadable). Float tensors cast to torch_dtype."""
+    from safetensors.numpy import save_file
+    import ml_dtypes
+
+    check_layout(sd, cfg)
+    dt = {"bfloat16": ml_dtypes.bfloat16, "float16": np.float16, "float32": np.float32}[torch_dtype]
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = {k: np.ascontiguousarray(v.astype(dt) if np.issubdtype(v.dtype, np.floating) or v.dtype == ml_dtypes.bfloat16
+                                       else v) for k, v in sd.items()}
+    tmp = out / "model.safetensors.tmp"
+    save_file(tensors, str(tmp), metadata={"format": "pt"})
+    tmp.replace(out / "model.safetensors")
+    (out / "config.json").write_text(json.dumps(cfg.to_hf(torch_dtype), indent=2) + "\n")
+    return out
+
+
+def load_hf(path: str | Path) -> tuple[DraftConfig, dict[str, np.ndarray]]:
+    """Read an EAGLE3 HF dir (e.g. trained by SpecForge): (config, torch-layout numpy state_dict)."""
+    from safetensors.numpy import load_file
+
+    path = Path(path)
+    cfg_file = path / "config.json"
+    if not cfg_file.exists():
+        raise FileNotFoundError(f"{path}: no config.json (is this an EAGLE3 draft directory?)")
+    cfg = DraftConfig.from_hf(json.loads(cfg_file.read_text()))
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{path}: no *.safetensors weights")
+    sd = {}
+    for f in files:
+        sd.update(load_file(str(f)))
+    sd = normalize_keys(sd)
+    check_layout(sd, cfg)
+    return cfg, sd

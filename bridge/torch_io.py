@@ -1,0 +1,86 @@
+"""Flax draft variables <-> torch tensors in SGLang's EAGLE3 state_dict layout.
+
+Zero copy where it can be: arrays on the host (CPU JAX arrays, numpy) are wrapped through DLPack,
+and the [in, out] -> [out, in] kernel transpose is a strided view, so exporting a draft costs a
+dictionary of views, not a copy of its weights. Two things to know about such views:
+- they share memory with the source arrays: treat them as read-only (load them with
+  `load_state_dict` / `param.copy_`, which copy). JAX arrays are immutable to JAX, but a torch
+  in-place op on a view would change them behind JAX's back;
+- the trainer donates its parameter buffers to the next step, so views of live trainer params are
+  valid until that step runs: the publish hook consumes them synchronously, or asks for `copy=True`.
+Arrays on an accelerator take the safe path: one device-to-host copy.
+"""
+
+from __future__ import annotations
+
+import ml_dtypes
+import numpy as np
+import torch
+
+from bridge.eagle3 import OPTIONAL, TORCH_KEYS, TRANSPOSED, DraftConfig, LayoutError, check_layout, normalize_keys
+
+BF16 = np.dtype(ml_dtypes.bfloat16)
+
+
+def _host_tensor(a) -> tuple[torch.Tensor, bool]:
+    """(tensor, shares_memory) for a JAX or numpy array."""
+    if isinstance(a, np.ndarray):
+        if a.dtype == BF16:  # numpy's DLPack knows no bf16: reinterpret the bits
+            return torch.from_numpy(a.view(np.int16)).view(torch.bfloat16), True
+        return torch.from_numpy(a), True
+    devices = getattr(a, "devices", lambda: set())()
+    if all(d.platform == "cpu" for d in devices):
+        try:
+            return torch.from_dlpack(a), True
+        except (RuntimeError, TypeError, BufferError):
+            pass
+    return _host_tensor(np.asarray(a))[0].clone(), False  # accelerator (or no DLPack): copy to host
+
+
+def to_torch(flat: dict, *, copy: bool = False, contiguous: bool = False) -> tuple[dict[str, torch.Tensor], int]:
+    """Flax paths -> {torch key: tensor}. Returns (state_dict, bytes copied).
+
+    `contiguous` materialises the transposed kernels (a copy each); `copy` detaches everything
+    from the source buffers.
+    """
+    missing = [p for p, k in TORCH_KEYS.items() if p not in flat and k not in OPTIONAL]
+    if missing:
+        raise LayoutError(f"Flax params lack {missing}")
+    sd, copied = {}, 0
+    for path, a in flat.items():
+        key = TORCH_KEYS.get(path)
+        if key is None:
+            raise LayoutError(f"Flax variable {path!r} has no place in the EAGLE3 checkpoint")
+        t, shared = _host_tensor(a)
+        copied += 0 if shared else t.nbytes
+        if key in TRANSPOSED:
+            t = t.T
+        if key == "d2t" and t.dtype != torch.int64:
+            t, copied = t.to(torch.int64), copied + t.numel() * 8  # SGLang's dtype; tiny
+        if key == "t2d" and t.dtype != torch.bool:
+            t = t.to(torch.bool)
+        if (copy and shared) or (contiguous and not t.is_contiguous()):
+            t = t.contiguous() if not t.is_contiguous() else t.clone()
+            copied += t.nbytes
+        sd[key] = t
+    return sd, copied
+
+
+def to_numpy(sd: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
+    """torch state_dict -> numpy (bf16 as ml_dtypes.bfloat16), sharing memory where possible."""
+    out = {}
+    for k, t in sd.items():
+        t = t.detach().cpu()
+        out[k] = t.view(torch.int16).numpy().view(BF16) if t.dtype == torch.bfloat16 else t.numpy()
+    return out
+
+
+def from_torch(sd: dict[str, torch.Tensor], cfg: DraftConfig) -> dict[str, np.ndarray]:
+    """torch state_dict (SGLang key spellings accepted) -> Flax paths, layout checked."""
+    from bridge.eagle3 import from_torch_layout
+
+    return from_torch_layout(to_numpy(sd), cfg)
+
+
+def check_torch_layout(sd: dict[str, torch.Tensor], cfg: DraftConfig) -> None:
+    check_layout(normalize_keys({k: v for k, v in sd.items()}), cfg)

@@ -1,0 +1,30 @@
+"""Draft-vocabulary pruning: keep the `Vd` most frequent target tokens (EAGLE3's d2t / t2d).
+
+The draft's lm_head predicts only draft ids; `target_id = draft_id + d2t[draft_id]`, and t2d[v]
+says whether target token v is in the draft vocabulary. Kept tokens are ordered by target id (as
+SpecForge does), ties in frequency broken by the lower id, so the mapping is deterministic.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def count_tokens(traces, vocab_size: int) -> np.ndarray:
+    """Token frequencies [V] over the trunks of traces (prompt and output)."""
+    counts = np.zeros(vocab_size, np.int64)
+    for t in traces:
+        counts += np.bincount(np.asarray(t.tokens), minlength=vocab_size)[:vocab_size]
+    return counts
+
+
+def build_vocab(counts: np.ndarray, draft_vocab_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """(d2t int64 [Vd], t2d bool [V]) keeping the most frequent tokens."""
+    counts = np.asarray(counts)
+    V = counts.shape[0]
+    if not 0 < draft_vocab_size <= V:
+        raise ValueError(f"draft_vocab_size {draft_vocab_size} outside [1, {V}]")
+    kept = np.sort(np.argsort(-counts, kind="stable")[:draft_vocab_size])
+    t2d = np.zeros(V, bool)
+    t2d[kept] = True
+    return (kept - np.arange(draft_vocab_size)).astype(np.int64), t2d

@@ -1,0 +1,118 @@
+"""EAGLE3 draft in plain torch, written from the published architecture (SGLang's
+`LlamaForCausalLMEagle3`): the serving tier drafts with it, and its state_dict keys are the
+checkpoint keys, so a WeightSync version or an HF dir loads with `load_state_dict`.
+
+One draft step over N slots: `fc` projects target aux features (3*Ht wide) while the draft's own
+hidden states (H wide) pass through; the layer attends over `[input_layernorm(embedding) ;
+hidden_norm(hidden)]` with an explicit boolean mask against cached + new keys; the final norm fuses
+the residual add and its pre-norm sum is the next step's hidden input.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from bridge.eagle3 import DraftConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x):
+        x32 = x.float()
+        y = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (y * self.weight.float()).to(x.dtype)
+
+
+def rope(x, positions, theta: float):
+    """Llama rotary embedding (rotate-half) on x [B, N, heads, hd] at positions [B, N]."""
+    hd = x.shape[-1]
+    inv = 1.0 / (theta ** (torch.arange(0, hd, 2, dtype=torch.float32, device=x.device) / hd))
+    ang = positions.float()[..., None] * inv
+    cos, sin = ang.cos()[:, :, None, :], ang.sin()[:, :, None, :]
+    x1, x2 = x.float().chunk(2, dim=-1)
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: DraftConfig):
+        super().__init__()
+        H, hd = cfg.hidden_size, cfg.hd
+        self.cfg = cfg
+        self.q_proj = nn.Linear(2 * H, cfg.num_attention_heads * hd, bias=False)
+        self.k_proj = nn.Linear(2 * H, cfg.num_key_value_heads * hd, bias=False)
+        self.v_proj = nn.Linear(2 * H, cfg.num_key_value_heads * hd, bias=False)
+        self.o_proj = nn.Linear(cfg.num_attention_heads * hd, H, bias=False)
+
+    def forward(self, x, positions, mask, cache=None):
+        c = self.cfg
+        B, N, _ = x.shape
+        q = rope(self.q_proj(x).view(B, N, c.num_attention_heads, c.hd), positions, c.rope_theta)
+        k = rope(self.k_proj(x).view(B, N, c.num_key_value_heads, c.hd), positions, c.rope_theta)
+        v = self.v_proj(x).view(B, N, c.num_key_value_heads, c.hd)
+        if cache is not None:
+            k, v = torch.cat([cache[0], k], 1), torch.cat([cache[1], v], 1)
+        g = c.num_attention_heads // c.num_key_value_heads
+        kk, vv = k.repeat_interleave(g, dim=2), v.repeat_interleave(g, dim=2)
+        o = F.scaled_dot_product_attention(q.transpose(1, 2), kk.transpose(1, 2), vv.transpose(1, 2),
+                                           attn_mask=mask[:, None])  # [B, heads, N, hd]
+        o = torch.where(mask.any(-1)[:, None, :, None], o, torch.zeros((), dtype=o.dtype))
+        return self.o_proj(o.transpose(1, 2).reshape(B, N, -1)), (k, v)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: DraftConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: DraftConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.hidden_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+
+class Eagle3Draft(nn.Module):
+    def __init__(self, cfg: DraftConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.fc = nn.Linear(3 * cfg.ht, cfg.hidden_size, bias=False)
+        self.midlayer = DecoderLayer(cfg)
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vd, bias=False)
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.embed_tokens.weight.requires_grad_(False)
+        self.register_buffer("d2t", torch.zeros(cfg.vd, dtype=torch.int64))
+        self.register_buffer("t2d", torch.arange(cfg.vocab_size) < cfg.vd)
+
+    def forward(self, tokens, hidden, positions, mask, cache=None):
+        """One draft step. tokens/positions [B, N]; hidden [B, N, 3Ht] (target) or [B, N, H] (draft);
+        mask bool [B, N, Nc + N] over cached then new keys. Returns (logits [B, N, Vd] f32,
+        next hidden [B, N, H], new cache (k, v))."""
+        if hidden.shape[-1] != self.cfg.hidden_size:
+            hidden = self.fc(hidden.to(self.fc.weight.dtype))
+        L = self.midlayer
+        emb = self.embed_tokens(tokens).to(hidden.dtype)
+        x = torch.cat([L.input_layernorm(emb), L.hidden_norm(hidden)], dim=-1)
+        a, cache = L.self_attn(x, positions, mask, cache)
+        h = a + hidden
+        h = L.mlp(L.post_attention_layernorm(h)) + h
+        return self.lm_head(self.norm(h)).float(), h, cache
+
+    def draft_to_target(self, draft_ids):
+        """Draft-vocabulary ids -> target ids (target = draft + d2t[draft])."""
+        return draft_ids + self.d2t[draft_ids]
