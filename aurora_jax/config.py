@@ -31,6 +31,21 @@ class IngestConfig:
             raise ValueError("max_workers must be positive")
 
 
+@dataclasses.dataclass
+class WeightSyncConfig:
+    address: str = ""  # host:port to serve draft versions on ("" = off, port 0 = any free one)
+    auth_token: str = ""  # "env:NAME" reads $NAME
+    tls_cert: str = ""
+    tls_key: str = ""
+    max_chunk_bytes: int = 2 << 20
+
+    def __post_init__(self):
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ValueError("tls_cert and tls_key must be set together")
+        if self.max_chunk_bytes <= 0:
+            raise ValueError("max_chunk_bytes must be positive")
+
+
 def resolve_secret(value: str) -> str:
     """'env:NAME' -> $NAME (so tokens stay out of YAML files); anything else as is."""
     if value.startswith("env:"):
@@ -75,6 +90,7 @@ class TrainerConfig:
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
     checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
     loop: LoopConfig = dataclasses.field(default_factory=LoopConfig)
+    weight_sync: WeightSyncConfig = dataclasses.field(default_factory=WeightSyncConfig)
 
     def __post_init__(self):
         if self.model.vocab_size != self.limits.vocab_size:

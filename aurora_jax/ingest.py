@@ -111,10 +111,9 @@ class IngestServicer:
 class BearerAuth(grpc.ServerInterceptor):
     """Requires `authorization: Bearer <token>` on every call but Health (for liveness probes)."""
 
-    OPEN = {"/aurora.v1.TraceIngest/Health"}
-
-    def __init__(self, token: str):
+    def __init__(self, token: str, open_methods=("/aurora.v1.TraceIngest/Health",)):
         self._expected = f"Bearer {token}".encode()
+        self.OPEN = set(open_methods)
 
     def intercept_service(self, continuation, details):
         handler = continuation(details)

@@ -51,6 +51,11 @@ def load_embedding(path: str, key: str) -> np.ndarray:
 class Trainer:
     def __init__(self, cfg: TrainerConfig, publish: PublishHook | None = None, resume: bool = False):
         self.cfg, self.publish = cfg, publish
+        self.weights = None
+        if cfg.weight_sync.address and publish is None:
+            from aurora_jax.weight_sync import WeightPublisher, WeightSyncServer
+            self.weights = WeightSyncServer(cfg.weight_sync).start()
+            self.publish = WeightPublisher(self.weights)
         self.buffer = ReplayBuffer(cfg.buffer, defer_consume=True)
         self.server: IngestServer | None = None
         model = Eagle3Draft(cfg.model, rngs=nnx.Rngs(cfg.loop.seed))
@@ -217,6 +222,8 @@ class Trainer:
     def close(self) -> None:
         if self.server is not None:
             self.server.stop(grace=2.0)
+        if self.weights is not None:
+            self.weights.stop(grace=1.0)
         self._flush()
         if self.learner.step and self.ckpt.latest_step() != self.learner.step:
             self.save()
@@ -233,6 +240,8 @@ def run_train(cfg: TrainerConfig, resume: bool = False) -> int:
         signal.signal(sig, lambda *_: stop.set())
     try:
         print(f"listening on {trainer.start_ingest()}", flush=True)
+        if trainer.weights is not None:
+            print(f"weights on {trainer.weights.address}", flush=True)
         last = trainer.run(stop)
         if last:
             log.info("stopped at step %d: loss %.4f accept_len %.2f", last["step"], last["loss"], last["accept_len"])

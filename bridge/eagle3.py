@@ -121,10 +121,11 @@ class DraftConfig:
         return cls(**kw, **overrides)
 
 
-def to_torch_layout(flat: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Flax paths -> torch keys, kernels transposed (numpy views: no copy)."""
+def to_torch_layout(flat: dict[str, np.ndarray], partial: bool = False) -> dict[str, np.ndarray]:
+    """Flax paths -> torch keys, kernels transposed (numpy views: no copy). `partial`: a subset
+    (e.g. only the trained weights of a hot-swap) is fine."""
     missing = [p for p in TORCH_KEYS if p not in flat and TORCH_KEYS[p] not in OPTIONAL]
-    if missing:
+    if missing and not partial:
         raise LayoutError(f"Flax params lack {missing}")
     out = {}
     for path, a in flat.items():
@@ -133,8 +134,9 @@ def to_torch_layout(flat: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         key = TORCH_KEYS[path]
         a = np.asarray(a)
         out[key] = a.T if key in TRANSPOSED else a
-    out["d2t"] = out["d2t"].astype(np.int64)  # SGLang / SpecForge checkpoints store int64
-    out["t2d"] = out["t2d"].astype(bool)
+    if "d2t" in out:
+        out["d2t"] = out["d2t"].astype(np.int64)  # SGLang / SpecForge checkpoints store int64
+        out["t2d"] = out["t2d"].astype(bool)
     return out
 
 

@@ -155,3 +155,43 @@ class StatsReply(_message.Message):
     evicted_stale: int
     spool_bytes: int
     def __init__(self, accepted: _Optional[int] = ..., rejected: _Optional[int] = ..., backpressured: _Optional[int] = ..., buffered: _Optional[int] = ..., buffered_bytes: _Optional[int] = ..., consumed: _Optional[int] = ..., evicted_stale: _Optional[int] = ..., spool_bytes: _Optional[int] = ...) -> None: ...
+
+class WeightTensor(_message.Message):
+    __slots__ = ("name", "dtype", "shape")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    dtype: DType
+    shape: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, name: _Optional[str] = ..., dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class WeightChunk(_message.Message):
+    __slots__ = ("version", "index", "count", "tensors", "total_bytes", "sha256", "offset", "data", "crc32")
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    COUNT_FIELD_NUMBER: _ClassVar[int]
+    TENSORS_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    CRC32_FIELD_NUMBER: _ClassVar[int]
+    version: int
+    index: int
+    count: int
+    tensors: _containers.RepeatedCompositeFieldContainer[WeightTensor]
+    total_bytes: int
+    sha256: bytes
+    offset: int
+    data: bytes
+    crc32: int
+    def __init__(self, version: _Optional[int] = ..., index: _Optional[int] = ..., count: _Optional[int] = ..., tensors: _Optional[_Iterable[_Union[WeightTensor, _Mapping]]] = ..., total_bytes: _Optional[int] = ..., sha256: _Optional[bytes] = ..., offset: _Optional[int] = ..., data: _Optional[bytes] = ..., crc32: _Optional[int] = ...) -> None: ...
+
+class SubscribeRequest(_message.Message):
+    __slots__ = ("have_version", "subscriber")
+    HAVE_VERSION_FIELD_NUMBER: _ClassVar[int]
+    SUBSCRIBER_FIELD_NUMBER: _ClassVar[int]
+    have_version: int
+    subscriber: str
+    def __init__(self, have_version: _Optional[int] = ..., subscriber: _Optional[str] = ...) -> None: ...

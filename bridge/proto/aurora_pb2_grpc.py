@@ -183,3 +183,76 @@ class TraceIngest:
             timeout,
             metadata,
             _registered_method=True)
+
+
+class WeightSyncStub:
+    """Missing associated documentation comment in .proto file."""
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.Subscribe = channel.unary_stream(
+                '/aurora.v1.WeightSync/Subscribe',
+                request_serializer=bridge_dot_proto_dot_aurora__pb2.SubscribeRequest.SerializeToString,
+                response_deserializer=bridge_dot_proto_dot_aurora__pb2.WeightChunk.FromString,
+                _registered_method=True)
+
+
+class WeightSyncServicer:
+    """Missing associated documentation comment in .proto file."""
+
+    def Subscribe(self, request, context):
+        """Streams every new version (newer than have_version) as it is published, until cancelled.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_WeightSyncServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'Subscribe': grpc.unary_stream_rpc_method_handler(
+                    servicer.Subscribe,
+                    request_deserializer=bridge_dot_proto_dot_aurora__pb2.SubscribeRequest.FromString,
+                    response_serializer=bridge_dot_proto_dot_aurora__pb2.WeightChunk.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'aurora.v1.WeightSync', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('aurora.v1.WeightSync', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class WeightSync:
+    """Missing associated documentation comment in .proto file."""
+
+    @staticmethod
+    def Subscribe(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/aurora.v1.WeightSync/Subscribe',
+            bridge_dot_proto_dot_aurora__pb2.SubscribeRequest.SerializeToString,
+            bridge_dot_proto_dot_aurora__pb2.WeightChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)

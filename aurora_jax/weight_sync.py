@@ -1,0 +1,109 @@
+"""WeightSync: the trainer serves each published draft version to subscribed serving engines.
+
+The publish hook (`WeightPublisher`) turns the draft's trained weights into SGLang's state_dict
+layout (d2t/t2d and the frozen embedding never travel: a swap must not change them) and hands the
+packed version to the server, which streams it to every subscriber; a subscriber that connects
+late, or reconnects, gets the latest version at once. Auth and TLS work as on the ingest endpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from concurrent import futures
+from pathlib import Path
+
+import grpc
+import numpy as np
+from flax import nnx
+
+from aurora_jax.config import WeightSyncConfig, resolve_secret
+from aurora_jax.ingest import BearerAuth
+from bridge.eagle3 import to_torch_layout
+from bridge.proto import aurora_pb2 as pb
+from bridge.weights import SERVICE, pack_version
+
+log = logging.getLogger(__name__)
+
+NOT_SWAPPED = ("d2t", "t2d", "embed_tokens")
+
+
+class WeightSyncServer:
+    def __init__(self, cfg: WeightSyncConfig):
+        self.cfg = cfg
+        self._cond = threading.Condition()
+        self._latest: tuple[int, list[pb.WeightChunk]] = (0, [])
+        self._stopped = False
+        self.subscribers = 0
+        token = resolve_secret(cfg.auth_token)
+        limit = cfg.max_chunk_bytes + (64 << 10)
+        self._server = grpc.server(futures.ThreadPoolExecutor(16, thread_name_prefix="weights"),
+                                   options=[("grpc.max_send_message_length", limit), ("grpc.so_reuseport", 0)],
+                                   interceptors=[BearerAuth(token, open_methods=())] if token else [])
+        self._server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, {
+            "Subscribe": grpc.unary_stream_rpc_method_handler(
+                self._subscribe, pb.SubscribeRequest.FromString, pb.WeightChunk.SerializeToString)}),))
+        try:
+            if cfg.tls_cert:
+                creds = grpc.ssl_server_credentials([(Path(cfg.tls_key).read_bytes(), Path(cfg.tls_cert).read_bytes())])
+                self.port = self._server.add_secure_port(cfg.address, creds)
+            else:
+                self.port = self._server.add_insecure_port(cfg.address)
+        except RuntimeError:
+            self.port = 0
+        if self.port == 0:
+            raise OSError(f"weight_sync.address: cannot bind {cfg.address}")
+        self.address = f"{cfg.address.rpartition(':')[0]}:{self.port}"
+
+    def start(self) -> "WeightSyncServer":
+        self._server.start()
+        log.info("WeightSync listening on %s", self.address)
+        return self
+
+    def publish(self, version: int, sd: dict[str, np.ndarray]) -> None:
+        chunks = pack_version(version, sd, self.cfg.max_chunk_bytes)
+        with self._cond:
+            self._latest = (version, chunks)
+            self._cond.notify_all()
+
+    @property
+    def version(self) -> int:
+        return self._latest[0]
+
+    def _subscribe(self, request, context):
+        have = request.have_version
+        with self._cond:
+            self.subscribers += 1
+        log.info("weight subscriber %r connected (has version %d)", request.subscriber, have)
+        try:
+            while context.is_active():
+                with self._cond:
+                    self._cond.wait_for(lambda: self._latest[0] > have or self._stopped, timeout=1.0)
+                    if self._stopped:
+                        return
+                    version, chunks = self._latest
+                if version <= have:
+                    continue
+                yield from chunks
+                have = version
+        finally:
+            with self._cond:
+                self.subscribers -= 1
+
+    def stop(self, grace: float | None = 1.0) -> None:
+        with self._cond:
+            self._stopped = True
+            self._cond.notify_all()
+        self._server.stop(grace).wait()
+
+
+class WeightPublisher:
+    """The trainer's publish hook: (version, draft state) -> a WeightSync version."""
+
+    def __init__(self, server: WeightSyncServer):
+        self.server = server
+
+    def __call__(self, version: int, state: nnx.State) -> None:
+        flat = {".".join(map(str, p)): np.asarray(v.get_value()) for p, v in nnx.to_flat_state(state)}
+        trained = {k: a for k, a in flat.items() if k not in NOT_SWAPPED}
+        self.server.publish(version, to_torch_layout(trained, partial=True))

@@ -1,0 +1,122 @@
+"""Serving side of WeightSync: subscribe to the trainer, assemble versions, hand ready state_dicts on.
+
+A background thread keeps one Subscribe stream open (reconnecting with backoff), assembles each
+version, verifies its checksums and calls `on_version(version, state_dict)` with torch tensors
+ready for an atomic swap between decode steps. A version that fails verification is dropped with
+a logged reason (`last_error`, `rejected`); the engine keeps serving the previous one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import threading
+import time
+from typing import Callable
+
+import grpc
+import ml_dtypes
+import numpy as np
+import torch
+
+from bridge.proto import aurora_pb2 as pb
+from bridge.weights import SUBSCRIBE_METHOD, VersionAssembler, WeightError
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class WeightSubscriberConfig:
+    address: str = "127.0.0.1:50052"
+    auth_token: str = ""
+    tls_root_cert: str = ""
+    name: str = "engine"
+    backoff_s: float = 0.2
+    backoff_max_s: float = 5.0
+    max_version_bytes: int = 8 << 30
+
+
+def to_torch_state_dict(arrays: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+    """numpy (bf16 via ml_dtypes) -> torch, sharing the assembled buffer (no copy)."""
+    out = {}
+    for k, a in arrays.items():
+        a = np.require(a, requirements="W") if not a.flags.writeable else a  # torch wants writable memory
+        out[k] = torch.from_numpy(a.view(np.int16)).view(torch.bfloat16) if a.dtype == ml_dtypes.bfloat16 \
+            else torch.from_numpy(a)
+    return out
+
+
+class WeightSubscriber:
+    def __init__(self, cfg: WeightSubscriberConfig, on_version: Callable[[int, dict[str, torch.Tensor]], None],
+                 have_version: int = 0):
+        self.cfg, self.on_version = cfg, on_version
+        self.version = have_version
+        self.received = 0
+        self.rejected = 0
+        self.last_error = ""
+        self._stop = threading.Event()
+        self._call = None
+        self._thread = threading.Thread(target=self._run, name="weight-subscriber", daemon=True)
+
+    def start(self) -> "WeightSubscriber":
+        self._thread.start()
+        return self
+
+    def _channel(self):
+        opts = [("grpc.max_receive_message_length", 64 << 20)]
+        if self.cfg.tls_root_cert:
+            with open(self.cfg.tls_root_cert, "rb") as f:
+                return grpc.secure_channel(self.cfg.address, grpc.ssl_channel_credentials(f.read()), opts)
+        return grpc.insecure_channel(self.cfg.address, opts)
+
+    def _run(self) -> None:
+        backoff = self.cfg.backoff_s
+        meta = [("authorization", f"Bearer {self.cfg.auth_token}")] if self.cfg.auth_token else []
+        while not self._stop.is_set():
+            try:
+                with self._channel() as ch:
+                    sub = ch.unary_stream(SUBSCRIBE_METHOD, request_serializer=pb.SubscribeRequest.SerializeToString,
+                                          response_deserializer=pb.WeightChunk.FromString)
+                    self._call = sub(pb.SubscribeRequest(have_version=self.version, subscriber=self.cfg.name),
+                                     metadata=meta)
+                    asm = VersionAssembler(self.cfg.max_version_bytes)
+                    for chunk in self._call:
+                        backoff = self.cfg.backoff_s
+                        try:
+                            done = asm.add(chunk)
+                        except WeightError as e:
+                            self.rejected += 1
+                            self.last_error = str(e)
+                            log.error("%s; keeping draft version %d", e, self.version)
+                            continue
+                        if done is not None:
+                            self._deliver(*done)
+            except grpc.RpcError as e:
+                if self._stop.is_set():
+                    return
+                self.last_error = f"{e.code().name}: {e.details()}"
+                log.warning("weight subscription to %s failed (%s); retrying in %.1fs", self.cfg.address,
+                            self.last_error, backoff)
+            self._stop.wait(backoff)
+            backoff = min(backoff * 2, self.cfg.backoff_max_s)
+
+    def _deliver(self, version: int, arrays: dict[str, np.ndarray]) -> None:
+        if version <= self.version:
+            return
+        t0 = time.perf_counter()
+        try:
+            self.on_version(version, to_torch_state_dict(arrays))
+        except Exception as e:  # the engine refused it: keep the previous version
+            self.rejected += 1
+            self.last_error = f"weight version {version}: engine rejected it: {e}"
+            log.exception("engine rejected draft version %d; keeping %d", version, self.version)
+            return
+        self.version = version
+        self.received += 1
+        log.info("draft version %d ready in %.1f ms", version, (time.perf_counter() - t0) * 1e3)
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._call is not None:
+            self._call.cancel()
+        self._thread.join(timeout=5)
