@@ -1,0 +1,309 @@
+"""Tree speculative decoding with an EAGLE3 draft, exporting every request as a RequestTrace.
+
+One round (DESIGN.md section 3 conventions): the target has processed tokens [0, q) and the
+pending token x_q is known. The draft extends its own cache with trunk slots up to q (slot t reads
+x_t and the target's aux features of t-1), then grows a tree EAGLE-2 style: `topk` children per
+frontier node, the `topk` best paths by cumulative log-probability kept per depth, `num_steps`
+draft forwards, and the `num_draft_tokens` best nodes overall form the tree hung at trunk position q.
+One target forward over [x_q ; tree] with a tree mask verifies it; greedy acceptance walks from the
+root while the target's argmax is a child, and the target's argmax at the last accepted node is the
+bonus token. The target cache keeps the root and the accepted path; everything else is dropped.
+Greedy output therefore equals target-only greedy decoding (tests check it token for token).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+import time
+import uuid
+
+import numpy as np
+import torch
+
+from bridge.traces import Trace, TreeStep
+from serving.eagle3 import Eagle3Draft
+from serving.target import Target
+
+
+@dataclasses.dataclass
+class SpecConfig:
+    topk: int = 4  # children per expanded node (1 = a chain)
+    num_steps: int = 5  # draft forwards per round = maximum tree depth
+    num_draft_tokens: int = 8  # nodes in the verified tree
+
+    def __post_init__(self):
+        if min(self.topk, self.num_steps, self.num_draft_tokens) < 1:
+            raise ValueError("topk, num_steps and num_draft_tokens must be >= 1")
+
+
+@dataclasses.dataclass
+class Node:
+    token: int  # target vocabulary id
+    parent: int  # index into the tree's nodes, -1 = the root (trunk position q)
+    depth: int
+    score: float  # cumulative draft log-probability
+
+
+class EagleDrafter:
+    """Proposes a tree from the torch EAGLE3 draft; keeps the draft's KV cache of trunk slots."""
+
+    def __init__(self, draft: Eagle3Draft, cfg: SpecConfig):
+        self.draft, self.cfg = draft, cfg
+        self.reset()
+
+    def reset(self) -> None:
+        self.cache = None
+        self.next_slot = 1  # first trunk slot not in the draft cache
+
+    def swap(self, state_dict) -> None:
+        """Between rounds: new weights, same vocabulary maps (d2t/t2d never change). The draft's
+        trunk cache was computed by the old weights, so it is rebuilt on the next round."""
+        sd = {k: v for k, v in state_dict.items() if k not in ("d2t", "t2d")}
+        missing, unexpected = self.draft.load_state_dict(sd, strict=False)
+        if unexpected:
+            raise ValueError(f"draft version has unknown tensors {unexpected}")
+        self.reset()
+
+    @torch.no_grad()
+    def propose(self, tokens: list[int], aux: list[torch.Tensor]) -> list[Node]:
+        q = len(tokens) - 1
+        d = self.draft
+        # 1. trunk slots [next_slot, q]: token x_t, target features of t-1
+        slots = list(range(self.next_slot, q + 1))
+        past = 0 if self.cache is None else self.cache[0].shape[1]
+        n = len(slots)
+        tok = torch.tensor([[tokens[t] for t in slots]])
+        hid = torch.stack([aux[t - 1] for t in slots])[None].to(d.fc.weight.dtype)
+        pos = torch.tensor([slots])
+        mask = torch.ones(1, n, past + n, dtype=torch.bool)
+        mask[0, :, past:] = torch.ones(n, n, dtype=torch.bool).tril()
+        logits, h, self.cache = d(tok, hid, pos, mask, self.cache)
+        self.next_slot = q + 1
+        trunk_len = self.cache[0].shape[1]
+
+        # 2. grow the tree
+        nodes: list[Node] = []
+        frontier: list[int] = []  # node indices expanded at the current depth
+        tree_kv = None
+        kv_index: dict[int, int] = {}  # node -> position in tree_kv
+        logp = torch.log_softmax(logits[0, -1], -1)
+        parent_h = {-1: h[0, -1]}
+        self._children(nodes, -1, 0.0, 1, logp)
+        frontier = list(range(len(nodes)))
+        for depth in range(1, self.cfg.num_steps):
+            m = len(frontier)
+            tok = torch.tensor([[nodes[i].token for i in frontier]])
+            hid = torch.stack([parent_h[nodes[i].parent] for i in frontier])[None]
+            pos = torch.full((1, m), q + depth)
+            done = 0 if tree_kv is None else tree_kv[0].shape[1]
+            mask = torch.zeros(1, m, trunk_len + done + m, dtype=torch.bool)
+            mask[0, :, :trunk_len] = True
+            for r, i in enumerate(frontier):
+                j = nodes[i].parent
+                while j >= 0:
+                    mask[0, r, trunk_len + kv_index[j]] = True
+                    j = nodes[j].parent
+                mask[0, r, trunk_len + done + r] = True
+            cache = (torch.cat([self.cache[0]] + ([tree_kv[0]] if tree_kv else []), 1),
+                     torch.cat([self.cache[1]] + ([tree_kv[1]] if tree_kv else []), 1))
+            logits, h, full = d(tok, hid, pos, mask, cache)
+            tree_kv = (full[0][:, trunk_len:], full[1][:, trunk_len:])
+            new = []
+            for r, i in enumerate(frontier):
+                kv_index[i] = done + r
+                parent_h[i] = h[0, r]
+                first = len(nodes)
+                self._children(nodes, i, nodes[i].score, depth + 1, torch.log_softmax(logits[0, r], -1))
+                new.extend(range(first, len(nodes)))
+            new.sort(key=lambda i: -nodes[i].score)
+            frontier = new[:self.cfg.topk]
+
+        # 3. the best num_draft_tokens nodes (scores fall along a path, so parents come along)
+        keep = sorted(range(len(nodes)), key=lambda i: (-nodes[i].score, nodes[i].depth))[:self.cfg.num_draft_tokens]
+        keep = set(keep)
+        for i in list(keep):
+            j = nodes[i].parent
+            while j >= 0 and j not in keep:
+                keep.add(j)
+                j = nodes[j].parent
+        order = sorted(keep, key=lambda i: (nodes[i].depth, i))
+        new_index = {old: k for k, old in enumerate(order)}
+        return [Node(nodes[i].token, new_index.get(nodes[i].parent, -1), nodes[i].depth, nodes[i].score) for i in order]
+
+    def _children(self, nodes, parent, score, depth, logp):
+        top = torch.topk(logp, min(self.cfg.topk, logp.shape[0]))
+        ids = self.draft.draft_to_target(top.indices)
+        for lp, t in zip(top.values.tolist(), ids.tolist()):
+            nodes.append(Node(int(t), parent, depth, score + lp))
+
+    def rollback(self, keep_slots: int) -> None:
+        """Drop draft trunk slots beyond `keep_slots` (after the trunk was cut, e.g. at EOS)."""
+        if self.cache is not None:
+            self.cache = (self.cache[0][:, :keep_slots], self.cache[1][:, :keep_slots])
+            self.next_slot = keep_slots + 1
+
+
+@dataclasses.dataclass
+class Result:
+    output: list[int]
+    trace: Trace
+    target_forwards: int
+    accept_lengths: list[int]  # tokens emitted per target forward (verification rounds)
+
+
+class SpecDecoder:
+    def __init__(self, target: Target, drafter: EagleDrafter | None, spec: SpecConfig, topk: int = 8,
+                 draft_version: int = 0):
+        self.target, self.drafter, self.spec, self.topk = target, drafter, spec, topk
+        self.draft_version = draft_version
+        self._pending = None  # (version, state_dict) offered by the WeightSync subscriber
+        self._lock = threading.Lock()
+        self.swaps = 0
+        self.last_swap_ms = 0.0
+
+    def offer_swap(self, version: int, state_dict) -> None:
+        """Thread-safe: install this draft version at the next round boundary (never mid-round)."""
+        with self._lock:
+            if self._pending is None or version > self._pending[0]:
+                self._pending = (version, state_dict)
+
+    def _apply_swap(self) -> None:
+        with self._lock:
+            pending, self._pending = self._pending, None
+        if pending is None or self.drafter is None or pending[0] <= self.draft_version:
+            return
+        t0 = time.perf_counter()
+        self.drafter.swap(pending[1])
+        self.draft_version = pending[0]
+        self.swaps += 1
+        self.last_swap_ms = (time.perf_counter() - t0) * 1e3
+
+    def _topk(self, logits: torch.Tensor):
+        lp = torch.log_softmax(logits.float(), -1)
+        top = torch.topk(lp, min(self.topk, lp.shape[-1]), dim=-1)
+        return top.indices.to(torch.int32).numpy(), top.values.numpy().astype(np.float32)
+
+    @torch.no_grad()
+    def generate(self, prompt: list[int], max_new_tokens: int, eos: int | None = None, domain: str = "",
+                 request_id: str | None = None) -> Result:
+        t_start = time.time()
+        T = self.target
+        cache = T.new_cache()
+        logits, aux_p = T.forward(prompt, cache)
+        aux = list(aux_p)  # aux[t]: features after token t
+        ids, lps = self._topk(logits)
+        top_ids, top_lp = list(ids), list(lps)
+        tokens = list(prompt) + [int(logits[-1].argmax())]
+        steps: list[TreeStep] = []
+        forwards, accepts = 1, []
+        if self.drafter is not None:
+            self.drafter.reset()
+        version = self.draft_version
+
+        def done() -> bool:
+            out = tokens[len(prompt):]
+            return len(out) >= max_new_tokens or (eos is not None and eos in out)
+
+        while not done():
+            q = len(tokens) - 1
+            if self.drafter is None:  # target-only: one token per forward
+                logits, a = T.forward([tokens[q]], cache)
+                aux.append(a[0])
+                i, l = self._topk(logits)
+                top_ids.append(i[0]), top_lp.append(l[0])
+                tokens.append(int(logits[0].argmax()))
+                forwards += 1
+                accepts.append(1)
+                continue
+            self._apply_swap()
+            version = self.draft_version
+            nodes = self.drafter.propose(tokens, aux)
+            n = len(nodes)
+            past = q
+            allowed = torch.zeros(n + 1, past + n + 1, dtype=torch.bool)
+            allowed[:, :past + 1] = True  # everything before, and the root x_q
+            for k, nd in enumerate(nodes):
+                j = k
+                while j >= 0:
+                    allowed[k + 1, past + 1 + j] = True
+                    j = nodes[j].parent
+            positions = [q] + [q + nd.depth for nd in nodes]
+            logits, a = T.forward([tokens[q]] + [nd.token for nd in nodes], cache, positions, allowed)
+            forwards += 1
+            # greedy walk from the root (row 0); node k is row k + 1
+            path, cur = [], -1
+            while True:
+                choice = int(logits[cur + 1].argmax())
+                nxt = next((k for k, nd in enumerate(nodes) if nd.parent == cur and nd.token == choice), None)
+                if nxt is None:
+                    break
+                path.append(nxt)
+                cur = nxt
+            rows = [0] + [k + 1 for k in path]
+            ids, lps = self._topk(logits[rows])
+            for r, row in enumerate(rows):
+                aux.append(a[row])
+                top_ids.append(ids[r]), top_lp.append(lps[r])
+            tokens.extend(nodes[k].token for k in path)
+            tokens.append(int(logits[cur + 1].argmax()))
+            T.keep(cache, past, [0] + [k + 1 for k in path])
+            accepts.append(len(path) + 1)
+            accepted = np.zeros(n, bool)
+            accepted[path] = True
+            rejected = np.nonzero(~accepted)[0].astype(np.int32)
+            r_ids, r_lps = self._topk(logits[rejected + 1]) if rejected.size else \
+                (np.zeros((0, self.topk), np.int32), np.zeros((0, self.topk), np.float32))
+            steps.append(TreeStep(q, np.asarray([nd.token for nd in nodes], np.int32),
+                                  np.asarray([nd.parent for nd in nodes], np.int32), accepted,
+                                  rejected, r_ids, r_lps))
+
+        # cut at max_new_tokens / EOS; the trace keeps only what the trunk still holds
+        out = tokens[len(prompt):]
+        if eos is not None and eos in out:
+            out = out[:out.index(eos) + 1]
+        out = out[:max_new_tokens]
+        tokens = list(prompt) + out
+        L = len(tokens)
+        if len(aux) < L:  # the last token was pending: one more target position for its features
+            logits, a = T.forward([tokens[-1]], cache)
+            aux.append(a[0])
+            i, l = self._topk(logits)
+            top_ids.append(i[0]), top_lp.append(l[0])
+        steps = [_cut_step(s, L) for s in steps if s.trunk_pos < L]
+        trace = Trace(request_id=request_id or uuid.uuid4().hex, tokens=np.asarray(tokens, np.int32),
+                      prompt_len=len(prompt), aux_hidden=_np(torch.stack(aux[:L])),
+                      target_ids=np.stack(top_ids[:L]).astype(np.int32),
+                      target_logprobs=np.stack(top_lp[:L]).astype(np.float32), steps=steps,
+                      draft_version=version, domain=domain, start_unix_s=t_start, end_unix_s=time.time(),
+                      target_forwards=forwards)
+        return Result(out, trace, forwards, accepts)
+
+
+def _np(t: torch.Tensor) -> np.ndarray:
+    import ml_dtypes
+
+    if t.dtype == torch.bfloat16:
+        return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16).copy()
+    return t.float().numpy().copy() if t.dtype != torch.float16 else t.numpy().copy()
+
+
+def _cut_step(s: TreeStep, L: int) -> TreeStep:
+    """Drop accepted nodes past the trunk's end (and their subtrees): they were cut at EOS/limit."""
+    n = len(s.tokens)
+    depth = np.zeros(n, int)
+    for k in range(n):
+        depth[k] = 1 if s.parents[k] < 0 else depth[s.parents[k]] + 1
+    drop = np.zeros(n, bool)
+    for k in range(n):
+        drop[k] = (s.accepted[k] and s.trunk_pos + depth[k] >= L) or (s.parents[k] >= 0 and drop[s.parents[k]])
+    if not drop.any():
+        return s
+    keep = np.nonzero(~drop)[0]
+    remap = {int(o): i for i, o in enumerate(keep)}
+    parents = np.asarray([remap.get(int(s.parents[k]), -1) if s.parents[k] >= 0 else -1 for k in keep], np.int32)
+    rows = {int(m): r for r, m in enumerate(s.target_nodes)}
+    tn = [k for k in keep if int(k) in rows]
+    return TreeStep(s.trunk_pos, s.tokens[keep], parents, s.accepted[keep],
+                    np.asarray([remap[int(k)] for k in tn], np.int32),
+                    s.target_ids[[rows[int(k)] for k in tn]], s.target_logprobs[[rows[int(k)] for k in tn]])

@@ -1,0 +1,157 @@
+"""Tree speculative decoding on a tiny random Llama: greedy output == target-only, traces are right."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from aurora_jax.validate import TraceLimits, validate
+from bridge.eagle3 import DraftConfig
+from serving.eagle3 import Eagle3Draft
+from serving.spec_decode import EagleDrafter, Node, SpecConfig, SpecDecoder
+from serving.target import Target, TargetConfig
+from tests.conftest import push_trace
+
+V, H = 96, 32
+
+
+@pytest.fixture(scope="module")
+def target():
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=V, hidden_size=H, intermediate_size=64, num_hidden_layers=6, num_attention_heads=4,
+                      num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=False)
+    model = LlamaForCausalLM(cfg)
+    with torch.no_grad():  # sharper distributions than the default init, so greedy paths are stable
+        model.lm_head.weight.mul_(20.0)
+    return Target(TargetConfig(topk=4), model=model)
+
+
+def _draft(target, seed=1):
+    torch.manual_seed(seed)
+    d = Eagle3Draft(DraftConfig(hidden_size=H, num_attention_heads=4, num_key_value_heads=2, intermediate_size=64,
+                                vocab_size=V, target_hidden_size=H))
+    d.embed_tokens.weight.data.copy_(target.model.model.embed_tokens.weight)
+    return d.eval()
+
+
+def _greedy_reference(target, prompt, n):
+    with torch.no_grad():
+        out = target.model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                                    max_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0)
+    return out[0, len(prompt):].tolist()
+
+
+class OracleDrafter(EagleDrafter):
+    """A test double that knows the target's greedy continuation: proposes it as a chain of
+    `depth` nodes plus random siblings, so long accepted paths and cache surgery get exercised."""
+
+    def __init__(self, target, depth, siblings, seed=0):
+        self.target, self.depth, self.siblings = target, depth, siblings
+        self.rng = np.random.default_rng(seed)
+
+    def reset(self):
+        pass
+
+    def propose(self, tokens, aux):
+        truth = _greedy_reference(self.target, tokens, self.depth)
+        nodes, parent = [], -1
+        for d, t in enumerate(truth, start=1):
+            for _ in range(self.siblings):
+                nodes.append(Node(int((t + 1 + self.rng.integers(V - 1)) % V), parent, d, -1.0))
+            nodes.append(Node(t, parent, d, 0.0))
+            parent = len(nodes) - 1
+        if self.rng.random() < 0.3:  # sometimes a wrong token on the path: acceptance stops there
+            k = self.rng.integers(len(nodes))
+            nodes[k] = Node((nodes[k].token + 1) % V, nodes[k].parent, nodes[k].depth, nodes[k].score)
+        return nodes
+
+
+PROMPTS = [[5, 17, 33, 2, 71], [9, 9, 9, 40, 41, 42, 1, 0, 88]]
+
+
+@pytest.mark.parametrize("topk,steps,ndt", [(1, 3, 3), (4, 5, 8), (2, 4, 6)])
+def test_eagle_tree_greedy_output_equals_target_only(target, topk, steps, ndt):
+    spec = SpecConfig(topk=topk, num_steps=steps, num_draft_tokens=ndt)
+    dec = SpecDecoder(target, EagleDrafter(_draft(target), spec), spec, topk=4)
+    for prompt in PROMPTS:
+        r = dec.generate(prompt, 24)
+        assert r.output == _greedy_reference(target, prompt, 24)
+        validate(r.trace, TraceLimits(vocab_size=V, target_hidden_size=H))
+        assert all(len(s.tokens) <= max(ndt, steps) for s in r.trace.steps)
+        assert 1 + sum(r.accept_lengths) >= 24 and r.target_forwards == len(r.accept_lengths) + 1  # + prefill
+
+
+@pytest.mark.parametrize("depth,siblings", [(4, 2), (6, 0)])
+def test_long_accepted_paths_keep_the_cache_right(target, depth, siblings):
+    spec = SpecConfig()
+    dec = SpecDecoder(target, OracleDrafter(target, depth, siblings), spec, topk=4)
+    prompt = PROMPTS[0]
+    r = dec.generate(prompt, 30)
+    assert r.output == _greedy_reference(target, prompt, 30)
+    assert max(r.accept_lengths) == depth + 1 and np.mean(r.accept_lengths) > 2
+    tr = r.trace
+    validate(tr, TraceLimits(vocab_size=V, target_hidden_size=H))
+    # aux hidden states and target distributions equal one plain forward over the final sequence
+    with torch.no_grad():
+        full = target.model(torch.tensor([tr.tokens.tolist()]), output_hidden_states=True)
+    aux = torch.cat([full.hidden_states[i][0] for i in target.aux_layers], -1).numpy()
+    np.testing.assert_allclose(tr.aux_hidden, aux, rtol=1e-4, atol=1e-4)
+    assert (tr.target_ids[:, 0] == full.logits[0].argmax(-1).numpy()).all()
+    for s in tr.steps:  # rejected nodes carry the target's distribution at that node
+        assert len(s.target_nodes) == (~s.accepted).sum()
+
+
+def test_eos_and_limit_cut_the_trace_consistently(target):
+    prompt = PROMPTS[1]
+    ref = _greedy_reference(target, prompt, 20)
+    eos = ref[7]
+    dec = SpecDecoder(target, OracleDrafter(target, 6, 1), SpecConfig(), topk=4)
+    r = dec.generate(prompt, 20, eos=eos)
+    assert r.output == ref[:ref.index(eos) + 1]
+    validate(r.trace, TraceLimits(vocab_size=V, target_hidden_size=H))
+    assert r.trace.num_tokens == len(prompt) + len(r.output)
+    r = dec.generate(prompt, 5)
+    assert r.output == ref[:5]
+    validate(r.trace, TraceLimits(vocab_size=V, target_hidden_size=H))
+
+
+def test_target_only_mode_exports_traces_without_steps(target, server_factory):
+    dec = SpecDecoder(target, None, SpecConfig(), topk=4)
+    r = dec.generate(PROMPTS[0], 12, request_id="no-draft-1")
+    assert r.output == _greedy_reference(target, PROMPTS[0], 12)
+    assert r.trace.steps == [] and r.accept_lengths == [1] * 11  # the prefill emits the first token
+    # traces from both modes go through a real ingest server
+    server = server_factory(limits=dict(vocab_size=V), model=dict(vocab_size=V, target_hidden_size=H))
+    assert push_trace(server.address, r.trace).code == 0
+    spec = SpecConfig()
+    r2 = SpecDecoder(target, OracleDrafter(target, 3, 1), spec, topk=4).generate(PROMPTS[1], 12, request_id="tree-1")
+    assert push_trace(server.address, r2.trace).code == 0
+    stored = {e.trace.request_id: e.trace for e in server.buffer.entries()}
+    assert stored["tree-1"].tokens.tolist() == r2.trace.tokens.tolist()
+    assert [s.accepted.tolist() for s in stored["tree-1"].steps] == [s.accepted.tolist() for s in r2.trace.steps]
+
+
+def test_hot_swap_mid_generation_keeps_greedy_output_and_bumps_draft_version(target):
+    spec = SpecConfig(topk=2, num_steps=3, num_draft_tokens=4)
+    new = _draft(target, seed=7)
+    new_sd = {k: v.clone() for k, v in new.state_dict().items() if k not in ("d2t", "t2d", "embed_tokens.weight")}
+
+    class SwapAfter3(EagleDrafter):
+        rounds = 0
+
+        def propose(self, tokens, aux):
+            SwapAfter3.rounds += 1
+            if SwapAfter3.rounds == 3:  # a new version arrives while the request is in flight
+                dec.offer_swap(2, new_sd)
+            return super().propose(tokens, aux)
+
+    drafter = SwapAfter3(_draft(target), spec)
+    dec = SpecDecoder(target, drafter, spec, topk=4, draft_version=1)
+    r = dec.generate(PROMPTS[0], 30)
+    assert r.output == _greedy_reference(target, PROMPTS[0], 30)
+    assert dec.draft_version == 2 and dec.swaps == 1 and r.trace.draft_version == 2
+    for k, v in new_sd.items():
+        assert torch.equal(drafter.draft.state_dict()[k], v), k
+    validate(r.trace, TraceLimits(vocab_size=V, target_hidden_size=H))
