@@ -184,17 +184,57 @@ class SpecDecoder:
         top = torch.topk(lp, min(self.topk, lp.shape[-1]), dim=-1)
         return top.indices.to(torch.int32).numpy(), top.values.numpy().astype(np.float32)
 
+    def _pick(self, logits: torch.Tensor, temperature: float, gen: torch.Generator | None) -> int:
+        if temperature <= 0:
+            return int(logits.argmax())
+        return int(torch.multinomial(torch.softmax(logits.float() / temperature, -1), 1, generator=gen))
+
+    def _walk(self, logits, nodes, temperature, gen) -> tuple[list[int], int]:
+        """Accepted path (node indices) and the bonus token. Greedy: follow the target's argmax.
+        Sampling: at each node try its children in draft order, accepting child c with the
+        target's residual probability p(c) / p(remaining), removing c on rejection; if none is
+        accepted, the bonus is drawn from the residual. Each emitted token is then distributed
+        exactly as the target's (a draft that is a point mass per candidate), for any tree."""
+        path, cur = [], -1
+        while True:
+            row = logits[cur + 1]
+            kids = [k for k, nd in enumerate(nodes) if nd.parent == cur]
+            if temperature <= 0:
+                choice = int(row.argmax())
+                nxt = next((k for k in kids if nodes[k].token == choice), None)
+                if nxt is None:
+                    return path, choice
+            else:
+                p = torch.softmax(row.float() / temperature, -1)
+                nxt = None
+                for k in kids:
+                    t = nodes[k].token
+                    total = float(p.sum())
+                    if total > 0 and float(torch.rand((), generator=gen)) * total < float(p[t]):
+                        nxt = k
+                        break
+                    p[t] = 0.0
+                if nxt is None:
+                    if float(p.sum()) <= 0:  # every token with mass was a rejected child: cannot happen
+                        p = torch.softmax(row.float() / temperature, -1)
+                    return path, int(torch.multinomial(p / p.sum(), 1, generator=gen))
+            path.append(nxt)
+            cur = nxt
+
     @torch.no_grad()
     def generate(self, prompt: list[int], max_new_tokens: int, eos: int | None = None, domain: str = "",
-                 request_id: str | None = None) -> Result:
+                 request_id: str | None = None, temperature: float = 0.0, seed: int | None = None) -> Result:
         t_start = time.time()
+        gen = None
+        if temperature > 0:
+            gen = torch.Generator().manual_seed(seed if seed is not None else int(time.time_ns() % (1 << 62)))
         T = self.target
         cache = T.new_cache()
         logits, aux_p = T.forward(prompt, cache)
         aux = list(aux_p)  # aux[t]: features after token t
         ids, lps = self._topk(logits)
         top_ids, top_lp = list(ids), list(lps)
-        tokens = list(prompt) + [int(logits[-1].argmax())]
+        tokens = list(prompt) + [self._pick(logits[-1], temperature, gen)]
         steps: list[TreeStep] = []
         forwards, accepts = 1, []
         if self.drafter is not None:
@@ -212,7 +252,7 @@ class SpecDecoder:
                 aux.append(a[0])
                 i, l = self._topk(logits)
                 top_ids.append(i[0]), top_lp.append(l[0])
-                tokens.append(int(logits[0].argmax()))
+                tokens.append(self._pick(logits[0], temperature, gen))
                 forwards += 1
                 accepts.append(1)
                 continue
@@ -231,22 +271,14 @@ class SpecDecoder:
             positions = [q] + [q + nd.depth for nd in nodes]
             logits, a = T.forward([tokens[q]] + [nd.token for nd in nodes], cache, positions, allowed)
             forwards += 1
-            # greedy walk from the root (row 0); node k is row k + 1
-            path, cur = [], -1
-            while True:
-                choice = int(logits[cur + 1].argmax())
-                nxt = next((k for k, nd in enumerate(nodes) if nd.parent == cur and nd.token == choice), None)
-                if nxt is None:
-                    break
-                path.append(nxt)
-                cur = nxt
+            path, bonus = self._walk(logits, nodes, temperature, gen)  # node k is logits row k + 1
             rows = [0] + [k + 1 for k in path]
             ids, lps = self._topk(logits[rows])
             for r, row in enumerate(rows):
                 aux.append(a[row])
                 top_ids.append(ids[r]), top_lp.append(lps[r])
             tokens.extend(nodes[k].token for k in path)
-            tokens.append(int(logits[cur + 1].argmax()))
+            tokens.append(bonus)
             T.keep(cache, past, [0] + [k + 1 for k in path])
             accepts.append(len(path) + 1)
             accepted = np.zeros(n, bool)

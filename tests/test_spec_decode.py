@@ -155,3 +155,50 @@ def test_hot_swap_mid_generation_keeps_greedy_output_and_bumps_draft_version(tar
     for k, v in new_sd.items():
         assert torch.equal(drafter.draft.state_dict()[k], v), k
     validate(r.trace, TraceLimits(vocab_size=V, target_hidden_size=H))
+
+
+def test_speculative_sampling_matches_the_target_distribution():
+    """Temperature 1 on a tiny vocabulary: the joint law of three sampled tokens (one from the
+    prefill, two through a verified tree) matches the target's exact law (chi-square)."""
+    from scipy.stats import chisquare
+
+    torch.manual_seed(3)
+    Vs = 6
+    cfg = LlamaConfig(vocab_size=Vs, hidden_size=16, intermediate_size=32, num_hidden_layers=4, num_attention_heads=2,
+                      num_key_value_heads=1, max_position_embeddings=64, tie_word_embeddings=False)
+    model = LlamaForCausalLM(cfg)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(4.0)  # uneven but not degenerate distributions
+    tgt = Target(TargetConfig(topk=2), model=model)
+    torch.manual_seed(4)
+    draft = Eagle3Draft(DraftConfig(hidden_size=16, num_attention_heads=2, num_key_value_heads=1, intermediate_size=32,
+                                    vocab_size=Vs, target_hidden_size=16)).eval()
+    spec = SpecConfig(topk=2, num_steps=2, num_draft_tokens=4)
+    dec = SpecDecoder(tgt, EagleDrafter(draft, spec), spec, topk=2)
+    prompt = [1, 4, 2]
+
+    with torch.no_grad():  # exact P(x1, x2, x3) by enumeration
+        def probs(seq):
+            return torch.softmax(model(torch.tensor([seq])).logits[0, -1].float(), -1)
+        exact = {}
+        p1 = probs(prompt)
+        for a in range(Vs):
+            p2 = probs(prompt + [a])
+            for b in range(Vs):
+                p3 = probs(prompt + [a, b])
+                for c in range(Vs):
+                    exact[(a, b, c)] = float(p1[a] * p2[b] * p3[c])
+    n = 3000
+    counts: dict = {}
+    accepted = 0
+    for i in range(n):
+        r = dec.generate(prompt, 3, temperature=1.0, seed=i)
+        counts[tuple(r.output)] = counts.get(tuple(r.output), 0) + 1
+        accepted += sum(s.accepted.sum() for s in r.trace.steps)
+    assert accepted > n * 0.2  # the tree really was used, not just the bonus token
+    # cells with expected count < 5 are pooled into one
+    keys = sorted(exact, key=lambda k: -exact[k])
+    big = [k for k in keys if exact[k] * n >= 5]
+    obs = [counts.get(k, 0) for k in big] + [n - sum(counts.get(k, 0) for k in big)]
+    exp = [exact[k] * n for k in big] + [n - sum(exact[k] * n for k in big)]
+    assert chisquare(obs, exp).pvalue > 1e-3, (obs, exp)
