@@ -50,11 +50,10 @@ class EagleDrafter:
 
     def __init__(self, draft: Eagle3Draft, cfg: SpecConfig):
         self.draft, self.cfg = draft, cfg
-        self.reset()
+        self.weights_id = 0  # bumped by every swap: caches built by older weights are rebuilt
 
-    def reset(self) -> None:
-        self.cache = None
-        self.next_slot = 1  # first trunk slot not in the draft cache
+    def new_state(self) -> "DraftState":
+        return DraftState(weights_id=self.weights_id)
 
     def swap(self, state_dict) -> None:
         """Between rounds: new weights, same vocabulary maps (d2t/t2d never change). The draft's
@@ -63,24 +62,26 @@ class EagleDrafter:
         missing, unexpected = self.draft.load_state_dict(sd, strict=False)
         if unexpected:
             raise ValueError(f"draft version has unknown tensors {unexpected}")
-        self.reset()
+        self.weights_id += 1
 
     @torch.no_grad()
-    def propose(self, tokens: list[int], aux: list[torch.Tensor]) -> list[Node]:
+    def propose(self, tokens: list[int], aux: list[torch.Tensor], st: "DraftState") -> list[Node]:
         q = len(tokens) - 1
         d = self.draft
+        if st.weights_id != self.weights_id:  # swapped since: rebuild this request's draft cache
+            st.cache, st.next_slot, st.weights_id = None, 1, self.weights_id
         # 1. trunk slots [next_slot, q]: token x_t, target features of t-1
-        slots = list(range(self.next_slot, q + 1))
-        past = 0 if self.cache is None else self.cache[0].shape[1]
+        slots = list(range(st.next_slot, q + 1))
+        past = 0 if st.cache is None else st.cache[0].shape[1]
         n = len(slots)
         tok = torch.tensor([[tokens[t] for t in slots]])
         hid = torch.stack([aux[t - 1] for t in slots])[None].to(d.fc.weight.dtype)
         pos = torch.tensor([slots])
         mask = torch.ones(1, n, past + n, dtype=torch.bool)
         mask[0, :, past:] = torch.ones(n, n, dtype=torch.bool).tril()
-        logits, h, self.cache = d(tok, hid, pos, mask, self.cache)
-        self.next_slot = q + 1
-        trunk_len = self.cache[0].shape[1]
+        logits, h, st.cache = d(tok, hid, pos, mask, st.cache)
+        st.next_slot = q + 1
+        trunk_len = st.cache[0].shape[1]
 
         # 2. grow the tree
         nodes: list[Node] = []
@@ -105,8 +106,8 @@ class EagleDrafter:
                     mask[0, r, trunk_len + kv_index[j]] = True
                     j = nodes[j].parent
                 mask[0, r, trunk_len + done + r] = True
-            cache = (torch.cat([self.cache[0]] + ([tree_kv[0]] if tree_kv else []), 1),
-                     torch.cat([self.cache[1]] + ([tree_kv[1]] if tree_kv else []), 1))
+            cache = (torch.cat([st.cache[0]] + ([tree_kv[0]] if tree_kv else []), 1),
+                     torch.cat([st.cache[1]] + ([tree_kv[1]] if tree_kv else []), 1))
             logits, h, full = d(tok, hid, pos, mask, cache)
             tree_kv = (full[0][:, trunk_len:], full[1][:, trunk_len:])
             new = []
@@ -137,11 +138,15 @@ class EagleDrafter:
         for lp, t in zip(top.values.tolist(), ids.tolist()):
             nodes.append(Node(int(t), parent, depth, score + lp))
 
-    def rollback(self, keep_slots: int) -> None:
-        """Drop draft trunk slots beyond `keep_slots` (after the trunk was cut, e.g. at EOS)."""
-        if self.cache is not None:
-            self.cache = (self.cache[0][:, :keep_slots], self.cache[1][:, :keep_slots])
-            self.next_slot = keep_slots + 1
+
+
+@dataclasses.dataclass
+class DraftState:
+    """One request's draft KV cache over its trunk slots [1, next_slot)."""
+
+    weights_id: int
+    cache: tuple | None = None
+    next_slot: int = 1
 
 
 @dataclasses.dataclass
@@ -222,94 +227,135 @@ class SpecDecoder:
             cur = nxt
 
     @torch.no_grad()
-    def generate(self, prompt: list[int], max_new_tokens: int, eos: int | None = None, domain: str = "",
-                 request_id: str | None = None, temperature: float = 0.0, seed: int | None = None) -> Result:
-        t_start = time.time()
+    def start(self, prompt: list[int], max_new_tokens: int, eos: int | None = None, domain: str = "",
+              request_id: str | None = None, temperature: float = 0.0, seed: int | None = None) -> "Request":
+        """Prefill (emits the first token); then call `step` until `done`, then `finish`."""
+        if not prompt:
+            raise ValueError("empty prompt")
         gen = None
         if temperature > 0:
             gen = torch.Generator().manual_seed(seed if seed is not None else int(time.time_ns() % (1 << 62)))
-        T = self.target
-        cache = T.new_cache()
-        logits, aux_p = T.forward(prompt, cache)
-        aux = list(aux_p)  # aux[t]: features after token t
+        r = Request(prompt=list(prompt), max_new_tokens=max_new_tokens, eos=eos, domain=domain,
+                    request_id=request_id or uuid.uuid4().hex, temperature=temperature, gen=gen,
+                    cache=self.target.new_cache(), t_start=time.time(), version=self.draft_version,
+                    draft=self.drafter.new_state() if self.drafter is not None else None)
+        logits, aux_p = self.target.forward(r.prompt, r.cache)
+        r.aux = list(aux_p)  # aux[t]: features after token t
         ids, lps = self._topk(logits)
-        top_ids, top_lp = list(ids), list(lps)
-        tokens = list(prompt) + [self._pick(logits[-1], temperature, gen)]
-        steps: list[TreeStep] = []
-        forwards, accepts = 1, []
-        if self.drafter is not None:
-            self.drafter.reset()
-        version = self.draft_version
+        r.top_ids, r.top_lp = list(ids), list(lps)
+        r.tokens = r.prompt + [self._pick(logits[-1], temperature, gen)]
+        r.forwards = 1
+        return r
 
-        def done() -> bool:
-            out = tokens[len(prompt):]
-            return len(out) >= max_new_tokens or (eos is not None and eos in out)
-
-        while not done():
-            q = len(tokens) - 1
-            if self.drafter is None:  # target-only: one token per forward
-                logits, a = T.forward([tokens[q]], cache)
-                aux.append(a[0])
-                i, l = self._topk(logits)
-                top_ids.append(i[0]), top_lp.append(l[0])
-                tokens.append(self._pick(logits[0], temperature, gen))
-                forwards += 1
-                accepts.append(1)
-                continue
-            self._apply_swap()
-            version = self.draft_version
-            nodes = self.drafter.propose(tokens, aux)
-            n = len(nodes)
-            past = q
-            allowed = torch.zeros(n + 1, past + n + 1, dtype=torch.bool)
-            allowed[:, :past + 1] = True  # everything before, and the root x_q
-            for k, nd in enumerate(nodes):
-                j = k
-                while j >= 0:
-                    allowed[k + 1, past + 1 + j] = True
-                    j = nodes[j].parent
-            positions = [q] + [q + nd.depth for nd in nodes]
-            logits, a = T.forward([tokens[q]] + [nd.token for nd in nodes], cache, positions, allowed)
-            forwards += 1
-            path, bonus = self._walk(logits, nodes, temperature, gen)  # node k is logits row k + 1
-            rows = [0] + [k + 1 for k in path]
-            ids, lps = self._topk(logits[rows])
-            for r, row in enumerate(rows):
-                aux.append(a[row])
-                top_ids.append(ids[r]), top_lp.append(lps[r])
-            tokens.extend(nodes[k].token for k in path)
-            tokens.append(bonus)
-            T.keep(cache, past, [0] + [k + 1 for k in path])
-            accepts.append(len(path) + 1)
-            accepted = np.zeros(n, bool)
-            accepted[path] = True
-            rejected = np.nonzero(~accepted)[0].astype(np.int32)
-            r_ids, r_lps = self._topk(logits[rejected + 1]) if rejected.size else \
-                (np.zeros((0, self.topk), np.int32), np.zeros((0, self.topk), np.float32))
-            steps.append(TreeStep(q, np.asarray([nd.token for nd in nodes], np.int32),
-                                  np.asarray([nd.parent for nd in nodes], np.int32), accepted,
-                                  rejected, r_ids, r_lps))
-
-        # cut at max_new_tokens / EOS; the trace keeps only what the trunk still holds
-        out = tokens[len(prompt):]
-        if eos is not None and eos in out:
-            out = out[:out.index(eos) + 1]
-        out = out[:max_new_tokens]
-        tokens = list(prompt) + out
-        L = len(tokens)
-        if len(aux) < L:  # the last token was pending: one more target position for its features
-            logits, a = T.forward([tokens[-1]], cache)
-            aux.append(a[0])
+    @torch.no_grad()
+    def step(self, r: "Request") -> int:
+        """One verification round (or one plain decode step without a draft). Returns tokens emitted."""
+        T, tokens, q = self.target, r.tokens, len(r.tokens) - 1
+        if self.drafter is None:
+            logits, a = T.forward([tokens[q]], r.cache)
+            r.aux.append(a[0])
             i, l = self._topk(logits)
-            top_ids.append(i[0]), top_lp.append(l[0])
-        steps = [_cut_step(s, L) for s in steps if s.trunk_pos < L]
-        trace = Trace(request_id=request_id or uuid.uuid4().hex, tokens=np.asarray(tokens, np.int32),
-                      prompt_len=len(prompt), aux_hidden=_np(torch.stack(aux[:L])),
-                      target_ids=np.stack(top_ids[:L]).astype(np.int32),
-                      target_logprobs=np.stack(top_lp[:L]).astype(np.float32), steps=steps,
-                      draft_version=version, domain=domain, start_unix_s=t_start, end_unix_s=time.time(),
-                      target_forwards=forwards)
-        return Result(out, trace, forwards, accepts)
+            r.top_ids.append(i[0]), r.top_lp.append(l[0])
+            tokens.append(self._pick(logits[0], r.temperature, r.gen))
+            r.forwards += 1
+            r.accepts.append(1)
+            return 1
+        self._apply_swap()
+        r.version = self.draft_version
+        nodes = self.drafter.propose(tokens, r.aux, r.draft)
+        n = len(nodes)
+        past = q
+        allowed = torch.zeros(n + 1, past + n + 1, dtype=torch.bool)
+        allowed[:, :past + 1] = True  # everything before, and the root x_q
+        for k, nd in enumerate(nodes):
+            j = k
+            while j >= 0:
+                allowed[k + 1, past + 1 + j] = True
+                j = nodes[j].parent
+        positions = [q] + [q + nd.depth for nd in nodes]
+        logits, a = T.forward([tokens[q]] + [nd.token for nd in nodes], r.cache, positions, allowed)
+        r.forwards += 1
+        path, bonus = self._walk(logits, nodes, r.temperature, r.gen)  # node k is logits row k + 1
+        rows = [0] + [k + 1 for k in path]
+        ids, lps = self._topk(logits[rows])
+        for i, row in enumerate(rows):
+            r.aux.append(a[row])
+            r.top_ids.append(ids[i]), r.top_lp.append(lps[i])
+        tokens.extend(nodes[k].token for k in path)
+        tokens.append(bonus)
+        T.keep(r.cache, past, rows)
+        r.accepts.append(len(path) + 1)
+        accepted = np.zeros(n, bool)
+        accepted[path] = True
+        rejected = np.nonzero(~accepted)[0].astype(np.int32)
+        r_ids, r_lps = self._topk(logits[rejected + 1]) if rejected.size else \
+            (np.zeros((0, self.topk), np.int32), np.zeros((0, self.topk), np.float32))
+        r.steps.append(TreeStep(q, np.asarray([nd.token for nd in nodes], np.int32),
+                                np.asarray([nd.parent for nd in nodes], np.int32), accepted, rejected, r_ids, r_lps))
+        return len(path) + 1
+
+    @torch.no_grad()
+    def finish(self, r: "Request") -> Result:
+        """Cut at max_new_tokens / EOS and build the trace (only what the trunk still holds)."""
+        out = r.output
+        tokens = r.prompt + out
+        L = len(tokens)
+        if len(r.aux) < L:  # the last token was pending: one more target position for its features
+            logits, a = self.target.forward([tokens[-1]], r.cache)
+            r.aux.append(a[0])
+            i, l = self._topk(logits)
+            r.top_ids.append(i[0]), r.top_lp.append(l[0])
+        steps = [c for c in (_cut_step(s, L) for s in r.steps if s.trunk_pos < L) if len(c.tokens)]
+        trace = Trace(request_id=r.request_id, tokens=np.asarray(tokens, np.int32), prompt_len=len(r.prompt),
+                      aux_hidden=_np(torch.stack(r.aux[:L])), target_ids=np.stack(r.top_ids[:L]).astype(np.int32),
+                      target_logprobs=np.stack(r.top_lp[:L]).astype(np.float32), steps=steps,
+                      draft_version=r.version, domain=r.domain, start_unix_s=r.t_start, end_unix_s=time.time(),
+                      target_forwards=r.forwards)
+        r.cache = None  # free the KV cache now
+        return Result(out, trace, r.forwards, r.accepts)
+
+    def generate(self, prompt: list[int], max_new_tokens: int, **kw) -> Result:
+        r = self.start(prompt, max_new_tokens, **kw)
+        while not r.done:
+            self.step(r)
+        return self.finish(r)
+
+
+@dataclasses.dataclass
+class Request:
+    """One request's decoding state (the engine interleaves several at round granularity)."""
+
+    prompt: list[int]
+    max_new_tokens: int
+    eos: int | None
+    domain: str
+    request_id: str
+    temperature: float
+    gen: torch.Generator | None
+    cache: object
+    t_start: float
+    version: int
+    draft: DraftState | None
+    tokens: list[int] = dataclasses.field(default_factory=list)
+    aux: list = dataclasses.field(default_factory=list)
+    top_ids: list = dataclasses.field(default_factory=list)
+    top_lp: list = dataclasses.field(default_factory=list)
+    steps: list = dataclasses.field(default_factory=list)
+    accepts: list = dataclasses.field(default_factory=list)
+    forwards: int = 0
+
+    @property
+    def output(self) -> list[int]:
+        """Emitted tokens so far, cut at EOS and max_new_tokens."""
+        out = self.tokens[len(self.prompt):]
+        if self.eos is not None and self.eos in out:
+            out = out[:out.index(self.eos) + 1]
+        return out[:self.max_new_tokens]
+
+    @property
+    def done(self) -> bool:
+        out = self.tokens[len(self.prompt):]
+        return len(out) >= self.max_new_tokens or (self.eos is not None and self.eos in out)
 
 
 def _np(t: torch.Tensor) -> np.ndarray:

@@ -51,10 +51,10 @@ class OracleDrafter(EagleDrafter):
         self.target, self.depth, self.siblings = target, depth, siblings
         self.rng = np.random.default_rng(seed)
 
-    def reset(self):
-        pass
+    def new_state(self):
+        return None
 
-    def propose(self, tokens, aux):
+    def propose(self, tokens, aux, st):
         truth = _greedy_reference(self.target, tokens, self.depth)
         nodes, parent = [], -1
         for d, t in enumerate(truth, start=1):
@@ -141,11 +141,11 @@ def test_hot_swap_mid_generation_keeps_greedy_output_and_bumps_draft_version(tar
     class SwapAfter3(EagleDrafter):
         rounds = 0
 
-        def propose(self, tokens, aux):
+        def propose(self, tokens, aux, st):
             SwapAfter3.rounds += 1
             if SwapAfter3.rounds == 3:  # a new version arrives while the request is in flight
                 dec.offer_swap(2, new_sd)
-            return super().propose(tokens, aux)
+            return super().propose(tokens, aux, st)
 
     drafter = SwapAfter3(_draft(target), spec)
     dec = SpecDecoder(target, drafter, spec, topk=4, draft_version=1)
@@ -202,3 +202,17 @@ def test_speculative_sampling_matches_the_target_distribution():
     obs = [counts.get(k, 0) for k in big] + [n - sum(counts.get(k, 0) for k in big)]
     exp = [exact[k] * n for k in big] + [n - sum(exact[k] * n for k in big)]
     assert chisquare(obs, exp).pvalue > 1e-3, (obs, exp)
+
+
+def test_interleaved_requests_decode_as_if_alone(target):
+    spec = SpecConfig(topk=2, num_steps=3, num_draft_tokens=5)
+    dec = SpecDecoder(target, EagleDrafter(_draft(target), spec), spec, topk=4)
+    reqs = [dec.start(p, 16 + 4 * i) for i, p in enumerate(PROMPTS)]
+    while not all(r.done for r in reqs):
+        for r in reqs:
+            if not r.done:
+                dec.step(r)
+    for i, (p, r) in enumerate(zip(PROMPTS, reqs)):
+        res = dec.finish(r)
+        assert res.output == _greedy_reference(target, p, 16 + 4 * i)
+        validate(res.trace, TraceLimits(vocab_size=V, target_hidden_size=H))
