@@ -57,6 +57,27 @@ def _cmd_import_hf(args) -> int:
     return 0
 
 
+def _cmd_serve(args) -> int:
+    import signal
+    import threading
+
+    from bridge.config import load_config
+    from serving.engine import Engine, EngineConfig
+    from serving.http import HttpServer
+
+    cfg = load_config(EngineConfig, args.config, args.overrides)
+    engine = Engine(cfg)
+    http = HttpServer(engine, cfg.host, cfg.port).start()
+    print(f"serving on {http.url}", flush=True)
+    done = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: done.set())
+    done.wait()
+    http.stop()
+    engine.close()
+    return 0
+
+
 def _cmd_demo(args) -> int:
     from aurora_jax.demo import DemoConfig, run_demo
     from bridge.config import load_config
@@ -108,6 +129,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--steps", type=int, default=None, help="shorthand for loop.max_steps=N")
     s.add_argument("overrides", nargs="*", metavar="key=value")
     s.set_defaults(func=_cmd_train)
+
+    s = sub.add_parser("serve", help="run the embedded speculative-decoding engine behind an OpenAI-compatible API",
+                       description="Serve a local Hugging Face causal LM with EAGLE3 tree speculative decoding "
+                                   "(draft: none | untrained | hf), export every request's RequestTrace to the "
+                                   "trainer, hot-swap draft versions from WeightSync. Routes: /v1/completions, "
+                                   "/v1/chat/completions (stream or not), /v1/models, /health, /metrics.",
+                       epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    s.add_argument("--config", default="configs/serve-cpu.yaml", help="engine YAML config (default: %(default)s)")
+    s.add_argument("overrides", nargs="*", metavar="key=value")
+    s.set_defaults(func=_cmd_serve)
 
     s = sub.add_parser("export-hf", help="write an orbax checkpoint as an SGLang-loadable EAGLE3 HF directory",
                        description="Export the draft in CHECKPOINT (a checkpoint.dir; the latest step unless --step) "

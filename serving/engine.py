@@ -1,0 +1,217 @@
+"""The embedded serving engine: a scheduler thread interleaving requests round by round.
+
+Requests are admitted up to `max_running`; each scheduler pass runs one verification round per
+running request, streams the new tokens to its handle, and on completion exports the request's
+RequestTrace through the TraceClient (never blocking: a trainer that is down only costs dropped
+traces, counted). New draft versions from WeightSync are installed between rounds.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import queue
+import threading
+import time
+
+import torch
+
+from bridge.eagle3 import DraftConfig, load_hf
+from serving.eagle3 import Eagle3Draft
+from serving.spec_decode import EagleDrafter, Request, SpecConfig, SpecDecoder
+from serving.target import Target, TargetConfig
+from serving.trace_client import TraceClient, TraceClientConfig
+from serving.weight_sync import WeightSubscriber, WeightSubscriberConfig, to_torch_state_dict
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class DraftSource:
+    mode: str = "untrained"  # none (target only) | untrained (day 0) | hf (an EAGLE3 directory)
+    path: str = ""  # for mode=hf
+    draft_vocab_size: int = 0  # untrained: 0 = the target's vocabulary
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.mode not in ("none", "untrained", "hf"):
+            raise ValueError("mode must be none, untrained or hf")
+        if self.mode == "hf" and not self.path:
+            raise ValueError("mode=hf needs path")
+
+
+@dataclasses.dataclass
+class EngineConfig:
+    target: TargetConfig = dataclasses.field(default_factory=TargetConfig)
+    draft: DraftSource = dataclasses.field(default_factory=DraftSource)
+    spec: SpecConfig = dataclasses.field(default_factory=SpecConfig)
+    traces: TraceClientConfig = dataclasses.field(default_factory=TraceClientConfig)
+    export_traces: bool = True
+    weights: WeightSubscriberConfig = dataclasses.field(default_factory=WeightSubscriberConfig)
+    subscribe_weights: bool = False
+    max_running: int = 8  # requests interleaved at once
+    max_new_tokens: int = 256  # default and cap per request
+    host: str = "127.0.0.1"
+    port: int = 8000
+    model_name: str = "aurora-target"
+
+
+def build_draft(src: DraftSource, target: Target) -> Eagle3Draft | None:
+    if src.mode == "none":
+        return None
+    if src.mode == "hf":
+        cfg, sd = load_hf(src.path)
+        draft = Eagle3Draft(cfg)
+        missing, _ = draft.load_state_dict(to_torch_state_dict(sd), strict=False)
+    else:
+        c = target.model.config
+        cfg = DraftConfig(hidden_size=c.hidden_size, num_attention_heads=c.num_attention_heads,
+                          num_key_value_heads=c.num_key_value_heads,
+                          head_dim=getattr(c, "head_dim", 0) or 0, intermediate_size=c.intermediate_size,
+                          vocab_size=c.vocab_size, draft_vocab_size=src.draft_vocab_size,
+                          target_hidden_size=c.hidden_size, rope_theta=getattr(c, "rope_theta", 10000.0) or 10000.0,
+                          rms_norm_eps=getattr(c, "rms_norm_eps", 1e-6))
+        torch.manual_seed(src.seed)
+        draft = Eagle3Draft(cfg)
+        for name, p in draft.named_parameters():
+            if p.dim() == 2:
+                torch.nn.init.normal_(p, std=0.02)
+        missing = ["embed_tokens.weight"]
+    if "embed_tokens.weight" in missing:  # the draft shares the target's embedding
+        draft.embed_tokens.weight.data.copy_(target.model.get_input_embeddings().weight.float())
+    return draft.to(target.model.dtype).eval()
+
+
+@dataclasses.dataclass
+class Handle:
+    """A submitted request: `events` yields lists of new token ids, then a final dict."""
+
+    request: Request | None = None
+    events: queue.Queue = dataclasses.field(default_factory=queue.Queue)
+    submitted: float = 0.0
+    error: str = ""
+    sent: int = 0  # output tokens already streamed
+
+
+class Engine:
+    def __init__(self, cfg: EngineConfig, target: Target | None = None, tokenizer=None):
+        self.cfg = cfg
+        self.target = target or Target(cfg.target)
+        self.tokenizer = tokenizer
+        if self.tokenizer is None and cfg.target.path:
+            from transformers import AutoTokenizer
+            self.tokenizer = AutoTokenizer.from_pretrained(cfg.target.path, local_files_only=True)
+        draft = build_draft(cfg.draft, self.target)
+        self.decoder = SpecDecoder(self.target, EagleDrafter(draft, cfg.spec) if draft is not None else None,
+                                   cfg.spec, topk=cfg.target.topk)
+        self.client = TraceClient(cfg.traces) if cfg.export_traces else None
+        self.subscriber = WeightSubscriber(cfg.weights, self.decoder.offer_swap).start() \
+            if cfg.subscribe_weights and draft is not None else None
+        self._inbox: queue.Queue = queue.Queue()
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self.metrics = dict(requests=0, running=0, prompt_tokens=0, output_tokens=0, target_forwards=0,
+                            request_seconds=0.0, decode_seconds=0.0, errors=0)
+        self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
+        self._thread.start()
+
+    # ------------------------------------------------------------ API
+
+    def submit(self, prompt: list[int], max_new_tokens: int | None = None, temperature: float = 0.0,
+               seed: int | None = None, eos: int | None = None, domain: str = "") -> Handle:
+        h = Handle(submitted=time.perf_counter())
+        n = min(max_new_tokens or self.cfg.max_new_tokens, self.cfg.max_new_tokens)
+        self._inbox.put((h, dict(prompt=list(prompt), max_new_tokens=n, temperature=temperature, seed=seed,
+                                 eos=eos, domain=domain)))
+        return h
+
+    def complete(self, prompt: list[int], **kw) -> dict:
+        """Blocking convenience: the final event of a request."""
+        h = self.submit(prompt, **kw)
+        while True:
+            ev = h.events.get()
+            if isinstance(ev, dict):
+                return ev
+
+    @property
+    def draft_version(self) -> int:
+        return self.decoder.draft_version
+
+    # ------------------------------------------------------------ scheduler
+
+    def _admit(self, running: list) -> None:
+        block = not running
+        while len(running) < self.cfg.max_running:
+            try:
+                h, kw = self._inbox.get(timeout=0.05) if block else self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            block = False
+            try:
+                h.request = self.decoder.start(**kw)
+            except Exception as e:  # bad request: answer it, keep serving
+                h.error = str(e)
+                h.events.put(dict(error=str(e)))
+                with self._lock:
+                    self.metrics["errors"] += 1
+                continue
+            h.events.put(h.request.output)
+            h.sent = len(h.request.output)
+            running.append(h)
+
+    def _loop(self) -> None:
+        running: list[Handle] = []
+        while not self._stop.is_set():
+            self._admit(running)
+            with self._lock:
+                self.metrics["running"] = len(running)
+            for h in list(running):
+                r = h.request
+                t0 = time.perf_counter()
+                if not r.done:
+                    self.decoder.step(r)
+                out = r.output
+                if len(out) > h.sent:
+                    h.events.put(out[h.sent:])
+                    h.sent = len(out)
+                with self._lock:
+                    self.metrics["decode_seconds"] += time.perf_counter() - t0
+                if r.done:
+                    running.remove(h)
+                    self._complete(h)
+
+    def _complete(self, h: Handle) -> None:
+        res = self.decoder.finish(h.request)
+        elapsed = time.perf_counter() - h.submitted
+        if self.client is not None:
+            self.client.submit(res.trace)
+        with self._lock:
+            m = self.metrics
+            m["requests"] += 1
+            m["prompt_tokens"] += len(h.request.prompt)
+            m["output_tokens"] += len(res.output)
+            m["target_forwards"] += res.target_forwards
+            m["request_seconds"] += elapsed
+        h.events.put(dict(output=res.output, prompt_tokens=len(h.request.prompt), target_forwards=res.target_forwards,
+                          accept_lengths=res.accept_lengths, draft_version=res.trace.draft_version,
+                          seconds=elapsed, finish_reason="stop" if h.request.eos in res.output else "length",
+                          request_id=res.trace.request_id))
+
+    def snapshot(self) -> dict:
+        with self._lock:
+            m = dict(self.metrics)
+        m["draft_version"] = self.decoder.draft_version
+        m["swaps"] = self.decoder.swaps
+        m["last_swap_ms"] = self.decoder.last_swap_ms
+        m["accept_length"] = m["output_tokens"] / max(m["target_forwards"], 1)
+        m["traces"] = self.client.stats() if self.client is not None else {}
+        return m
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+        if self.subscriber is not None:
+            self.subscriber.close()
+        if self.client is not None:
+            self.client.close(timeout=2.0)
+
