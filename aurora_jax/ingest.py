@@ -142,6 +142,21 @@ def server_options(limits: TraceLimits) -> list[tuple[str, int]]:
             ("grpc.so_reuseport", 0)]
 
 
+def bind(server: grpc.Server, address: str, tls_cert: str, tls_key: str, key: str) -> int:
+    """Bind `address` (TLS when a cert is given); a clear OSError naming the config key if it cannot."""
+    try:
+        if tls_cert:
+            creds = grpc.ssl_server_credentials([(Path(tls_key).read_bytes(), Path(tls_cert).read_bytes())])
+            port = server.add_secure_port(address, creds)
+        else:
+            port = server.add_insecure_port(address)
+    except RuntimeError:  # grpc raises this when the port cannot be bound
+        port = 0
+    if port == 0:
+        raise OSError(f"{key}: cannot bind {address} (in use, or not a local address?)")
+    return port
+
+
 class IngestServer:
     """A real gRPC server around a ReplayBuffer. `port` is the bound port after start()."""
 
@@ -153,16 +168,7 @@ class IngestServer:
                                    options=server_options(limits),
                                    interceptors=[BearerAuth(token)] if token else [])
         self._server.add_generic_rpc_handlers((self._handlers(),))
-        try:
-            if cfg.tls_cert:
-                creds = grpc.ssl_server_credentials([(Path(cfg.tls_key).read_bytes(), Path(cfg.tls_cert).read_bytes())])
-                self.port = self._server.add_secure_port(cfg.address, creds)
-            else:
-                self.port = self._server.add_insecure_port(cfg.address)
-        except RuntimeError:  # grpc raises this when the port cannot be bound
-            self.port = 0
-        if self.port == 0:
-            raise OSError(f"ingest.address: cannot bind {cfg.address} (in use, or not a local address?)")
+        self.port = bind(self._server, cfg.address, cfg.tls_cert, cfg.tls_key, "ingest.address")
         self.address = f"{cfg.address.rpartition(':')[0]}:{self.port}"
 
     def _handlers(self):

@@ -11,14 +11,13 @@ from __future__ import annotations
 import logging
 import threading
 from concurrent import futures
-from pathlib import Path
 
 import grpc
 import numpy as np
 from flax import nnx
 
 from aurora_jax.config import WeightSyncConfig, resolve_secret
-from aurora_jax.ingest import BearerAuth
+from aurora_jax.ingest import BearerAuth, bind
 from bridge.eagle3 import to_torch_layout
 from bridge.proto import aurora_pb2 as pb
 from bridge.weights import SERVICE, pack_version
@@ -43,16 +42,7 @@ class WeightSyncServer:
         self._server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, {
             "Subscribe": grpc.unary_stream_rpc_method_handler(
                 self._subscribe, pb.SubscribeRequest.FromString, pb.WeightChunk.SerializeToString)}),))
-        try:
-            if cfg.tls_cert:
-                creds = grpc.ssl_server_credentials([(Path(cfg.tls_key).read_bytes(), Path(cfg.tls_cert).read_bytes())])
-                self.port = self._server.add_secure_port(cfg.address, creds)
-            else:
-                self.port = self._server.add_insecure_port(cfg.address)
-        except RuntimeError:
-            self.port = 0
-        if self.port == 0:
-            raise OSError(f"weight_sync.address: cannot bind {cfg.address}")
+        self.port = bind(self._server, cfg.address, cfg.tls_cert, cfg.tls_key, "weight_sync.address")
         self.address = f"{cfg.address.rpartition(':')[0]}:{self.port}"
 
     def start(self) -> "WeightSyncServer":
