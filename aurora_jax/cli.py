@@ -78,6 +78,12 @@ def _cmd_serve(args) -> int:
     return 0
 
 
+def _cmd_load(args) -> int:
+    from serving.load import main as load_main
+
+    return load_main(args.load_args)
+
+
 def _cmd_demo(args) -> int:
     from aurora_jax.demo import DemoConfig, run_demo
     from bridge.config import load_config
@@ -142,6 +148,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("overrides", nargs="*", metavar="key=value")
     s.set_defaults(func=_cmd_serve)
 
+    s = sub.add_parser("load", help="send a bounded workload (mixed / ordered / shift) to an OpenAI-compatible endpoint",
+                       description="Workload driver: `aurora-jax load --endpoint URL [key=value ...]`; "
+                                   "`aurora-jax load -h` for its options.", add_help=False)
+    s.add_argument("load_args", nargs=argparse.REMAINDER, help="options of the load driver")
+    s.set_defaults(func=_cmd_load)
+
     s = sub.add_parser("export-hf", help="write an orbax checkpoint as an SGLang-loadable EAGLE3 HF directory",
                        description="Export the draft in CHECKPOINT (a checkpoint.dir; the latest step unless --step) "
                                    "as config.json + model.safetensors in OUT, for SGLang's "
@@ -178,7 +190,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if args.cmd == "load":  # the driver parses its own options (-h included)
+        args.load_args = extra + args.load_args
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     _setup_logging(args.log_level)
     try:
         return args.func(args) or 0

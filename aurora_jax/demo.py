@@ -1,9 +1,12 @@
-"""`make demo`: the smallest end-to-end loop that exists so far.
+"""`make demo`: the whole serve -> train -> hot-swap flywheel on CPU, from day 0.
 
-Until the engine and bridge land (issues 4-6) the demo runs the trainer half for real: a
-trainer process's ingest endpoint and train loop run concurrently while the serving tier's
-client streams traces from a toy target (greedy next token = a fixed random successor of the
-current one), and the draft's offline acceptance proxy climbs from 1 as it learns.
+Starts two processes, exactly as a deployment would run them: the trainer (`aurora-jax train`:
+TraceIngest + buffer + train loop + WeightSync) and the embedded engine (`aurora-jax serve`) on the
+shipped demo target with an untrained draft. A workload from the shipped domains runs against the
+engine's OpenAI-compatible endpoint; every finished request's trace trains the draft, and every
+`loop.sync_every` steps the new draft is hot-swapped into the engine. At the end: a JSON report and
+a PNG of acceptance length and per-request throughput over requests, with the swap points marked.
+Every process started here is stopped here (also on Ctrl-C or error).
 """
 
 from __future__ import annotations
@@ -12,71 +15,160 @@ import dataclasses
 import json
 import logging
 import shutil
-import threading
+import signal
+import socket
+import subprocess
+import sys
 import time
+import urllib.request
 from pathlib import Path
 
-import numpy as np
-
-from aurora_jax.config import TrainerConfig
-from aurora_jax.loop import Trainer
 from bridge.config import to_dict
-from bridge.synthetic import toy_target_trace
-from serving.trace_client import TraceClient, TraceClientConfig
+from serving.load import LoadConfig, run_load
 
 log = logging.getLogger(__name__)
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @dataclasses.dataclass
 class DemoConfig:
-    trainer: TrainerConfig = dataclasses.field(default_factory=TrainerConfig)
-    client: TraceClientConfig = dataclasses.field(default_factory=TraceClientConfig)
     run_dir: str = "runs/demo"
-    requests: int = 256  # traces the toy "serving tier" sends
-    requests_per_s: float = 50.0
-    tokens: int = 96
-    seed: int = 0
+    target: str = "models/demo-target"
+    trainer_config: str = "configs/demo-trainer.yaml"
+    serve_config: str = "configs/demo-serve.yaml"
+    trainer_overrides: list[str] = dataclasses.field(default_factory=list)
+    serve_overrides: list[str] = dataclasses.field(default_factory=list)
+    load: LoadConfig = dataclasses.field(default_factory=LoadConfig)
+    start_timeout_s: float = 180.0
 
 
-def _serve(cfg: DemoConfig, client: TraceClient, stop: threading.Event) -> None:
-    V, Ht = cfg.trainer.model.vocab_size, cfg.trainer.model.ht
-    rng = np.random.default_rng(cfg.seed)
-    succ = rng.permutation(V).astype(np.int32)
-    feats = rng.standard_normal((V, 3 * Ht)).astype(np.float32)
-    for i in range(cfg.requests):
-        if stop.wait(1.0 / cfg.requests_per_s):
-            return
-        client.submit(toy_target_trace(rng, request_id=f"demo-{i}", succ=succ, features=feats,
-                                       num_tokens=cfg.tokens, prompt_len=cfg.tokens // 8, topk=4))
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class _Proc:
+    """A child process whose stdout lines we wait on and whose stderr goes to a log file."""
+
+    def __init__(self, name: str, cmd: list[str], log_path: Path):
+        self.name, self.log_path = name, log_path
+        self._log = open(log_path, "w")
+        self.p = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=self._log, text=True,
+                                  start_new_session=True)
+
+    def wait_line(self, prefix: str, timeout: float) -> str:
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < timeout:
+            line = self.p.stdout.readline()
+            if line.startswith(prefix):
+                return line.split()[-1]
+            if not line and self.p.poll() is not None:
+                break
+        raise RuntimeError(f"{self.name} did not print {prefix!r} (exit {self.p.poll()}); see {self.log_path}")
+
+    def stop(self, timeout: float = 60.0) -> None:
+        if self.p.poll() is None:
+            self.p.send_signal(signal.SIGTERM)
+            try:
+                self.p.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.p.kill()
+                self.p.wait()
+        self._log.close()
+
+
+def _plot(records: list[dict], path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    ok = [r for r in records if "error" not in r]
+    x = np.array([r["index"] for r in ok])
+    acc = np.array([r["accept_length"] or 0 for r in ok])
+    thr = np.array([r["throughput"] for r in ok])
+    k = max(1, len(ok) // 20)
+    smooth = lambda a: np.convolve(a, np.ones(k) / k, mode="same")
+    fig, (a1, a2) = plt.subplots(2, 1, figsize=(9, 6), sharex=True)
+    colors = {d: c for d, c in zip(sorted({r["domain"] for r in ok}), ("tab:blue", "tab:orange", "tab:green"))}
+    for d, c in colors.items():
+        m = np.array([r["domain"] == d for r in ok])
+        a1.scatter(x[m], acc[m], s=8, color=c, alpha=0.5, label=d)
+        a2.scatter(x[m], thr[m], s=8, color=c, alpha=0.5, label=d)
+    a1.plot(x, smooth(acc), color="black", lw=1.5, label=f"mean of {k}")
+    a2.plot(x, smooth(thr), color="black", lw=1.5)
+    versions = [r.get("draft_version") or 0 for r in ok]
+    for i in range(1, len(ok)):
+        if versions[i] != versions[i - 1]:
+            for ax in (a1, a2):
+                ax.axvline(x[i], color="gray", ls=":", lw=0.8)
+            a1.text(x[i], a1.get_ylim()[1] if False else max(acc) * 1.02, f"v{versions[i]}", fontsize=7, color="gray")
+    a1.set_ylabel("acceptance length\n(tokens / target forward)")
+    a2.set_ylabel("per-request throughput\n(tokens / s)")
+    a2.set_xlabel("request (order sent)")
+    a1.legend(fontsize=8, loc="upper left")
+    a1.set_title("online speculative decoding from day 0: draft trained on live traces, hot-swapped (dotted)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def run_demo(cfg: DemoConfig) -> int:
-    run_dir = Path(cfg.run_dir)
-    shutil.rmtree(run_dir, ignore_errors=True)
-    t = cfg.trainer
-    t.buffer.spool_dir, t.checkpoint.dir = str(run_dir / "spool"), str(run_dir / "ckpt")
-    t.loop.metrics_path = str(run_dir / "metrics.jsonl")
-    trainer = Trainer(t)
-    cfg.client.address = trainer.start_ingest()
-    client = TraceClient(cfg.client)
-    stop = threading.Event()
-    feeder = threading.Thread(target=_serve, args=(cfg, client, stop), daemon=True)
+    run = Path(cfg.run_dir)
+    shutil.rmtree(run, ignore_errors=True)
+    run.mkdir(parents=True)
+    if not (ROOT / cfg.target / "model.safetensors").exists():
+        raise FileNotFoundError(f"{cfg.target}: demo target missing (see scripts/make_demo_target.py)")
+    py = [sys.executable, "-m", "aurora_jax.cli"]
+    ingest, weights = _free_port(), _free_port()
+    trainer = engine = None
     t0 = time.perf_counter()
-    feeder.start()
     try:
-        last = trainer.run()
+        trainer = _Proc("trainer", py + ["train", "--config", cfg.trainer_config,
+                                         f"ingest.address=127.0.0.1:{ingest}", f"weight_sync.address=127.0.0.1:{weights}",
+                                         f"buffer.spool_dir={run / 'spool'}", f"checkpoint.dir={run / 'ckpt'}",
+                                         f"loop.metrics_path={run / 'train.jsonl'}",
+                                         f"loop.embedding={cfg.target}/model.safetensors", *cfg.trainer_overrides],
+                        run / "trainer.log")
+        trainer.wait_line("listening on", cfg.start_timeout_s)
+        engine = _Proc("engine", py + ["serve", "--config", cfg.serve_config, f"target.path={cfg.target}",
+                                       f"traces.address=127.0.0.1:{ingest}", f"weights.address=127.0.0.1:{weights}",
+                                       *cfg.serve_overrides], run / "engine.log")
+        url = engine.wait_line("serving on", cfg.start_timeout_s)
+        print(f"trainer: ingest :{ingest}, weights :{weights} (log {run / 'trainer.log'}); engine {url} "
+              f"(log {run / 'engine.log'})", flush=True)
+        cfg.load.endpoint = url
+        cfg.load.prompts = str(ROOT / cfg.target / "prompts")
+        records = run_load(cfg.load)
+        with urllib.request.urlopen(url + "/metrics", timeout=30) as r:
+            metrics = r.read().decode()
     finally:
-        stop.set()
-        feeder.join()
-        client.close()
-        trainer.close()
+        for p in (engine, trainer):
+            if p is not None:
+                p.stop()
     elapsed = time.perf_counter() - t0
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    first, sent = rows[0], client.stats()
-    report = dict(config=to_dict(cfg), elapsed_s=elapsed, client=sent, first=first, last=last)
-    (run_dir / "report.json").write_text(json.dumps(report, indent=2))
-    print(f"\n{last['step']} steps in {elapsed:.1f}s on {sent['acked']} traces (draft_version {last['draft_version']}): "
-          f"accept_len proxy {first['accept_len']:.2f} -> {last['accept_len']:.2f}, "
-          f"acc@depth0 {first['acc_d0']:.2f} -> {last['acc_d0']:.2f}, loss {first['loss']:.3f} -> {last['loss']:.3f}"
-          f"\nreport: {run_dir / 'report.json'}, metrics: {run_dir / 'metrics.jsonl'}, checkpoints: {t.checkpoint.dir}")
-    return 0 if last["accept_len"] > first["accept_len"] else 1
+    train = [json.loads(line) for line in (run / "train.jsonl").read_text().splitlines()] \
+        if (run / "train.jsonl").exists() else []
+    (run / "requests.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    ok = [r for r in records if "error" not in r and r.get("accept_length")]
+    q = max(1, len(ok) // 4)
+    mean = lambda rs, k: sum(r[k] for r in rs) / max(len(rs), 1)
+    versions = sorted({r.get("draft_version") or 0 for r in ok})
+    summary = dict(
+        requests=len(records), failed=len(records) - len([r for r in records if "error" not in r]),
+        elapsed_s=round(elapsed, 1), trainer_steps=train[-1]["step"] if train else 0,
+        draft_versions_served=versions,
+        accept_length_first_quarter=mean(ok[:q], "accept_length"), accept_length_last_quarter=mean(ok[-q:], "accept_length"),
+        throughput_first_quarter=mean(ok[:q], "throughput"), throughput_last_quarter=mean(ok[-q:], "throughput"),
+        metrics=metrics)
+    (run / "report.json").write_text(json.dumps(dict(config=to_dict(cfg), summary=summary), indent=2))
+    _plot(records, run / "flywheel.png")
+    s = summary
+    print(f"\n{s['requests']} requests in {s['elapsed_s']}s; trainer took {s['trainer_steps']} steps; "
+          f"the engine served draft versions {versions[0]}..{versions[-1]}")
+    print(f"acceptance length (tokens per target forward): first quarter {s['accept_length_first_quarter']:.2f} "
+          f"-> last quarter {s['accept_length_last_quarter']:.2f}")
+    print(f"per-request throughput (tokens/s): {s['throughput_first_quarter']:.1f} -> {s['throughput_last_quarter']:.1f}")
+    print(f"report {run / 'report.json'}, plot {run / 'flywheel.png'}, requests {run / 'requests.jsonl'}")
+    return 0 if s["failed"] == 0 else 1

@@ -79,8 +79,13 @@ def test_shipped_configs_load():
     cfg = load_config(TrainerConfig, "configs/trainer.yaml")
     assert cfg.ingest.address.startswith("127.0.0.1")
     demo = load_config(DemoConfig, "configs/demo-cpu.yaml")
-    assert demo.trainer.limits.vocab_size == demo.trainer.model.vocab_size == 512
-    assert demo.trainer.limits.target_hidden_size == 32  # follows the draft's target_hidden_size
+    assert demo.load.shape == "mixed" and demo.load.requests > 0
+    tr = load_config(TrainerConfig, demo.trainer_config)
+    assert tr.limits.vocab_size == tr.model.vocab_size == 4096
+    assert tr.limits.target_hidden_size == 192  # follows the draft's target_hidden_size
+    from serving.engine import EngineConfig
+    eng = load_config(EngineConfig, demo.serve_config)
+    assert eng.draft.mode == "untrained" and eng.subscribe_weights
 
 
 def test_trainer_sections_must_agree():
