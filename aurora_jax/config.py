@@ -66,6 +66,7 @@ class LoopConfig:
     sync_every: int = 50  # publish a new draft_version every N steps (0 = never)
     log_every: int = 10  # steps between log lines (every step goes to the JSONL file)
     metrics_path: str = "runs/train/metrics.jsonl"
+    tensorboard_dir: str = ""  # also write TensorBoard scalars here (needs the `tb` extra: tensorboardX)
     progress: bool = True  # tqdm bar on stderr
     seed: int = 0
     embedding: str = ""  # target embedding [V, H]: .npy, or .safetensors (key `embedding_key`)

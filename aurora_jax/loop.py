@@ -86,6 +86,13 @@ class Trainer:
         self._update_vocab_table()
         Path(cfg.loop.metrics_path).parent.mkdir(parents=True, exist_ok=True)
         self._metrics = open(cfg.loop.metrics_path, "a")
+        self._tb = None
+        if cfg.loop.tensorboard_dir:
+            try:
+                from tensorboardX import SummaryWriter
+            except ImportError:
+                raise ImportError("loop.tensorboard_dir needs tensorboardX: pip install 'aurora-jax[tb]'") from None
+            self._tb = SummaryWriter(cfg.loop.tensorboard_dir)
         self._pending = None  # (step, device metrics, host info) awaiting readback
         self._t_last = time.perf_counter()
         self.last: dict = {}
@@ -163,6 +170,10 @@ class Trainer:
         self.last = rec
         self._metrics.write(json.dumps(rec) + "\n")
         self._metrics.flush()
+        if self._tb is not None:
+            for k, v in rec.items():
+                if isinstance(v, (int, float)) and k not in ("step", "time"):
+                    self._tb.add_scalar(f"train/{k}", v, step)
         if step % self.cfg.loop.log_every == 0:
             accs = " ".join(f"{m[f'acc_d{j}']:.2f}" for j in range(self.cfg.objective.ttt_length))
             log.info("step %d loss %.4f kl %.4f ul %.4f acc/depth [%s] accept_len %.2f | %.0f tree tok/s "
@@ -230,6 +241,8 @@ class Trainer:
         self.ckpt.close()
         self.buffer.close()
         self._metrics.close()
+        if self._tb is not None:
+            self._tb.close()
 
 
 def run_train(cfg: TrainerConfig, resume: bool = False) -> int:

@@ -53,7 +53,7 @@ def _push(address, traces):
 
 def test_trainer_ingests_trains_publishes_and_checkpoints(tmp_path):
     published = []
-    cfg = _cfg(tmp_path, max_steps=6, sync_every=2, traces_per_step=4)
+    cfg = _cfg(tmp_path, max_steps=6, sync_every=2, traces_per_step=4, tensorboard_dir=str(tmp_path / "tb"))
     trainer = Trainer(cfg, publish=lambda v, state: published.append((v, nnx.to_flat_state(state))))
     try:
         _push(trainer.start_ingest(), _traces(24))
@@ -67,6 +67,8 @@ def test_trainer_ingests_trains_publishes_and_checkpoints(tmp_path):
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
     assert all(np.isfinite(r["loss"]) and r["traces"] == 4 for r in rows)
+    events = list((tmp_path / "tb").glob("events.out.tfevents.*"))
+    assert len(events) == 1 and b"train/loss" in events[0].read_bytes() and b"train/acc_d0" in events[0].read_bytes()
     # 6 steps x 4 traces, each used once (max_reuse=1): the buffer is drained and every mark committed
     assert ReplayBuffer(dataclasses.replace(cfg.buffer)).entries() == []
 
