@@ -202,8 +202,10 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"aurora-jax: config error: {e}", file=sys.stderr)
         return 2
-    except LayoutError as e:
-        print(f"aurora-jax: checkpoint layout error: {e}", file=sys.stderr)
+    except ValueError as e:  # bad layouts and config combinations only checkable at start-up (devices, shapes)
+        logging.getLogger(__name__).debug("details", exc_info=True)
+        kind = "checkpoint layout error" if isinstance(e, LayoutError) else "error"
+        print(f"aurora-jax: {kind}: {e}", file=sys.stderr)
         return 2
     except OSError as e:  # unreadable files, ports in use: say what, not a traceback
         print(f"aurora-jax: error: {e}", file=sys.stderr)

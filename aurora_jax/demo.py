@@ -39,6 +39,8 @@ class DemoConfig:
     trainer_overrides: list[str] = dataclasses.field(default_factory=list)
     serve_overrides: list[str] = dataclasses.field(default_factory=list)
     load: LoadConfig = dataclasses.field(default_factory=LoadConfig)
+    until_version: int = 0  # after load.requests, keep sending until a request is served by this draft version
+    max_requests: int = 0  # ... but never more requests than this in total
     start_timeout_s: float = 180.0
 
 
@@ -140,7 +142,22 @@ def run_demo(cfg: DemoConfig) -> int:
               f"(log {run / 'engine.log'})", flush=True)
         cfg.load.endpoint = url
         cfg.load.prompts = str(ROOT / cfg.target / "prompts")
+        def alive():
+            for proc in (trainer, engine):
+                if proc.p.poll() is not None:
+                    raise RuntimeError(f"the {proc.name} exited ({proc.p.returncode}) during the demo; "
+                                       f"see {proc.log_path}:\n" + "".join(open(proc.log_path).readlines()[-5:]))
+            return True
+
         records = run_load(cfg.load)
+        while alive() and cfg.until_version and len(records) < cfg.max_requests and \
+                max((r.get("draft_version") or 0) for r in records) < cfg.until_version:
+            more = dataclasses.replace(cfg.load, requests=min(20, cfg.max_requests - len(records)),
+                                       seed=cfg.load.seed + len(records))
+            for r in run_load(more, progress=False):
+                r["index"] += len(records)
+                records.append(r)
+        alive()
         with urllib.request.urlopen(url + "/metrics", timeout=30) as r:
             metrics = r.read().decode()
     finally:

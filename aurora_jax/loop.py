@@ -69,7 +69,11 @@ class Trainer:
         elif self._vocab_pending and cfg.loop.vocab_counts:
             model.set_vocab(build_vocab(np.load(cfg.loop.vocab_counts), cfg.model.vd)[0])
             self._vocab_pending = False
-        self.learner = Learner(model, cfg.objective, cfg.optim, make_mesh(cfg.mesh), cfg.mesh.fsdp)
+        mesh = make_mesh(cfg.mesh)
+        if cfg.batch.rows % mesh.devices.size:
+            raise ValueError(f"batch.rows={cfg.batch.rows} is not a multiple of the {mesh.devices.size} devices on the "
+                             f"data axis (set mesh.data or batch.rows)")
+        self.learner = Learner(model, cfg.objective, cfg.optim, mesh, cfg.mesh.fsdp)
         self.ckpt = Checkpointer(cfg.checkpoint, self.buffer)
         self.version = 0
         self.rng = np.random.default_rng(cfg.loop.seed)
