@@ -17,7 +17,7 @@ import ml_dtypes
 import numpy as np
 import torch
 
-from bridge.eagle3 import OPTIONAL, TORCH_KEYS, TRANSPOSED, DraftConfig, LayoutError, check_layout, normalize_keys
+from bridge.eagle3 import OPTIONAL, TORCH_KEYS, TRANSPOSED, DraftConfig, LayoutError
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
 
@@ -81,6 +81,3 @@ def from_torch(sd: dict[str, torch.Tensor], cfg: DraftConfig) -> dict[str, np.nd
 
     return from_torch_layout(to_numpy(sd), cfg)
 
-
-def check_torch_layout(sd: dict[str, torch.Tensor], cfg: DraftConfig) -> None:
-    check_layout(normalize_keys({k: v for k, v in sd.items()}), cfg)
