@@ -181,9 +181,15 @@ def target_to_draft(d2t: np.ndarray, vocab_size: int) -> np.ndarray:
     return out
 
 
+def flat_state(state: nnx.State) -> dict[str, nnx.Variable]:
+    """{'midlayer.self_attn.q_proj.kernel': Variable, ...}, keyed like `bridge.eagle3.TABLE`; the
+    Variables are the state's own, so `set_value` on them updates it."""
+    return {".".join(map(str, path)): v for path, v in nnx.to_flat_state(state)}
+
+
 def flat_variables(model: Eagle3Draft) -> dict[str, jax.Array]:
-    """{'midlayer.self_attn.q_proj.kernel': array, ...}: every variable, keyed like `bridge.eagle3.TABLE`."""
-    return {".".join(map(str, path)): v.get_value() for path, v in nnx.to_flat_state(nnx.state(model))}
+    """{'midlayer.self_attn.q_proj.kernel': array, ...}: every variable of the model."""
+    return {k: v.get_value() for k, v in flat_state(nnx.state(model)).items()}
 
 
 def load_flat(model: Eagle3Draft, flat: dict[str, np.ndarray]) -> None:
@@ -192,7 +198,7 @@ def load_flat(model: Eagle3Draft, flat: dict[str, np.ndarray]) -> None:
     Every key must name an existing variable with the same shape; missing ones keep their value
     (an EAGLE3 checkpoint without `embed_tokens` keeps the target's embedding)."""
     state = nnx.state(model)
-    by_path = {".".join(map(str, p)): v for p, v in nnx.to_flat_state(state)}
+    by_path = flat_state(state)
     for k, a in flat.items():
         if k not in by_path:
             raise KeyError(f"draft has no variable {k!r}")

@@ -19,7 +19,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from aurora_jax.batching import Batch
-from aurora_jax.model import Eagle3Draft
+from aurora_jax.model import Eagle3Draft, flat_state
 from aurora_jax.objective import ObjectiveConfig, loss_fn
 from aurora_jax.tree_attention import tree_attention
 
@@ -163,18 +163,13 @@ class Learner:
 
     def host_params(self) -> dict[str, np.ndarray]:
         """Flat {'midlayer.self_attn.q_proj.kernel': array, ...} of every variable, on the host."""
-        out = {}
-        for tree in (self.state.params, self.rest):
-            for path, v in nnx.to_flat_state(tree):
-                out[".".join(str(p) for p in path)] = np.asarray(jax.device_get(v.get_value()))
-        return out
+        return {k: np.asarray(jax.device_get(v.get_value()))
+                for tree in (self.state.params, self.rest) for k, v in flat_state(tree).items()}
 
     def set_buffers(self, **values) -> None:
         """Replace non-trained variables by path (e.g. d2t=..., t2d=...; before training starts)."""
-        flat = dict(nnx.to_flat_state(self.rest))
         replicated = NamedSharding(self.mesh, P())
-        for path, v in flat.items():
-            name = ".".join(map(str, path))
+        for name, v in flat_state(self.rest).items():
             if name in values:
                 old = v.get_value()
                 new = np.asarray(values.pop(name))

@@ -18,6 +18,7 @@ from flax import nnx
 
 from aurora_jax.config import WeightSyncConfig, resolve_secret
 from aurora_jax.ingest import BearerAuth, bind
+from aurora_jax.model import flat_state
 from bridge.eagle3 import to_torch_layout
 from bridge.proto import aurora_pb2 as pb
 from bridge.weights import SERVICE, pack_version
@@ -94,6 +95,6 @@ class WeightPublisher:
         self.server = server
 
     def __call__(self, version: int, state: nnx.State) -> None:
-        flat = {".".join(map(str, p)): np.asarray(v.get_value()) for p, v in nnx.to_flat_state(state)}
+        flat = {k: np.asarray(v.get_value()) for k, v in flat_state(state).items()}
         trained = {k: a for k, a in flat.items() if k not in NOT_SWAPPED}
         self.server.publish(version, to_torch_layout(trained, partial=True))

@@ -121,17 +121,22 @@ class DraftConfig:
         return cls(**kw, **overrides)
 
 
-def to_torch_layout(flat: dict[str, np.ndarray], partial: bool = False) -> dict[str, np.ndarray]:
-    """Flax paths -> torch keys, kernels transposed (numpy views: no copy). `partial`: a subset
-    (e.g. only the trained weights of a hot-swap) is fine."""
+def torch_keys(flat: dict, partial: bool = False) -> list[tuple[str, object]]:
+    """[(torch key, value)] for Flax paths, checked: no unknown variable, none missing unless
+    `partial` (e.g. only the trained weights of a hot-swap). Values are passed through untouched."""
     missing = [p for p in TORCH_KEYS if p not in flat and TORCH_KEYS[p] not in OPTIONAL]
     if missing and not partial:
         raise LayoutError(f"Flax params lack {missing}")
+    unknown = [p for p in flat if p not in TORCH_KEYS]
+    if unknown:
+        raise LayoutError(f"Flax variable {unknown[0]!r} has no place in the EAGLE3 checkpoint")
+    return [(TORCH_KEYS[p], a) for p, a in flat.items()]
+
+
+def to_torch_layout(flat: dict[str, np.ndarray], partial: bool = False) -> dict[str, np.ndarray]:
+    """Flax paths -> torch keys, kernels transposed (numpy views: no copy)."""
     out = {}
-    for path, a in flat.items():
-        if path not in TORCH_KEYS:
-            raise LayoutError(f"Flax variable {path!r} has no place in the EAGLE3 checkpoint")
-        key = TORCH_KEYS[path]
+    for key, a in torch_keys(flat, partial):
         a = np.asarray(a)
         out[key] = a.T if key in TRANSPOSED else a
     if "d2t" in out:

@@ -17,7 +17,7 @@ import ml_dtypes
 import numpy as np
 import torch
 
-from bridge.eagle3 import OPTIONAL, TORCH_KEYS, TRANSPOSED, DraftConfig, LayoutError
+from bridge.eagle3 import TRANSPOSED, DraftConfig, torch_keys
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
 
@@ -43,14 +43,8 @@ def to_torch(flat: dict, *, copy: bool = False, contiguous: bool = False) -> tup
     `contiguous` materialises the transposed kernels (a copy each); `copy` detaches everything
     from the source buffers.
     """
-    missing = [p for p, k in TORCH_KEYS.items() if p not in flat and k not in OPTIONAL]
-    if missing:
-        raise LayoutError(f"Flax params lack {missing}")
     sd, copied = {}, 0
-    for path, a in flat.items():
-        key = TORCH_KEYS.get(path)
-        if key is None:
-            raise LayoutError(f"Flax variable {path!r} has no place in the EAGLE3 checkpoint")
+    for key, a in torch_keys(flat):
         t, shared = _host_tensor(a)
         copied += 0 if shared else t.nbytes
         if key in TRANSPOSED:
