@@ -1,0 +1,196 @@
+"""Draft hot-swap into SGLang over its weight-update HTTP API, against a fake SGLang server.
+
+SGLang cannot run here (GPU only), so `FakeSGLangServer` is a real HTTP server that implements the
+three routes with the semantics of the pinned release (sessions as in
+srt/managers/scheduler_components/weight_updater.py:232-335, payload decoding as
+srt/managers/tp_worker.py:194 and srt/utils/common.py:3085). It loads what it receives into our
+torch EAGLE3 draft, which has SGLang's checkpoint key names.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import numpy as np
+import pytest
+import torch
+from flax import nnx
+from multiprocessing.reduction import ForkingPickler
+
+import torch.multiprocessing  # noqa: F401  (registers tensor reductions)
+
+from aurora_jax.config import WeightSyncConfig
+from aurora_jax.model import Eagle3Draft, flat_variables
+from aurora_jax.weight_sync import WeightPublisher, WeightSyncServer
+from bridge.eagle3 import DraftConfig, to_torch_layout
+from serving.eagle3 import Eagle3Draft as TorchDraft
+from serving.sglang.weights import SGLangUpdateError, SGLangWeightsConfig, SGLangWeightUpdater
+from serving.weight_sync import WeightSubscriber, WeightSubscriberConfig
+
+CFG = DraftConfig(hidden_size=32, num_attention_heads=4, num_key_value_heads=2, intermediate_size=48,
+                  vocab_size=60, target_hidden_size=16, param_dtype="bfloat16")
+SELECTORS = ("target", "draft", "all")
+
+
+class FakeSGLangServer:
+    """Fake of SGLang 0.5.23's weight-update routes (SGLang itself needs a GPU); real HTTP, real decoding."""
+
+    def __init__(self, tp_size=1, api_key="", fail_update=False):
+        self.draft = TorchDraft(CFG).to(torch.bfloat16)
+        self.calls, self.session, self.weight_version = [], None, None
+        self.tp_size, self.api_key, self.fail_update = tp_size, api_key, fail_update
+        fake = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *a):
+                pass
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                if fake.api_key and self.headers.get("Authorization") != f"Bearer {fake.api_key}":
+                    return self._reply(401, {"error": "Unauthorized"})
+                fake.calls.append((self.path, body))
+                code, out = fake.handle(self.path, body)
+                self._reply(code, out)
+
+            def _reply(self, code, out):
+                data = json.dumps(out).encode()
+                self.send_response(code)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+        self.http = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.http.server_address[1]}"
+        threading.Thread(target=self.http.serve_forever, daemon=True).start()
+
+    def handle(self, path, body):
+        fail = lambda msg: (400, {"success": False, "message": msg})  # noqa: E731
+        if path == "/begin_weight_update":
+            if body.get("selector", "all") not in SELECTORS:
+                return 422, {"detail": "selector"}
+            if self.session is not None:
+                return fail("a weight-update session is already open; call end_weight_update() first")
+            self.session = body.get("selector", "all")
+            return 200, {"success": True, "message": "Success"}
+        if path == "/update_weights_from_tensor":
+            if self.session is None:
+                return fail("update_weights_from_tensor must run between begin_weight_update() and "
+                            "end_weight_update()")
+            payloads = body["serialized_named_tensors"]
+            if len(payloads) != self.tp_size:
+                return fail(f"expected {self.tp_size} payloads, one per TP rank")
+            named = ForkingPickler.loads(base64.b64decode(payloads[0], validate=True))  # rank 0's own
+            if self.fail_update:
+                return fail("Failed to update parameter online: injected")
+            if body.get("selector") == "draft":
+                sd = dict(named)
+                missing, unexpected = self.draft.load_state_dict(sd, strict=False)
+                if unexpected:
+                    return fail(f"unexpected {unexpected}")
+            self.weight_version = body.get("weight_version")
+            return 200, {"success": True, "message": "Success"}
+        if path == "/end_weight_update":
+            if self.session is None:
+                return fail("no weight-update session is open; call begin_weight_update() first")
+            self.session = None
+            return 200, {"success": True, "message": "Success"}
+        return 404, {"detail": "Not Found"}
+
+    def close(self):
+        self.http.shutdown()
+        self.http.server_close()
+
+
+def _wait(pred, timeout=10.0):
+    t0 = time.monotonic()
+    while not pred():
+        if time.monotonic() - t0 > timeout:
+            return False
+        time.sleep(0.02)
+    return True
+
+
+def _want(model):
+    sd = to_torch_layout({k: np.asarray(a) for k, a in flat_variables(model).items()})
+    return {k: torch.from_numpy(np.array(v).view(np.int16)).view(torch.bfloat16) for k, v in sd.items()
+            if k not in ("embed_tokens.weight", "d2t", "t2d")}
+
+
+@pytest.fixture
+def trainer_side():
+    server = WeightSyncServer(WeightSyncConfig(address="127.0.0.1:0", max_chunk_bytes=4096)).start()
+    yield server, WeightPublisher(server)
+    server.stop(grace=0)
+
+
+def test_versions_from_the_trainer_land_in_the_sglang_draft(trainer_side):
+    server, publish = trainer_side
+    sgl = FakeSGLangServer(tp_size=2, api_key="s3cret")
+    upd = SGLangWeightUpdater(SGLangWeightsConfig(url=sgl.url, api_key="s3cret", tp_size=2, device="cpu"))
+    sub = WeightSubscriber(WeightSubscriberConfig(address=server.address), upd).start()
+    try:
+        for v in (1, 2):
+            model = Eagle3Draft(CFG, rngs=nnx.Rngs(v))
+            publish(v, nnx.state(model))
+            assert _wait(lambda: upd.version == v), sub.last_error
+            got = sgl.draft.state_dict()
+            for k, w in _want(model).items():
+                assert torch.equal(got[k], w), k
+        assert [p for p, _ in sgl.calls] == ["/begin_weight_update", "/update_weights_from_tensor",
+                                             "/end_weight_update"] * 2
+        begin, update, end = (b for _, b in sgl.calls[:3])
+        assert begin == {"selector": "draft"} and end == {}
+        assert update["selector"] == "draft" and update["flush_cache"] is False
+        assert sgl.weight_version == "2" and sgl.session is None and sub.rejected == 0
+        sent = dict(ForkingPickler.loads(base64.b64decode(update["serialized_named_tensors"][1])))
+        assert not {"d2t", "t2d", "embed_tokens.weight"} & set(sent)  # SGLang caches d2t at start
+    finally:
+        sub.close()
+        sgl.close()
+
+
+def test_a_failed_update_keeps_the_previous_draft_and_closes_the_session(trainer_side):
+    server, publish = trainer_side
+    sgl = FakeSGLangServer()
+    upd = SGLangWeightUpdater(SGLangWeightsConfig(url=sgl.url, device="cpu"))
+    sub = WeightSubscriber(WeightSubscriberConfig(address=server.address), upd).start()
+    try:
+        first = Eagle3Draft(CFG, rngs=nnx.Rngs(1))
+        publish(1, nnx.state(first))
+        assert _wait(lambda: upd.version == 1)
+        sgl.fail_update = True
+        publish(2, nnx.state(Eagle3Draft(CFG, rngs=nnx.Rngs(2))))
+        assert _wait(lambda: sub.rejected == 1)
+        assert "update_weights_from_tensor answered HTTP 400: Failed to update parameter online" in sub.last_error
+        assert upd.version == 1 and sub.version == 1 and sgl.weight_version == "1"
+        assert sgl.session is None and sgl.calls[-1][0] == "/end_weight_update"  # not left open
+        for k, w in _want(first).items():
+            assert torch.equal(sgl.draft.state_dict()[k], w), k
+        sgl.fail_update = False
+        publish(3, nnx.state(Eagle3Draft(CFG, rngs=nnx.Rngs(3))))
+        assert _wait(lambda: upd.version == 3), sub.last_error
+    finally:
+        sub.close()
+        sgl.close()
+
+
+def test_errors_say_what_went_wrong():
+    sgl = FakeSGLangServer(api_key="right")
+    sd = {k: v for k, v in TorchDraft(CFG).state_dict().items()}
+    try:
+        with pytest.raises(SGLangUpdateError, match=r"/begin_weight_update answered HTTP 401"):
+            SGLangWeightUpdater(SGLangWeightsConfig(url=sgl.url, api_key="wrong", device="cpu"))(1, sd)
+        sgl.session = "draft"  # someone else holds a session
+        with pytest.raises(SGLangUpdateError, match="session is already open"):
+            SGLangWeightUpdater(SGLangWeightsConfig(url=sgl.url, api_key="right", device="cpu"))(1, sd)
+    finally:
+        sgl.close()
+    with pytest.raises(SGLangUpdateError, match="unreachable"):
+        SGLangWeightUpdater(SGLangWeightsConfig(url=sgl.url, device="cpu", timeout_s=2))(1, sd)
