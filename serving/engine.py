@@ -1,7 +1,8 @@
-"""The embedded serving engine: a scheduler thread interleaving requests round by round.
+"""The embedded serving engine: a scheduler thread running requests in batched rounds.
 
-Requests are admitted up to `max_running`; each scheduler pass runs one verification round per
-running request, streams the new tokens to its handle, and on completion exports the request's
+Requests are admitted up to `max_running`; each scheduler pass runs one verification round for
+every running request (each drafts its own tree; the target verifies all trees in one fused,
+padded forward), streams the new tokens to each handle, and on completion exports the request's
 RequestTrace through the TraceClient (never blocking: a trainer that is down only costs dropped
 traces, counted). New draft versions from WeightSync are installed between rounds.
 """
@@ -49,7 +50,7 @@ class EngineConfig:
     export_traces: bool = True
     weights: WeightSubscriberConfig = dataclasses.field(default_factory=WeightSubscriberConfig)
     subscribe_weights: bool = False
-    max_running: int = 8  # requests interleaved at once
+    max_running: int = 8  # requests batched at once
     max_new_tokens: int = 256  # default and cap per request
     host: str = "127.0.0.1"
     port: int = 8000
@@ -165,17 +166,18 @@ class Engine:
             self._admit(running)
             with self._lock:
                 self.metrics["running"] = len(running)
+            t0 = time.perf_counter()
+            live = [h for h in running if not h.request.done]
+            if live:  # one round for every running request, target forwards fused into one batch
+                self.decoder.step_many([h.request for h in live])
+            with self._lock:
+                self.metrics["decode_seconds"] += time.perf_counter() - t0
             for h in list(running):
                 r = h.request
-                t0 = time.perf_counter()
-                if not r.done:
-                    self.decoder.step(r)
                 out = r.output
                 if len(out) > h.sent:
                     h.events.put(out[h.sent:])
                     h.sent = len(out)
-                with self._lock:
-                    self.metrics["decode_seconds"] += time.perf_counter() - t0
                 if r.done:
                     running.remove(h)
                     self._complete(h)
@@ -204,6 +206,7 @@ class Engine:
         m["swaps"] = self.decoder.swaps
         m["last_swap_ms"] = self.decoder.last_swap_ms
         m["accept_length"] = m["output_tokens"] / max(m["target_forwards"], 1)
+        m["mean_batch"] = self.decoder.fused_requests / max(self.decoder.fused_forwards, 1)
         m["traces"] = self.client.stats() if self.client is not None else {}
         return m
 

@@ -46,6 +46,7 @@ def prometheus(m: dict) -> str:
         ("aurora_request_throughput_tokens_per_second", "gauge",
          "mean per-request (input + output tokens) / latency",
          (m["prompt_tokens"] + m["output_tokens"]) / max(m["request_seconds"], 1e-9)),
+        ("aurora_batch_size_mean", "gauge", "requests per fused target forward (decode rounds)", m["mean_batch"]),
         ("aurora_draft_version", "gauge", "draft version serving", m["draft_version"]),
         ("aurora_draft_swaps_total", "counter", "hot-swaps applied", m["swaps"]),
         ("aurora_draft_swap_ms", "gauge", "duration of the last hot-swap", m["last_swap_ms"]),

@@ -166,6 +166,8 @@ class SpecDecoder:
         self._lock = threading.Lock()
         self.swaps = 0
         self.last_swap_ms = 0.0
+        self.fused_forwards = 0  # batched target forwards of decode rounds
+        self.fused_requests = 0  # request rounds they carried (mean batch = requests / forwards)
 
     def offer_swap(self, version: int, state_dict) -> None:
         """Thread-safe: install this draft version at the next round boundary (never mid-round)."""
@@ -250,21 +252,28 @@ class SpecDecoder:
     @torch.no_grad()
     def step(self, r: "Request") -> int:
         """One verification round (or one plain decode step without a draft). Returns tokens emitted."""
-        T, tokens, q = self.target, r.tokens, len(r.tokens) - 1
+        return self.step_many([r])[0]
+
+    @torch.no_grad()
+    def step_many(self, reqs: list["Request"]) -> list[int]:
+        """One round for each request, with their target forwards fused into one batched forward.
+        Drafting stays per request (each has its own draft cache and tree). Returns tokens emitted."""
+        if self.drafter is not None:
+            self._apply_swap()
+        plans = [self._plan(r) for r in reqs]
+        outs = self.target.forward_many([(p[0], r.cache, p[1], p[2]) for r, p in zip(reqs, plans)])
+        self.fused_forwards += 1
+        self.fused_requests += len(reqs)
+        return [self._commit(r, p[3], logits, a) for r, p, (logits, a) in zip(reqs, plans, outs)]
+
+    def _plan(self, r: "Request"):
+        """(input ids, positions, tree mask, draft nodes) of this request's next target forward."""
+        tokens, q = r.tokens, len(r.tokens) - 1
         if self.drafter is None:
-            logits, a = T.forward([tokens[q]], r.cache)
-            r.aux.append(a[0])
-            i, l = self._topk(logits)
-            r.top_ids.append(i[0]), r.top_lp.append(l[0])
-            tokens.append(self._pick(logits[0], r.temperature, r.gen))
-            r.forwards += 1
-            r.accepts.append(1)
-            return 1
-        self._apply_swap()
+            return [tokens[q]], None, None, None
         r.version = self.draft_version
         nodes = self.drafter.propose(tokens, r.aux, r.draft)
-        n = len(nodes)
-        past = q
+        n, past = len(nodes), q
         allowed = torch.zeros(n + 1, past + n + 1, dtype=torch.bool)
         allowed[:, :past + 1] = True  # everything before, and the root x_q
         for k, nd in enumerate(nodes):
@@ -273,8 +282,20 @@ class SpecDecoder:
                 allowed[k + 1, past + 1 + j] = True
                 j = nodes[j].parent
         positions = [q] + [q + nd.depth for nd in nodes]
-        logits, a = T.forward([tokens[q]] + [nd.token for nd in nodes], r.cache, positions, allowed)
+        return [tokens[q]] + [nd.token for nd in nodes], positions, allowed, nodes
+
+    def _commit(self, r: "Request", nodes, logits, a) -> int:
+        """Accept against the target's logits, trim the target cache, record the round's tree."""
+        tokens, q = r.tokens, len(r.tokens) - 1
         r.forwards += 1
+        if nodes is None:
+            r.aux.append(a[0])
+            i, l = self._topk(logits)
+            r.top_ids.append(i[0]), r.top_lp.append(l[0])
+            tokens.append(self._pick(logits[0], r.temperature, r.gen))
+            r.accepts.append(1)
+            return 1
+        n = len(nodes)
         path, bonus = self._walk(logits, nodes, r.temperature, r.gen)  # node k is logits row k + 1
         rows = [0] + [k + 1 for k in path]
         ids, lps = self._topk(logits[rows])
@@ -283,7 +304,7 @@ class SpecDecoder:
             r.top_ids.append(ids[i]), r.top_lp.append(lps[i])
         tokens.extend(nodes[k].token for k in path)
         tokens.append(bonus)
-        T.keep(r.cache, past, rows)
+        self.target.keep(r.cache, q, rows)
         r.accepts.append(len(path) + 1)
         accepted = np.zeros(n, bool)
         accepted[path] = True

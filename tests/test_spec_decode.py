@@ -204,15 +204,47 @@ def test_speculative_sampling_matches_the_target_distribution():
     assert chisquare(obs, exp).pvalue > 1e-3, (obs, exp)
 
 
-def test_interleaved_requests_decode_as_if_alone(target):
+@pytest.mark.parametrize("drafted", [True, False])
+def test_batched_requests_decode_as_if_alone(target, drafted):
+    """Requests of different lengths and tree shapes share fused target forwards (padded caches and
+    rounds); each one's output, trace and cache are what it gets alone."""
     spec = SpecConfig(topk=2, num_steps=3, num_draft_tokens=5)
-    dec = SpecDecoder(target, EagleDrafter(_draft(target), spec), spec, topk=4)
-    reqs = [dec.start(p, 16 + 4 * i) for i, p in enumerate(PROMPTS)]
+    dec = SpecDecoder(target, EagleDrafter(_draft(target), spec) if drafted else None, spec, topk=4)
+    prompts = PROMPTS + [[3] * 14, [60, 61]]
+    reqs = [dec.start(p, 16 + 4 * i) for i, p in enumerate(prompts)]
+    batches = []
     while not all(r.done for r in reqs):
-        for r in reqs:
-            if not r.done:
-                dec.step(r)
-    for i, (p, r) in enumerate(zip(PROMPTS, reqs)):
+        live = [r for r in reqs if not r.done]
+        batches.append(len(live))
+        dec.step_many(live)
+    assert max(batches) == len(prompts) and dec.fused_requests == sum(batches)
+    for i, (p, r) in enumerate(zip(prompts, reqs)):
         res = dec.finish(r)
         assert res.output == _greedy_reference(target, p, 16 + 4 * i)
         validate(res.trace, TraceLimits(vocab_size=V, target_hidden_size=H))
+        assert len(res.trace.steps) == (len(res.accept_lengths) if drafted else 0)
+
+
+def test_fused_forward_matches_separate_forwards(target):
+    """Logits, aux features and the kept KV entries of a padded batch equal per-request forwards."""
+    a, b = [target.new_cache() for _ in range(2)]
+    target.forward([1, 2, 3, 4, 5, 6, 7], a)
+    target.forward([9, 8], b)
+    tree = torch.zeros(3, 5, dtype=torch.bool)
+    tree[:, :3] = True
+    tree[1, 3] = tree[2, 4] = True  # two siblings under the root x_2
+    items = [([11, 12], None, None), ([13, 14, 15], [2, 3, 3], tree)]
+    import copy
+    solo = [target.forward(ids, copy.deepcopy(c), pos, m) for (ids, pos, m), c in zip(items, (a, b))]
+    want_caches = [copy.deepcopy(c) for c in (a, b)]
+    for (ids, pos, m), c in zip(items, want_caches):
+        target.forward(ids, c, pos, m)
+    fused = target.forward_many([(ids, c, pos, m) for (ids, pos, m), c in zip(items, (a, b))])
+    for (l1, x1), (l2, x2) in zip(solo, fused):
+        torch.testing.assert_close(l2, l1, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(x2, x1, atol=1e-4, rtol=1e-4)
+    for got, want in zip((a, b), want_caches):
+        for lg, lw in zip(got.layers, want.layers):
+            assert lg.keys.shape == lw.keys.shape
+            torch.testing.assert_close(lg.keys, lw.keys, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(lg.values, lw.values, atol=1e-5, rtol=1e-5)
