@@ -344,7 +344,7 @@ class SpecDecoder:
 
 @dataclasses.dataclass
 class Request:
-    """One request's decoding state (the engine interleaves several at round granularity)."""
+    """One request's decoding state (the engine batches several at round granularity)."""
 
     prompt: list[int]
     max_new_tokens: int
