@@ -25,10 +25,14 @@ class ObjectiveConfig:
     reject_weight: float = 0.1  # weight of the unlikelihood term on rejected tokens (0 = off)
     depth_decay: float = 0.8  # loss weight of TTT step j is depth_decay ** j
     train_on_prompt: bool = False  # also learn to predict prompt tokens
+    # tree attention: auto (Pallas kernel on GPU/TPU, jnp reference on CPU) | pallas | reference
+    attention: str = "auto"
 
     def __post_init__(self):
         if self.ttt_length < 1:
             raise ValueError("ttt_length must be >= 1")
+        if self.attention not in ("auto", "pallas", "reference"):
+            raise ValueError(f"attention must be auto, pallas or reference, got {self.attention!r}")
         if self.reject_weight < 0 or not 0 < self.depth_decay <= 1:
             raise ValueError("reject_weight must be >= 0 and depth_decay in (0, 1]")
 

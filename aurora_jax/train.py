@@ -21,7 +21,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from aurora_jax.batching import Batch
 from aurora_jax.model import Eagle3Draft, flat_state
 from aurora_jax.objective import ObjectiveConfig, loss_fn
-from aurora_jax.tree_attention import tree_attention
+from aurora_jax.pallas_attention import select_attention
 
 
 @dataclasses.dataclass
@@ -98,8 +98,9 @@ class Learner:
     """Owns the sharded train state and the compiled step for one draft model."""
 
     def __init__(self, model: Eagle3Draft, objective: ObjectiveConfig, optim: OptimConfig, mesh: Mesh,
-                 fsdp: bool = False, attention=tree_attention):
+                 fsdp: bool = False, attention=None):
         self.objective, self.mesh = objective, mesh
+        attention = attention or select_attention(objective.attention)
         self.graphdef, params, self.rest = nnx.split(model, nnx.Param, ...)
         n = mesh.devices.size
         self.param_sharding = jax.tree.map(lambda x: NamedSharding(mesh, _param_spec(x, n, fsdp)), params)

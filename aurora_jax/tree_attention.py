@@ -20,6 +20,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 class TreeMeta(NamedTuple):
@@ -61,3 +62,45 @@ def tree_attention(q, k, v, q_meta: TreeMeta, k_meta: TreeMeta, *, scale: float 
     p = p / jnp.where(denom > 0, denom, 1.0)
     o = jnp.einsum("bhgqk,bkhd->bqhgd", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
     return o.reshape(B, Nq, Hq, hd).astype(q.dtype)
+
+
+def random_meta(rng: np.random.Generator, B: int, N: int, D: int, shape: str = "mixed") -> TreeMeta:
+    """Random packed rows for tests and benchmarks: requests of a trunk plus a tree each (`chain`,
+    `wide` = all nodes on the trunk, or `mixed`), depth <= D, some trailing padding."""
+    seg = np.full((B, N), -1, np.int32)
+    tpos = np.full((B, N), -1, np.int32)
+    attach = np.full((B, N), -1, np.int32)
+    anc = np.full((B, N, D), -1, np.int32)
+    for b in range(B):
+        pos, r = 0, 0
+        end = N - int(rng.integers(0, 6))  # trailing padding slots
+        while pos < end:
+            T = int(min(rng.integers(1, 12), end - pos))
+            trunk = list(range(pos, pos + T))
+            for t in trunk:
+                seg[b, t], tpos[b, t], attach[b, t] = r, t, t
+            pos += T
+            M = int(min(rng.integers(0, 14), end - pos))
+            depth = {}
+            for i in range(pos, pos + M):
+                tree = [j for j in range(pos, i)]
+                if shape == "chain":
+                    parent = tree[-1] if tree and depth[tree[-1]] < D else -1
+                elif shape == "wide":
+                    parent = -1
+                else:
+                    parent = int(rng.choice(tree)) if tree and rng.random() < 0.6 else -1
+                    if parent >= 0 and depth[parent] >= D:
+                        parent = -1
+                seg[b, i] = r
+                if parent < 0:
+                    attach[b, i] = trunk[0] if rng.random() < 0.3 else int(rng.choice(trunk))
+                    depth[i] = 1
+                    anc[b, i, 0] = i
+                else:
+                    attach[b, i] = attach[b, parent]
+                    depth[i] = depth[parent] + 1
+                    anc[b, i, :depth[i]] = np.r_[anc[b, parent, :depth[parent]], i]
+            pos += M
+            r += 1
+    return TreeMeta(*map(jnp.asarray, (seg, tpos, attach, anc)))
