@@ -64,9 +64,11 @@ def tree_attention(q, k, v, q_meta: TreeMeta, k_meta: TreeMeta, *, scale: float 
     return o.reshape(B, Nq, Hq, hd).astype(q.dtype)
 
 
-def random_meta(rng: np.random.Generator, B: int, N: int, D: int, shape: str = "mixed") -> TreeMeta:
-    """Random packed rows for tests and benchmarks: requests of a trunk plus a tree each (`chain`,
-    `wide` = all nodes on the trunk, or `mixed`), depth <= D, some trailing padding."""
+def random_meta(rng: np.random.Generator, B: int, N: int, D: int, shape: str = "mixed", max_trunk: int = 12,
+                max_tree: int = 14) -> TreeMeta:
+    """Random packed rows for tests and benchmarks: requests of a trunk (< max_trunk slots) plus a
+    tree (< max_tree nodes) each (`chain`, `wide` = all nodes on the trunk, or `mixed`), depth <= D,
+    some trailing padding."""
     seg = np.full((B, N), -1, np.int32)
     tpos = np.full((B, N), -1, np.int32)
     attach = np.full((B, N), -1, np.int32)
@@ -75,12 +77,12 @@ def random_meta(rng: np.random.Generator, B: int, N: int, D: int, shape: str = "
         pos, r = 0, 0
         end = N - int(rng.integers(0, 6))  # trailing padding slots
         while pos < end:
-            T = int(min(rng.integers(1, 12), end - pos))
+            T = int(min(rng.integers(1, max_trunk), end - pos))
             trunk = list(range(pos, pos + T))
             for t in trunk:
                 seg[b, t], tpos[b, t], attach[b, t] = r, t, t
             pos += T
-            M = int(min(rng.integers(0, 14), end - pos))
+            M = int(min(rng.integers(0, max_tree), end - pos))
             depth = {}
             for i in range(pos, pos + M):
                 tree = [j for j in range(pos, i)]

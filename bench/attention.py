@@ -1,0 +1,115 @@
+"""`aurora-jax bench attention`: the Pallas tree-attention kernel vs the jnp reference.
+
+For growing packed-row lengths N (random trunks + trees, as the TTT loss sees them), in one run:
+forward and forward+backward time of each, peak temporary memory of the compiled program (XLA's
+memory analysis: what the [N, N] scores and mask of the reference cost), the largest difference
+between the two, and achieved TFLOP/s counting only visible (query, key) pairs, against the
+device's own measured matmul rate in the same dtype. On CPU the kernel runs in interpret mode,
+which checks it but says nothing about its speed: run this on a GPU or TPU for timings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+
+def _time(f, *args, repeats: int) -> float:
+    import jax
+    jax.block_until_ready(f(*args))  # compile + warm up
+    ts = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(f(*args))
+        ts.append(time.perf_counter() - t0)
+    return statistics.median(ts)
+
+
+def _temp_bytes(f, *args) -> int:
+    try:
+        return int(f.lower(*args).compile().memory_analysis().temp_size_in_bytes)
+    except Exception:  # some backends have no memory analysis
+        return -1
+
+
+def matmul_rate(dtype, n: int, repeats: int) -> float:
+    """Measured dense matmul TFLOP/s of this device in `dtype` (the yardstick for the kernel)."""
+    import jax
+    import jax.numpy as jnp
+    a = jnp.ones((n, n), dtype)
+    f = jax.jit(lambda a: a @ a)
+    return 2 * n ** 3 / _time(f, a, repeats=repeats) / 1e12
+
+
+def main(argv: list[str] | None = None) -> int:
+    import jax
+    gpu = jax.default_backend() != "cpu"
+    p = argparse.ArgumentParser(prog="aurora-jax bench attention", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sizes", default="1024,2048,4096,8192" if gpu else "128,256,512",
+                   help="packed row lengths N (comma separated)")
+    p.add_argument("--batch", type=int, default=4 if gpu else 2)
+    p.add_argument("--heads", type=int, default=32 if gpu else 4)
+    p.add_argument("--kv-heads", type=int, default=8 if gpu else 2)
+    p.add_argument("--head-dim", type=int, default=128 if gpu else 32)
+    p.add_argument("--depth", type=int, default=5, help="ancestor list length (TTT steps)")
+    p.add_argument("--dtype", default="bfloat16" if gpu else "float32", choices=["bfloat16", "float32"])
+    p.add_argument("--block", type=int, default=64)
+    p.add_argument("--repeats", type=int, default=10 if gpu else 3)
+    p.add_argument("--out", default="runs/bench")
+    a = p.parse_args(argv)
+
+    import jax.numpy as jnp
+    import numpy as np
+
+    from aurora_jax.pallas_attention import tree_attention_pallas
+    from aurora_jax.tree_attention import random_meta, tree_attention, tree_mask
+
+    dtype = jnp.dtype(a.dtype)
+    rate = matmul_rate(dtype, 8192 if gpu else 1024, a.repeats)
+    rng = np.random.default_rng(0)
+    rows = []
+    print(f"\n{jax.devices()[0].device_kind} ({jax.default_backend()}), {a.dtype}, B={a.batch} heads={a.heads}/"
+          f"{a.kv_heads} hd={a.head_dim} block={a.block}; measured matmul {rate:.1f} TFLOP/s"
+          + ("" if gpu else "; kernel in interpret mode (correctness only, not speed)") + "\n")
+    head = (f"{'N':>6} {'visible':>8} {'path':>9} {'fwd ms':>9} {'fwd+bwd ms':>11} {'temp MiB':>9} "
+            f"{'TFLOP/s':>8} {'of matmul':>9} {'max |diff|':>10}")
+    print(head + "\n" + "-" * len(head))
+    for n in (int(s) for s in a.sizes.split(",")):
+        meta = random_meta(rng, a.batch, n, a.depth, max_trunk=n // 2, max_tree=n // 4)  # a few requests per row
+        visible = int(np.asarray(tree_mask(meta, meta)).sum())
+        shape_q, shape_kv = (a.batch, n, a.heads, a.head_dim), (a.batch, n, a.kv_heads, a.head_dim)
+        q = jnp.asarray(rng.standard_normal(shape_q), dtype)
+        k, v = (jnp.asarray(rng.standard_normal(shape_kv), dtype) for _ in range(2))
+        kern = lambda q, k, v: tree_attention_pallas(q, k, v, meta, meta, block_q=a.block, block_k=a.block)  # noqa
+        ref = lambda q, k, v: tree_attention(q, k, v, meta, meta)  # noqa: E731
+        outs = {}
+        for name, f in (("reference", ref), ("pallas", kern)):
+            fwd = jax.jit(f)
+            grad = jax.jit(jax.grad(lambda q, k, v, f=f: jnp.sum(f(q, k, v).astype(jnp.float32)), argnums=(0, 1, 2)))
+            t_f, t_b = _time(fwd, q, k, v, repeats=a.repeats), _time(grad, q, k, v, repeats=a.repeats)
+            outs[name] = np.asarray(fwd(q, k, v), np.float32)
+            flops = 14 * visible * a.head_dim * a.heads  # fwd 2 matmuls, bwd 5 (incl. recomputed scores)
+            rows.append(dict(n=n, visible_pairs=visible, path=name, fwd_ms=t_f * 1e3, fwd_bwd_ms=t_b * 1e3,
+                             temp_bytes=max(_temp_bytes(fwd, q, k, v), _temp_bytes(grad, q, k, v)),
+                             tflops=flops / t_b / 1e12, matmul_tflops=rate))
+        diff = float(np.abs(outs["pallas"] - outs["reference"]).max())
+        for r in rows[-2:]:
+            r["max_abs_diff"] = diff
+            print(f"{n:6d} {visible / (a.batch * n * n):8.1%} {r['path']:>9} {r['fwd_ms']:9.2f} {r['fwd_bwd_ms']:11.2f} "
+                  f"{r['temp_bytes'] / 2**20:9.1f} {r['tflops']:8.3f} {r['tflops'] / rate:9.1%} {diff:10.2e}")
+        ref_row, ker_row = rows[-2], rows[-1]
+        print(f"{'':6} {'':8} {'ratio':>9} {ref_row['fwd_ms'] / ker_row['fwd_ms']:8.2f}x "
+              f"{ref_row['fwd_bwd_ms'] / ker_row['fwd_bwd_ms']:10.2f}x "
+              f"{ref_row['temp_bytes'] / max(ker_row['temp_bytes'], 1):8.1f}x   (reference / kernel)")
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "attention.json").write_text(json.dumps(dict(device=jax.devices()[0].device_kind,
+                                                        backend=jax.default_backend(), args=vars(a), rows=rows),
+                                                   indent=2))
+    print(f"\nvisible = share of (query, key) pairs the tree mask allows; TFLOP/s counts only those "
+          f"(forward + backward).\nwrote {out / 'attention.json'}")
+    return 0
