@@ -66,12 +66,12 @@ def _fwd_kernel(qseg_ref, qatt_ref, qanc_ref, kseg_ref, ktpos_ref, q_ref, k_ref,
                 cfg: KernelConfig, depth: int, num_k_blocks: int):
     bq, bk = cfg.block_q, cfg.block_k
     q = q_ref[...]
-    q_seg, q_att = qseg_ref[...], qatt_ref[...]
+    q_seg, q_att = qseg_ref[0, :], qatt_ref[0, :]
     q_anc = [qanc_ref[d, :] for d in range(depth)]
 
     def body(j, carry):
         sl = pl.ds(j * bk, bk)
-        vis = _visible(q_seg, q_att, q_anc, kseg_ref[sl], ktpos_ref[sl], j * bk + lax.iota(jnp.int32, bk))
+        vis = _visible(q_seg, q_att, q_anc, kseg_ref[0, sl], ktpos_ref[0, sl], j * bk + lax.iota(jnp.int32, bk))
 
         def update(carry):
             acc, m, l = carry
@@ -87,7 +87,7 @@ def _fwd_kernel(qseg_ref, qatt_ref, qanc_ref, kseg_ref, ktpos_ref, q_ref, k_ref,
     init = (jnp.zeros(q.shape, jnp.float32), jnp.full((bq,), NEG, jnp.float32), jnp.zeros((bq,), jnp.float32))
     acc, m, l = lax.fori_loop(0, num_k_blocks, body, init)
     o_ref[...] = (acc / jnp.where(l > 0, l, 1.0)[:, None]).astype(o_ref.dtype)
-    lse_ref[...] = jnp.where(l > 0, m + jnp.log(jnp.where(l > 0, l, 1.0)), EMPTY_LSE)
+    lse_ref[...] = jnp.where(l > 0, m + jnp.log(jnp.where(l > 0, l, 1.0)), EMPTY_LSE)[None, :]
 
 
 # ------------------------------------------------------------------ backward
@@ -96,13 +96,13 @@ def _dq_kernel(qseg_ref, qatt_ref, qanc_ref, kseg_ref, ktpos_ref, q_ref, k_ref, 
                dq_ref, *, cfg: KernelConfig, depth: int, num_k_blocks: int):
     bk = cfg.block_k
     q, do = q_ref[...], do_ref[...]
-    lse, delta = lse_ref[...], delta_ref[...]
-    q_seg, q_att = qseg_ref[...], qatt_ref[...]
+    lse, delta = lse_ref[0, :], delta_ref[0, :]
+    q_seg, q_att = qseg_ref[0, :], qatt_ref[0, :]
     q_anc = [qanc_ref[d, :] for d in range(depth)]
 
     def body(j, dq):
         sl = pl.ds(j * bk, bk)
-        vis = _visible(q_seg, q_att, q_anc, kseg_ref[sl], ktpos_ref[sl], j * bk + lax.iota(jnp.int32, bk))
+        vis = _visible(q_seg, q_att, q_anc, kseg_ref[0, sl], ktpos_ref[0, sl], j * bk + lax.iota(jnp.int32, bk))
 
         def update(dq):
             k = k_ref[sl, :]
@@ -119,19 +119,20 @@ def _dkv_kernel(qseg_ref, qatt_ref, qanc_ref, kseg_ref, ktpos_ref, q_ref, k_ref,
                 dk_ref, dv_ref, *, cfg: KernelConfig, depth: int, num_q_blocks: int):
     bq, bk = cfg.block_q, cfg.block_k
     k, v = k_ref[...], v_ref[...]
-    k_seg, k_tpos = kseg_ref[...], ktpos_ref[...]
+    k_seg, k_tpos = kseg_ref[0, :], ktpos_ref[0, :]
     k_idx = pl.program_id(2) * bk + lax.iota(jnp.int32, bk)
 
     def body(i, carry):
         sl = pl.ds(i * bq, bq)
-        vis = _visible(qseg_ref[sl], qatt_ref[sl], [qanc_ref[d, sl] for d in range(depth)], k_seg, k_tpos, k_idx)
+        vis = _visible(qseg_ref[0, sl], qatt_ref[0, sl], [qanc_ref[d, sl] for d in range(depth)], k_seg, k_tpos,
+                       k_idx)
 
         def update(carry):
             dk, dv = carry
             q, do = q_ref[sl, :], do_ref[sl, :]
-            p = jnp.where(vis, jnp.exp(_dot(q, k, 1, 1) * cfg.scale - lse_ref[sl][:, None]), 0.0)
+            p = jnp.where(vis, jnp.exp(_dot(q, k, 1, 1) * cfg.scale - lse_ref[0, sl][:, None]), 0.0)
             dv = dv + _dot(p.astype(do.dtype), do, 0, 0)
-            ds = p * (_dot(do, v, 1, 1) - delta_ref[sl][:, None])
+            ds = p * (_dot(do, v, 1, 1) - delta_ref[0, sl][:, None])
             return dk + _dot(ds.astype(q.dtype), q, 0, 0), dv
         return _maybe(cfg, vis, update, carry)
 
@@ -144,7 +145,17 @@ def _dkv_kernel(qseg_ref, qatt_ref, qanc_ref, kseg_ref, ktpos_ref, q_ref, k_ref,
 # ------------------------------------------------------------------ calls on padded inputs
 
 def _meta_args(qm: TreeMeta, km: TreeMeta):
-    return qm.seg, qm.attach, jnp.swapaxes(qm.anc, 1, 2), km.seg, km.tpos  # anc as [B, D, N]: rows load
+    """[B, 1, N] rows and anc as [B, D, N]: TPU blocks want their last two dims (8, 128)-tiled or whole."""
+    return qm.seg[:, None], qm.attach[:, None], jnp.swapaxes(qm.anc, 1, 2), km.seg[:, None], km.tpos[:, None]
+
+
+def _specs(hd: int, D: int):
+    """Block specs by kind; q/k/v/o are head-major [B, H, N, hd], softmax stats [B, H, 1, N]."""
+    return dict(
+        row=lambda n, f: pl.BlockSpec((None, 1, n), f),
+        anc=lambda n, f: pl.BlockSpec((None, D, n), f),
+        heads=lambda n, f: pl.BlockSpec((None, None, n, hd), f),
+        stat=lambda n, f: pl.BlockSpec((None, None, 1, n), f))
 
 
 def _compiler_params():
@@ -171,65 +182,51 @@ def _call(kernel, cfg: KernelConfig, grid, in_specs, out_specs, out_shape, args,
 
 
 def _forward(q, k, v, qm, km, cfg: KernelConfig):
-    B, Nq, Hq, hd = q.shape
-    Nk, Hkv, D = k.shape[1], k.shape[2], qm.anc.shape[-1]
+    B, Hq, Nq, hd = q.shape
+    Hkv, Nk, D = k.shape[1], k.shape[2], qm.anc.shape[-1]
     g, bq = Hq // Hkv, cfg.block_q
-    kernel = functools.partial(_fwd_kernel, cfg=cfg, depth=D, num_k_blocks=Nk // cfg.block_k)
+    S = _specs(hd, D)
+    q_blk, k_all = (lambda b, h, i: (b, 0, i)), (lambda b, h, i: (b, 0, 0))
     return _call(
-        kernel, cfg, grid=(B, Hq, Nq // bq),
-        in_specs=[pl.BlockSpec((None, bq), lambda b, h, i: (b, i)),
-                  pl.BlockSpec((None, bq), lambda b, h, i: (b, i)),
-                  pl.BlockSpec((None, D, bq), lambda b, h, i: (b, 0, i)),
-                  pl.BlockSpec((None, Nk), lambda b, h, i: (b, 0)),
-                  pl.BlockSpec((None, Nk), lambda b, h, i: (b, 0)),
-                  pl.BlockSpec((None, bq, None, hd), lambda b, h, i: (b, i, h, 0)),
-                  pl.BlockSpec((None, Nk, None, hd), lambda b, h, i: (b, 0, h // g, 0)),
-                  pl.BlockSpec((None, Nk, None, hd), lambda b, h, i: (b, 0, h // g, 0))],
-        out_specs=[pl.BlockSpec((None, bq, None, hd), lambda b, h, i: (b, i, h, 0)),
-                   pl.BlockSpec((None, None, bq), lambda b, h, i: (b, h, i))],
-        out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((B, Hq, Nq), jnp.float32)],
+        functools.partial(_fwd_kernel, cfg=cfg, depth=D, num_k_blocks=Nk // cfg.block_k), cfg, grid=(B, Hq, Nq // bq),
+        in_specs=[S["row"](bq, q_blk), S["row"](bq, q_blk), S["anc"](bq, q_blk), S["row"](Nk, k_all),
+                  S["row"](Nk, k_all), S["heads"](bq, lambda b, h, i: (b, h, i, 0)),
+                  S["heads"](Nk, lambda b, h, i: (b, lax.div(h, g), 0, 0)), S["heads"](Nk, lambda b, h, i: (b, lax.div(h, g), 0, 0))],
+        out_specs=[S["heads"](bq, lambda b, h, i: (b, h, i, 0)), S["stat"](bq, lambda b, h, i: (b, h, 0, i))],
+        out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((B, Hq, 1, Nq), jnp.float32)],
         args=(*_meta_args(qm, km), q, k, v), name="tree_attention_fwd")
 
 
 def _backward(q, k, v, qm, km, o, lse, do, cfg: KernelConfig):
-    B, Nq, Hq, hd = q.shape
-    Nk, Hkv, D = k.shape[1], k.shape[2], qm.anc.shape[-1]
+    B, Hq, Nq, hd = q.shape
+    Hkv, Nk, D = k.shape[1], k.shape[2], qm.anc.shape[-1]
     g, bq, bk = Hq // Hkv, cfg.block_q, cfg.block_k
-    delta = jnp.swapaxes(jnp.sum(o.astype(jnp.float32) * do.astype(jnp.float32), -1), 1, 2)  # [B, Hq, Nq]
+    S = _specs(hd, D)
+    delta = jnp.sum(o.astype(jnp.float32) * do.astype(jnp.float32), -1)[:, :, None]  # [B, Hq, 1, Nq]
     meta = _meta_args(qm, km)
+    q_blk, k_all = (lambda b, h, i: (b, 0, i)), (lambda b, h, i: (b, 0, 0))
+    mine, kv_all = (lambda b, h, i: (b, h, i, 0)), (lambda b, h, i: (b, lax.div(h, g), 0, 0))
     (dq,) = _call(
         functools.partial(_dq_kernel, cfg=cfg, depth=D, num_k_blocks=Nk // bk), cfg, grid=(B, Hq, Nq // bq),
-        in_specs=[pl.BlockSpec((None, bq), lambda b, h, i: (b, i)),
-                  pl.BlockSpec((None, bq), lambda b, h, i: (b, i)),
-                  pl.BlockSpec((None, D, bq), lambda b, h, i: (b, 0, i)),
-                  pl.BlockSpec((None, Nk), lambda b, h, i: (b, 0)),
-                  pl.BlockSpec((None, Nk), lambda b, h, i: (b, 0)),
-                  pl.BlockSpec((None, bq, None, hd), lambda b, h, i: (b, i, h, 0)),
-                  pl.BlockSpec((None, Nk, None, hd), lambda b, h, i: (b, 0, h // g, 0)),
-                  pl.BlockSpec((None, Nk, None, hd), lambda b, h, i: (b, 0, h // g, 0)),
-                  pl.BlockSpec((None, bq, None, hd), lambda b, h, i: (b, i, h, 0)),
-                  pl.BlockSpec((None, None, bq), lambda b, h, i: (b, h, i)),
-                  pl.BlockSpec((None, None, bq), lambda b, h, i: (b, h, i))],
-        out_specs=[pl.BlockSpec((None, bq, None, hd), lambda b, h, i: (b, i, h, 0))],
+        in_specs=[S["row"](bq, q_blk), S["row"](bq, q_blk), S["anc"](bq, q_blk), S["row"](Nk, k_all),
+                  S["row"](Nk, k_all), S["heads"](bq, mine), S["heads"](Nk, kv_all), S["heads"](Nk, kv_all),
+                  S["heads"](bq, mine), S["stat"](bq, lambda b, h, i: (b, h, 0, i)),
+                  S["stat"](bq, lambda b, h, i: (b, h, 0, i))],
+        out_specs=[S["heads"](bq, mine)],
         out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype)],
         args=(*meta, q, k, v, do, lse, delta), name="tree_attention_dq")
+    k_blk, q_all = (lambda b, h, j: (b, 0, j)), (lambda b, h, j: (b, 0, 0))
+    kv_mine, q_heads = (lambda b, h, j: (b, lax.div(h, g), j, 0)), (lambda b, h, j: (b, h, 0, 0))
     dk, dv = _call(
         functools.partial(_dkv_kernel, cfg=cfg, depth=D, num_q_blocks=Nq // bq), cfg, grid=(B, Hq, Nk // bk),
-        in_specs=[pl.BlockSpec((None, Nq), lambda b, h, j: (b, 0)),
-                  pl.BlockSpec((None, Nq), lambda b, h, j: (b, 0)),
-                  pl.BlockSpec((None, D, Nq), lambda b, h, j: (b, 0, 0)),
-                  pl.BlockSpec((None, bk), lambda b, h, j: (b, j)),
-                  pl.BlockSpec((None, bk), lambda b, h, j: (b, j)),
-                  pl.BlockSpec((None, Nq, None, hd), lambda b, h, j: (b, 0, h, 0)),
-                  pl.BlockSpec((None, bk, None, hd), lambda b, h, j: (b, j, h // g, 0)),
-                  pl.BlockSpec((None, bk, None, hd), lambda b, h, j: (b, j, h // g, 0)),
-                  pl.BlockSpec((None, Nq, None, hd), lambda b, h, j: (b, 0, h, 0)),
-                  pl.BlockSpec((None, None, Nq), lambda b, h, j: (b, h, 0)),
-                  pl.BlockSpec((None, None, Nq), lambda b, h, j: (b, h, 0))],
-        out_specs=[pl.BlockSpec((None, bk, None, hd), lambda b, h, j: (b, j, h, 0))] * 2,
-        out_shape=[jax.ShapeDtypeStruct((B, Nk, Hq, hd), k.dtype)] * 2,
+        in_specs=[S["row"](Nq, q_all), S["row"](Nq, q_all), S["anc"](Nq, q_all), S["row"](bk, k_blk),
+                  S["row"](bk, k_blk), S["heads"](Nq, q_heads), S["heads"](bk, kv_mine), S["heads"](bk, kv_mine),
+                  S["heads"](Nq, q_heads), S["stat"](Nq, lambda b, h, j: (b, h, 0, 0)),
+                  S["stat"](Nq, lambda b, h, j: (b, h, 0, 0))],
+        out_specs=[S["heads"](bk, lambda b, h, j: (b, h, j, 0))] * 2,
+        out_shape=[jax.ShapeDtypeStruct((B, Hq, Nk, hd), k.dtype)] * 2,
         args=(*meta, q, k, v, do, lse, delta), name="tree_attention_dkv")
-    group = lambda x: x.reshape(B, Nk, Hkv, g, hd).astype(jnp.float32).sum(3).astype(k.dtype)  # noqa: E731
+    group = lambda x: x.reshape(B, Hkv, g, Nk, hd).astype(jnp.float32).sum(2).astype(k.dtype)  # noqa: E731
     return dq, group(dk), group(dv)
 
 
@@ -269,27 +266,29 @@ def _pow2(n: int) -> int:
 
 
 def tree_attention_pallas(q, k, v, q_meta: TreeMeta, k_meta: TreeMeta, *, scale: float | None = None,
-                          block_q: int = 64, block_k: int = 64, interpret: bool | None = None,
+                          block_q: int | None = None, block_k: int | None = None, interpret: bool | None = None,
                           skip_empty: bool = True, _poison: bool = False):
     """Drop-in for `tree_attention.tree_attention` (same arguments and result), differentiable.
 
     Sequences are padded to whole blocks (padding slots have seg -1 and see nothing), the ancestor
-    list to a power of two; blocks shrink to the (power-of-two) sequence length when it is shorter.
+    list to a power of two; blocks (default 64, 128 on TPU) shrink to the (power-of-two) sequence
+    length when it is shorter.
     """
     B, Nq, Hq, hd = q.shape
     Nk = k.shape[1]
     if Hq % k.shape[2]:
         raise ValueError(f"query heads {Hq} not a multiple of kv heads {k.shape[2]}")
-    bq, bk = min(block_q, _pow2(Nq)), min(block_k, _pow2(Nk))
+    block = 128 if jax.default_backend() == "tpu" else 64  # Mosaic tiles lanes by 128
+    bq, bk = min(block_q or block, _pow2(Nq)), min(block_k or block, _pow2(Nk))
     nq, nk = -(-Nq // bq) * bq, -(-Nk // bk) * bk
     D = _pow2(q_meta.anc.shape[-1])
     pad_meta = lambda m, n: TreeMeta(_pad_to(m.seg, 1, n, -1), _pad_to(m.tpos, 1, n, -1),  # noqa: E731
                                      _pad_to(m.attach, 1, n, -1), _pad_to(_pad_to(m.anc, 1, n, -1), 2, D, -1))
     cfg = KernelConfig(bq, bk, jax.default_backend() == "cpu" if interpret is None else interpret,
                        hd ** -0.5 if scale is None else float(scale), skip_empty, _poison)
-    o = _attention(_pad_to(q, 1, nq, 0), _pad_to(k, 1, nk, 0), _pad_to(v, 1, nk, 0),
-                   pad_meta(q_meta, nq), pad_meta(k_meta, nk), cfg)
-    return o[:, :Nq]
+    heads = lambda x, n: jnp.swapaxes(_pad_to(x, 1, n, 0), 1, 2)  # noqa: E731  [B, H, N, hd]
+    o = _attention(heads(q, nq), heads(k, nk), heads(v, nk), pad_meta(q_meta, nq), pad_meta(k_meta, nk), cfg)
+    return jnp.swapaxes(o, 1, 2)[:, :Nq]
 
 
 IMPLEMENTATIONS = ("auto", "reference", "pallas")

@@ -100,6 +100,23 @@ def test_poison_check_can_fail():
     assert np.isnan(np.asarray(o)).all()
 
 
+@pytest.mark.parametrize("platform,block", [("cuda", 64), ("tpu", 128)])
+def test_kernels_lower_for_gpu_and_tpu(platform, block, monkeypatch):
+    """Forward and backward lower to Triton (GPU) and Mosaic (TPU) from this CPU machine (compiling
+    and running them needs the device: `aurora-jax bench attention` there)."""
+    from aurora_jax import pallas_attention as pa
+    if platform == "cuda":  # what _compiler_params picks when the default backend is a GPU
+        from jax.experimental.pallas import triton as plgpu
+        monkeypatch.setattr(pa, "_compiler_params", lambda: plgpu.CompilerParams(num_warps=4, num_stages=2))
+    meta = random_meta(np.random.default_rng(0), 2, 200, 5)
+    q, k = jnp.zeros((2, 200, 8, 64), jnp.bfloat16), jnp.zeros((2, 200, 2, 64), jnp.bfloat16)
+    f = lambda q, k, v: jnp.sum(tree_attention_pallas(q, k, v, meta, meta, interpret=False, block_q=block,  # noqa
+                                                      block_k=block).astype(jnp.float32))
+    text = jax.jit(jax.grad(f, argnums=(0, 1, 2))).trace(q, k, k).lower(lowering_platforms=(platform,)).as_text()
+    for name in ("tree_attention_fwd", "tree_attention_dq", "tree_attention_dkv"):
+        assert name in text, name
+
+
 def test_select_attention():
     assert select_attention("reference") is tree_attention
     assert select_attention("pallas") is tree_attention_pallas
