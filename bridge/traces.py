@@ -177,3 +177,29 @@ def decode(payload) -> Trace:
 # Field numbers from aurora.proto that the hand-framed paths rely on.
 _AUX_FIELD = pb.RequestTrace.DESCRIPTOR.fields_by_name["aux_hidden"].number
 _DATA_FIELD = pb.Tensor.DESCRIPTOR.fields_by_name["data"].number
+
+
+def cut_steps(steps: list[TreeStep], L: int) -> list[TreeStep]:
+    """The steps of a trace whose trunk was cut to L tokens (EOS, max_tokens, or a serving tier that
+    lacks features for the last tokens): accepted nodes past the end go, with their subtrees."""
+    return [c for c in (_cut_step(s, L) for s in steps if s.trunk_pos < L) if len(c.tokens)]
+
+
+def _cut_step(s: TreeStep, L: int) -> TreeStep:
+    n = len(s.tokens)
+    depth = np.zeros(n, int)
+    for k in range(n):
+        depth[k] = 1 if s.parents[k] < 0 else depth[s.parents[k]] + 1
+    drop = np.zeros(n, bool)
+    for k in range(n):
+        drop[k] = (s.accepted[k] and s.trunk_pos + depth[k] >= L) or (s.parents[k] >= 0 and drop[s.parents[k]])
+    if not drop.any():
+        return s
+    keep = np.nonzero(~drop)[0]
+    remap = {int(o): i for i, o in enumerate(keep)}
+    parents = np.asarray([remap.get(int(s.parents[k]), -1) if s.parents[k] >= 0 else -1 for k in keep], np.int32)
+    rows = {int(m): r for r, m in enumerate(s.target_nodes)}
+    tn = [k for k in keep if int(k) in rows]
+    return TreeStep(s.trunk_pos, s.tokens[keep], parents, s.accepted[keep],
+                    np.asarray([remap[int(k)] for k in tn], np.int32),
+                    s.target_ids[[rows[int(k)] for k in tn]], s.target_logprobs[[rows[int(k)] for k in tn]])

@@ -21,7 +21,7 @@ import uuid
 import numpy as np
 import torch
 
-from bridge.traces import Trace, TreeStep
+from bridge.traces import Trace, TreeStep, cut_steps
 from serving.eagle3 import Eagle3Draft
 from serving.target import Target
 
@@ -326,7 +326,7 @@ class SpecDecoder:
             r.aux.append(a[0])
             i, l = self._topk(logits)
             r.top_ids.append(i[0]), r.top_lp.append(l[0])
-        steps = [c for c in (_cut_step(s, L) for s in r.steps if s.trunk_pos < L) if len(c.tokens)]
+        steps = cut_steps(r.steps, L)
         trace = Trace(request_id=r.request_id, tokens=np.asarray(tokens, np.int32), prompt_len=len(r.prompt),
                       aux_hidden=_np(torch.stack(r.aux[:L])), target_ids=np.stack(r.top_ids[:L]).astype(np.int32),
                       target_logprobs=np.stack(r.top_lp[:L]).astype(np.float32), steps=steps,
@@ -385,24 +385,3 @@ def _np(t: torch.Tensor) -> np.ndarray:
     if t.dtype == torch.bfloat16:
         return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16).copy()
     return t.float().numpy().copy() if t.dtype != torch.float16 else t.numpy().copy()
-
-
-def _cut_step(s: TreeStep, L: int) -> TreeStep:
-    """Drop accepted nodes past the trunk's end (and their subtrees): they were cut at EOS/limit."""
-    n = len(s.tokens)
-    depth = np.zeros(n, int)
-    for k in range(n):
-        depth[k] = 1 if s.parents[k] < 0 else depth[s.parents[k]] + 1
-    drop = np.zeros(n, bool)
-    for k in range(n):
-        drop[k] = (s.accepted[k] and s.trunk_pos + depth[k] >= L) or (s.parents[k] >= 0 and drop[s.parents[k]])
-    if not drop.any():
-        return s
-    keep = np.nonzero(~drop)[0]
-    remap = {int(o): i for i, o in enumerate(keep)}
-    parents = np.asarray([remap.get(int(s.parents[k]), -1) if s.parents[k] >= 0 else -1 for k in keep], np.int32)
-    rows = {int(m): r for r, m in enumerate(s.target_nodes)}
-    tn = [k for k in keep if int(k) in rows]
-    return TreeStep(s.trunk_pos, s.tokens[keep], parents, s.accepted[keep],
-                    np.asarray([remap[int(k)] for k in tn], np.int32),
-                    s.target_ids[[rows[int(k)] for k in tn]], s.target_logprobs[[rows[int(k)] for k in tn]])

@@ -8,28 +8,56 @@ test, not a surprise on a GPU box.
 VERSION = "0.5.23"
 WHEEL = f"sglang=={VERSION}"
 
-# HTTP routes (sglang/srt/entrypoints/http_server.py): method, path, request model.
+# HTTP routes (srt/entrypoints/http_server.py): path -> (method, request model).
 ROUTES = {
     "/generate": ("POST", "GenerateReqInput"),
     "/begin_weight_update": ("POST", "BeginWeightUpdateReqInput"),
     "/update_weights_from_tensor": ("POST", "UpdateWeightsFromTensorReqInput"),
     "/end_weight_update": ("POST", "EndWeightUpdateReqInput"),
-    "/get_server_info": ("GET", None),
     "/health": ("GET", None),
 }
 
-# Request fields we send (sglang/srt/managers/io_struct.py), per request class.
-REQUEST_FIELDS = {
-    "BeginWeightUpdateReqInput": ("selector",),
-    "UpdateWeightsFromTensorReqInput": ("serialized_named_tensors", "load_format", "flush_cache",
-                                        "weight_version", "selector"),
-    "EndWeightUpdateReqInput": (),
-    "GenerateReqInput": ("text", "input_ids", "sampling_params", "return_logprob", "top_logprobs_num",
-                         "return_hidden_states", "stream", "rid"),
+# Fields we send or read, per class: class -> (file, fields).
+FIELDS = {
+    "BeginWeightUpdateReqInput": ("srt/managers/io_struct.py", ("selector",)),
+    "UpdateWeightsFromTensorReqInput": ("srt/managers/io_struct.py", (
+        "serialized_named_tensors", "load_format", "flush_cache", "weight_version", "selector")),
+    "EndWeightUpdateReqInput": ("srt/managers/io_struct.py", ()),
+    "GenerateReqInput": ("srt/managers/io_struct.py", (
+        "input_ids", "sampling_params", "rid", "stream", "return_logprob", "logprob_start_len",
+        "top_logprobs_num", "return_hidden_states")),
+    "SamplingParams": ("srt/sampling/sampling_params.py", (
+        "max_new_tokens", "temperature", "stop_token_ids", "sampling_seed")),
+    # what the scheduler plugin reads in eagle_sample's arguments
+    "EagleVerifyInput": ("srt/speculative/eagle_info.py", (
+        "draft_token", "retrieve_next_token", "retrieve_next_sibling", "draft_token_num")),
+    "ScheduleBatch": ("srt/managers/schedule_batch.py", ("reqs", "seq_lens", "seq_lens_cpu", "forward_mode")),
+    "LogitsProcessorOutput": ("srt/layers/logits_processor.py", ("next_token_logits",)),
 }
 
 # Literal values we pass for typed fields.
 SELECTOR_VALUES = ("draft",)
+
+# Launch flags (`python -m sglang.launch_server --flag-name`): server-arg field -> file declaring it.
+SERVER_ARGS = {
+    "model_path": "srt/arg_groups/fields/model.py",
+    "tp_size": "srt/arg_groups/fields/parallel.py",
+    "host": "srt/arg_groups/fields/serving.py",
+    "port": "srt/arg_groups/fields/serving.py",
+    "api_key": "srt/arg_groups/fields/serving.py",
+    "admin_api_key": "srt/arg_groups/fields/serving.py",
+    "weight_version": "srt/arg_groups/fields/serving.py",
+    "speculative_algorithm": "srt/arg_groups/fields/spec.py",
+    "speculative_draft_model_path": "srt/arg_groups/fields/spec.py",
+    "speculative_num_steps": "srt/arg_groups/fields/spec.py",
+    "speculative_eagle_topk": "srt/arg_groups/fields/spec.py",
+    "speculative_num_draft_tokens": "srt/arg_groups/fields/spec.py",
+    "enable_return_aux_hidden_states": "srt/arg_groups/fields/exec_.py",
+    "enable_return_hidden_states": "srt/arg_groups/fields/exec_.py",
+    "disable_radix_cache": "srt/arg_groups/fields/memory.py",
+    "mem_fraction_static": "srt/arg_groups/fields/schedule.py",
+}
+LAUNCH_MODULE = "launch_server.py"
 
 # Functions and methods (file under sglang/, qualified name, parameters it must accept).
 SYMBOLS = (
@@ -37,12 +65,18 @@ SYMBOLS = (
     ("srt/managers/tp_worker.py", "BaseTpWorker.deserialize_own_rank", ("serialized_named_tensors",)),
     ("srt/managers/scheduler_components/weight_updater.py", "SchedulerWeightUpdaterManager.begin_weight_update",
      ("recv_req",)),
-    ("srt/managers/scheduler_components/weight_updater.py", "SchedulerWeightUpdaterManager.flush_cache_after_weight_update",
-     ("recv_req", "success", "message")),
+    ("srt/managers/scheduler_components/weight_updater.py",
+     "SchedulerWeightUpdaterManager.flush_cache_after_weight_update", ("recv_req", "success", "message")),
     ("srt/models/llama_eagle3.py", "LlamaForCausalLMEagle3.load_weights", ("weights",)),
+    # the plugin: SGLang's plugin loader and hook registry, and the hooked function
+    ("srt/plugins/__init__.py", "load_plugins", ()),
+    ("srt/plugins/hook_registry.py", "HookRegistry.register", ("target", "hook", "hook_type")),
+    ("srt/speculative/eagle_utils.py", "eagle_sample", ("verify_input", "batch", "logits_output")),
+    ("srt/runtime_context.py", "get_parallel", ()),
 )
 
-# Source facts the adapter's behaviour depends on: (file, function, a string its body must contain).
+# Source facts the adapter's behaviour depends on: (file, function or "" for the whole module, a string
+# its source contains, as `ast.unparse` prints it: single quotes, normalised spacing).
 SOURCE_FACTS = (
     # d2t is turned into hot_token_id at load, so a swap must never resend it.
     ("srt/models/llama_eagle3.py", "LlamaForCausalLMEagle3.load_weights", "hot_token_id"),
@@ -50,4 +84,17 @@ SOURCE_FACTS = (
     ("srt/models/llama_eagle3.py", "LlamaForCausalLMEagle3.load_weights", "midlayer"),
     # each TP rank deserializes only its own payload: one payload per rank.
     ("srt/managers/tp_worker.py", "BaseTpWorker.deserialize_own_rank", "tp_rank"),
+    # the plugin entry-point group and the hook target's module binding
+    ("srt/plugins/__init__.py", "", "GENERAL_PLUGINS_GROUP = 'sglang.srt.plugins'"),
+    ("srt/speculative/eagle_worker_common.py", "", "eagle_prepare_for_verify, eagle_sample"),
+    ("srt/speculative/eagle_worker_common.py", "run_eagle_verify", "eagle_sample("),
+    ("srt/speculative/eagle_utils.py", "eagle_sample", "return (predict, accept_lens, accept_index)"),
+    # accept_index starts with the root's block index (what StepRecord.accepted assumes)
+    ("kernels/ops/speculative/spec_tree.py", "verify_tree_greedy_kernel_triton",
+     "tl.store(accept_index_ptr + bx * num_speculative_tokens, last_accept_retrieve_idx)"),
+    # response shapes the sidecar converts
+    ("srt/managers/tokenizer_manager.py", "", "meta_info['hidden_states'] = hidden_states"),
+    ("srt/managers/tokenizer_manager.py", "", "'weight_version': self.config_value('weight_version')"),
+    ("srt/managers/scheduler_components/batch_result_processor.py", "", "req.hidden_states.extend("),
+    ("srt/managers/schedule_batch.py", "FINISH_LENGTH.to_json", "'type': 'length'"),
 )

@@ -1,0 +1,239 @@
+"""The SGLang sidecar: users' OpenAI requests go through it to SGLang, traces go to the trainer.
+
+It stands in for the embedded `Engine` behind `serving.http.HttpServer` (same submit/snapshot
+interface), so users get the same OpenAI routes and Prometheus metrics. Each request becomes one
+SGLang `/generate` call asking for the aux hidden states and the target top-k per position; the
+finished response, joined with the verify-step trees the scheduler plugin posted to `/aurora/steps`
+(with a draft), becomes a RequestTrace sent through the TraceClient. Two deployments:
+  external without draft: stock SGLang with --enable-return-aux-hidden-states (target only);
+  external with draft:    SGLang with an EAGLE3 draft, --enable-return-hidden-states, our plugin.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import json
+import logging
+import threading
+import time
+import urllib.error
+import urllib.request
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from serving.engine import Handle
+from serving.sglang.traces import SGLangTraceError, StepRecord, step_from_record, trace_from_generate
+from serving.trace_client import TraceClient, TraceClientConfig
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class SidecarConfig:
+    sglang_url: str = "http://127.0.0.1:30000"
+    api_key: str = ""  # SGLang --api-key, sent as a Bearer token
+    tokenizer: str = ""  # local tokenizer directory (the target model's), for text prompts
+    topk: int = 8  # target top-k exported per position
+    with_draft: bool = False  # SGLang runs an EAGLE3 draft and our plugin posts verify trees
+    tree_sink: str = "127.0.0.1:0"  # where the plugin posts trees (AURORA_TREE_SINK)
+    tree_wait_s: float = 2.0  # how long a finished request waits for its last trees
+    traces: TraceClientConfig = dataclasses.field(default_factory=TraceClientConfig)
+    max_running: int = 64  # concurrent /generate calls
+    max_new_tokens: int = 256
+    timeout_s: float = 600.0
+    host: str = "127.0.0.1"
+    port: int = 8000
+    model_name: str = "aurora-target"
+
+
+class TreeSink:
+    """Loopback HTTP endpoint the scheduler plugin posts StepRecord batches to; keyed by rid."""
+
+    def __init__(self, address: str, keep_s: float = 600.0):
+        host, port = address.rsplit(":", 1)
+        self._steps: dict[str, list[StepRecord]] = collections.defaultdict(list)
+        self._seen: dict[str, float] = {}
+        self._cv = threading.Condition()
+        self.received = self.malformed = 0
+        self.keep_s = keep_s
+        sink = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *a):
+                pass
+
+            def do_POST(self):
+                if self.path != "/aurora/steps":
+                    self.send_error(404)
+                    return
+                try:
+                    body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))))
+                    recs = [StepRecord(**r) for r in body]
+                except (ValueError, TypeError) as e:
+                    sink.malformed += 1
+                    self.send_error(400, f"bad step records: {e}")
+                    return
+                sink.add(recs)
+                self.send_response(204)
+                self.end_headers()
+
+        self.http = ThreadingHTTPServer((host, int(port)), Handler)
+        self.url = f"http://{host}:{self.http.server_address[1]}/aurora/steps"
+        threading.Thread(target=self.http.serve_forever, name="aurora-tree-sink", daemon=True).start()
+
+    def add(self, recs: list[StepRecord]) -> None:
+        now = time.monotonic()
+        with self._cv:
+            for r in recs:
+                self._steps[r.rid].append(r)
+                self._seen[r.rid] = now
+            self.received += len(recs)
+            for rid in [k for k, t in self._seen.items() if now - t > self.keep_s]:  # never claimed
+                self._steps.pop(rid, None), self._seen.pop(rid, None)
+            self._cv.notify_all()
+
+    def take(self, rid: str, expect: int, wait_s: float) -> list[StepRecord]:
+        """The request's records once `expect` have arrived (or after wait_s, whatever came)."""
+        deadline = time.monotonic() + wait_s
+        with self._cv:
+            while len(self._steps.get(rid, ())) < expect and (left := deadline - time.monotonic()) > 0:
+                self._cv.wait(left)
+            self._seen.pop(rid, None)
+            return self._steps.pop(rid, [])
+
+    def close(self) -> None:
+        self.http.shutdown()
+        self.http.server_close()
+
+
+class SGLangEngine:
+    """Engine-compatible front for an SGLang server (see module doc)."""
+
+    def __init__(self, cfg: SidecarConfig, tokenizer=None, updater=None):
+        self.cfg = cfg
+        self.tokenizer = tokenizer
+        if tokenizer is None and cfg.tokenizer:
+            from transformers import AutoTokenizer
+            self.tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer, local_files_only=True)
+        self.updater = updater  # SGLangWeightUpdater, when this sidecar also applies WeightSync versions
+        self.sink = TreeSink(cfg.tree_sink) if cfg.with_draft else None
+        self.client = TraceClient(cfg.traces)
+        self._pool = ThreadPoolExecutor(cfg.max_running, thread_name_prefix="sglang-req")
+        self._lock = threading.Lock()
+        self.last_weight_version = 0
+        self.metrics = dict(requests=0, running=0, prompt_tokens=0, output_tokens=0, target_forwards=0,
+                            request_seconds=0.0, decode_seconds=0.0, errors=0, trace_errors=0, cut_tokens=0)
+
+    @property
+    def draft_version(self) -> int:
+        return self.updater.version if self.updater is not None else self.last_weight_version
+
+    def request_body(self, prompt: list[int], max_new_tokens: int, temperature: float, seed, eos, rid: str) -> dict:
+        sp = dict(max_new_tokens=max_new_tokens, temperature=temperature)
+        if seed is not None:
+            sp["sampling_seed"] = int(seed)
+        if eos is not None:
+            sp["stop_token_ids"] = [int(eos)]
+        return dict(input_ids=list(prompt), sampling_params=sp, rid=rid, stream=False, return_logprob=True,
+                    logprob_start_len=0, top_logprobs_num=self.cfg.topk, return_hidden_states=True)
+
+    def _generate(self, body: dict) -> dict:
+        req = urllib.request.Request(self.cfg.sglang_url.rstrip("/") + "/generate", data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+        if self.cfg.api_key:
+            req.add_header("Authorization", f"Bearer {self.cfg.api_key}")
+        try:
+            with urllib.request.urlopen(req, timeout=self.cfg.timeout_s) as r:
+                return json.loads(r.read())
+        except urllib.error.HTTPError as e:
+            raise RuntimeError(f"SGLang /generate answered HTTP {e.code}: {e.read().decode(errors='replace')[:300]}")
+        except (urllib.error.URLError, OSError) as e:
+            raise RuntimeError(f"SGLang at {self.cfg.sglang_url} unreachable: {e}")
+
+    def submit(self, prompt: list[int], max_new_tokens: int | None = None, temperature: float = 0.0,
+               seed: int | None = None, eos: int | None = None, domain: str = "") -> Handle:
+        h = Handle(submitted=time.perf_counter())
+        n = min(max_new_tokens or self.cfg.max_new_tokens, self.cfg.max_new_tokens)
+        self._pool.submit(self._run, h, list(prompt), n, temperature, seed, eos, domain)
+        return h
+
+    def complete(self, prompt: list[int], **kw) -> dict:
+        h = self.submit(prompt, **kw)
+        while not isinstance(ev := h.events.get(), dict):
+            pass
+        return ev
+
+    def _run(self, h: Handle, prompt, n, temperature, seed, eos, domain) -> None:
+        rid = uuid.uuid4().hex
+        with self._lock:
+            self.metrics["running"] += 1
+        t_start = time.time()
+        try:
+            resp = self._generate(self.request_body(prompt, n, temperature, seed, eos, rid))
+        except Exception as e:
+            h.error = str(e)
+            h.events.put(dict(error=str(e)))
+            with self._lock:
+                self.metrics["errors"] += 1
+                self.metrics["running"] -= 1
+            return
+        elapsed = time.perf_counter() - h.submitted
+        out = list(resp.get("output_ids") or [])
+        meta = resp.get("meta_info") or {}
+        h.events.put(out)
+        forwards = 1 + int(meta["spec_verify_ct"]) if meta.get("spec_verify_ct") else len(out)
+        version = str(meta.get("weight_version") or "")
+        if version.isdigit():
+            self.last_weight_version = int(version)
+        self._export(prompt, resp, rid, domain, t_start)
+        finish = meta.get("finish_reason") or {}
+        with self._lock:
+            m = self.metrics
+            m["running"] -= 1
+            m["requests"] += 1
+            m["prompt_tokens"] += len(prompt)
+            m["output_tokens"] += len(out)
+            m["target_forwards"] += forwards
+            m["request_seconds"] += elapsed
+            m["decode_seconds"] += elapsed
+        h.events.put(dict(output=out, prompt_tokens=len(prompt), target_forwards=forwards,
+                          accept_lengths=[], draft_version=self.draft_version, seconds=elapsed,
+                          finish_reason="length" if finish.get("type") == "length" else "stop", request_id=rid))
+
+    def _export(self, prompt, resp, rid, domain, t_start) -> None:
+        try:
+            steps = []
+            if self.sink is not None:
+                expect = int((resp.get("meta_info") or {}).get("spec_verify_ct") or 0)
+                steps = [step_from_record(r) for r in self.sink.take(rid, expect, self.cfg.tree_wait_s)]
+                steps.sort(key=lambda s: s.trunk_pos)
+            trace, cut = trace_from_generate(prompt, resp, request_id=rid, topk=self.cfg.topk, steps=steps,
+                                             domain=domain, start_unix_s=t_start, end_unix_s=time.time())
+            self.client.submit(trace)
+            with self._lock:
+                self.metrics["cut_tokens"] += cut
+        except SGLangTraceError as e:  # the user still got the answer; say why no trace
+            log.error("no trace for request %s: %s", rid, e)
+            with self._lock:
+                self.metrics["trace_errors"] += 1
+
+    def snapshot(self) -> dict:
+        with self._lock:
+            m = dict(self.metrics)
+        m["draft_version"] = self.draft_version
+        m["swaps"] = self.updater.applied if self.updater is not None else 0
+        m["last_swap_ms"] = self.updater.last_ms if self.updater is not None else 0.0
+        m["accept_length"] = m["output_tokens"] / max(m["target_forwards"], 1)
+        m["mean_batch"] = 0.0  # batching happens inside SGLang
+        m["traces"] = self.client.stats()
+        return m
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        if self.sink is not None:
+            self.sink.close()
+        self.client.close(timeout=2.0)
+
+
