@@ -78,6 +78,13 @@ def _cmd_serve(args) -> int:
     return 0
 
 
+def _cmd_sglang_launch(args) -> int:
+    from bridge.config import load_config
+    from serving.sglang.launch import SGLangLaunchConfig, run
+
+    return run(load_config(SGLangLaunchConfig, args.config, args.overrides), dry_run=args.dry_run)
+
+
 def _cmd_load(args) -> int:
     from serving.load import main as load_main
 
@@ -151,6 +158,19 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--config", default="configs/serve-cpu.yaml", help="engine YAML config (default: %(default)s)")
     s.add_argument("overrides", nargs="*", metavar="key=value")
     s.set_defaults(func=_cmd_serve)
+
+    s = sub.add_parser("sglang-launch", help="start SGLang on this GPU host wired into the loop (sidecar, plugin, "
+                                             "hot-swap)",
+                       description="Start an SGLang server (pinned release, see serving/sglang/pinned.py) as a child "
+                                   "process, then serve users through the sidecar's OpenAI endpoint, exporting every "
+                                   "request's trace to the trainer; with sglang.mode=draft the scheduler plugin "
+                                   "records verify trees and WeightSync versions are hot-swapped into SGLang's draft. "
+                                   "--dry-run prints the SGLang command without starting anything.",
+                       epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    s.add_argument("--config", required=True, help="e.g. configs/llama3.1-8b-sglang.yaml")
+    s.add_argument("--dry-run", action="store_true", help="print the SGLang command line and environment, then exit")
+    s.add_argument("overrides", nargs="*", metavar="key=value")
+    s.set_defaults(func=_cmd_sglang_launch)
 
     s = sub.add_parser("load", help="send a bounded workload (mixed / ordered / shift) to an OpenAI-compatible endpoint",
                        description="Workload driver: `aurora-jax load --endpoint URL [key=value ...]`; "

@@ -35,13 +35,18 @@ class DemoConfig:
     run_dir: str = "runs/demo"
     target: str = "models/demo-target"
     trainer_config: str = "configs/demo-trainer.yaml"
-    serve_config: str = "configs/demo-serve.yaml"
+    serving: str = "embedded"  # embedded (`aurora-jax serve`, CPU) | sglang (`aurora-jax sglang-launch`, GPU host)
+    serve_config: str = "configs/demo-serve.yaml"  # EngineConfig YAML, or SGLangLaunchConfig YAML for sglang
     trainer_overrides: list[str] = dataclasses.field(default_factory=list)
     serve_overrides: list[str] = dataclasses.field(default_factory=list)
     load: LoadConfig = dataclasses.field(default_factory=LoadConfig)
     until_version: int = 0  # after load.requests, keep sending until a request is served by this draft version
     max_requests: int = 0  # ... but never more requests than this in total
     start_timeout_s: float = 180.0
+
+    def __post_init__(self):
+        if self.serving not in ("embedded", "sglang"):
+            raise ValueError("serving must be embedded or sglang")
 
 
 def _free_port() -> int:
@@ -120,7 +125,8 @@ def run_demo(cfg: DemoConfig) -> int:
     run = Path(cfg.run_dir)
     shutil.rmtree(run, ignore_errors=True)
     run.mkdir(parents=True)
-    if not (ROOT / cfg.target / "model.safetensors").exists():
+    sglang = cfg.serving == "sglang"
+    if not sglang and not (ROOT / cfg.target / "model.safetensors").exists():
         raise FileNotFoundError(f"{cfg.target}: demo target missing (see scripts/make_demo_target.py)")
     py = [sys.executable, "-m", "aurora_jax.cli"]
     ingest, weights = _free_port(), _free_port()
@@ -131,17 +137,24 @@ def run_demo(cfg: DemoConfig) -> int:
                                          f"ingest.address=127.0.0.1:{ingest}", f"weight_sync.address=127.0.0.1:{weights}",
                                          f"buffer.spool_dir={run / 'spool'}", f"checkpoint.dir={run / 'ckpt'}",
                                          f"loop.metrics_path={run / 'train.jsonl'}",
-                                         f"loop.embedding={cfg.target}/model.safetensors", *cfg.trainer_overrides],
+                                         *([] if sglang else [f"loop.embedding={cfg.target}/model.safetensors"]),
+                                         *cfg.trainer_overrides],
                         run / "trainer.log")
         trainer.wait_line("listening on", cfg.start_timeout_s)
-        engine = _Proc("engine", py + ["serve", "--config", cfg.serve_config, f"target.path={cfg.target}",
-                                       f"traces.address=127.0.0.1:{ingest}", f"weights.address=127.0.0.1:{weights}",
-                                       *cfg.serve_overrides], run / "engine.log")
+        if sglang:  # SGLang + sidecar + plugin + hot-swap, as `aurora-jax sglang-launch` runs them
+            serve = ["sglang-launch", "--config", cfg.serve_config, f"sidecar.traces.address=127.0.0.1:{ingest}",
+                     f"weights.address=127.0.0.1:{weights}", "sidecar.host=127.0.0.1", f"sidecar.port={_free_port()}"]
+        else:
+            serve = ["serve", "--config", cfg.serve_config, f"target.path={cfg.target}",
+                     f"traces.address=127.0.0.1:{ingest}", f"weights.address=127.0.0.1:{weights}"]
+        engine = _Proc("engine", py + serve + list(cfg.serve_overrides), run / "engine.log")
         url = engine.wait_line("serving on", cfg.start_timeout_s)
         print(f"trainer: ingest :{ingest}, weights :{weights} (log {run / 'trainer.log'}); engine {url} "
               f"(log {run / 'engine.log'})", flush=True)
         cfg.load.endpoint = url
-        cfg.load.prompts = str(ROOT / cfg.target / "prompts")
+        if not sglang and cfg.load.prompts == LoadConfig.prompts:  # the embedded target's own prompts
+            cfg.load.prompts = str(ROOT / cfg.target / "prompts")
+        cfg.load.prompts = str(ROOT / cfg.load.prompts)  # (an absolute path stays as it is)
         def alive():
             for proc in (trainer, engine):
                 if proc.p.poll() is not None:
@@ -187,5 +200,12 @@ def run_demo(cfg: DemoConfig) -> int:
     print(f"acceptance length (tokens per target forward): first quarter {s['accept_length_first_quarter']:.2f} "
           f"-> last quarter {s['accept_length_last_quarter']:.2f}")
     print(f"per-request throughput (tokens/s): {s['throughput_first_quarter']:.1f} -> {s['throughput_last_quarter']:.1f}")
+    w = max(1, len(ok) // 10)
+    print("acceptance length over time:")
+    for i in range(0, len(ok), w):
+        part = ok[i:i + w]
+        vs = sorted({r.get("draft_version") or 0 for r in part})
+        print(f"  requests {part[0]['index']:5d}-{part[-1]['index']:5d}: {mean(part, 'accept_length'):.2f} "
+              f"(draft version {vs[0]}{'' if len(vs) == 1 else f'..{vs[-1]}'})")
     print(f"report {run / 'report.json'}, plot {run / 'flywheel.png'}, requests {run / 'requests.jsonl'}")
     return 0 if s["failed"] == 0 else 1

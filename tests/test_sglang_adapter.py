@@ -215,3 +215,43 @@ def test_sidecar_serves_openai_requests_and_exports_traces(target, server_factor
         http.stop()
         engine.close()
         fake.close()
+
+
+@pytest.mark.parametrize("config", ["configs/llama3.1-8b-sglang.yaml", "configs/qwen3-8b-sglang.yaml"])
+@pytest.mark.parametrize("mode", ["draft", "no-draft"])
+def test_launch_command_uses_only_pinned_flags(config, mode):
+    """Every flag sglang-launch passes is a server arg the conformance test found in the pinned wheel."""
+    from bridge.config import load_config
+    from serving.sglang import pinned
+    from serving.sglang.launch import SGLangLaunchConfig, sglang_command
+    cfg = load_config(SGLangLaunchConfig, config, [f"sglang.mode={mode}", "sglang.api_key=k", "sglang.admin_api_key=a",
+                                                   "sglang.disable_radix_cache=true"])
+    cmd = sglang_command(cfg)
+    assert cmd[1:3] == ["-m", "sglang.launch_server"]
+    flags = {a[2:].replace("-", "_") for a in cmd if a.startswith("--")}
+    assert flags <= set(pinned.SERVER_ARGS), flags - set(pinned.SERVER_ARGS)
+    assert ("speculative_draft_model_path" in flags) == (mode == "draft")
+    assert ("enable_return_aux_hidden_states" in flags) == (mode == "no-draft")
+
+
+def test_launch_config_errors_are_clear():
+    from bridge.config import ConfigError, load_config
+    from serving.sglang.launch import SGLangLaunchConfig
+    with pytest.raises((ConfigError, ValueError), match="draft_path"):
+        load_config(SGLangLaunchConfig, "configs/llama3.1-8b-sglang.yaml", ["sglang.draft_path="])
+
+
+@pytest.mark.parametrize("model", ["llama3.1-8b", "qwen3-8b"])
+def test_gpu_loop_configs_load_and_agree(model):
+    """The GPU-host configs parse, and the trainer's draft matches what SGLang will load."""
+    from aurora_jax.config import TrainerConfig
+    from aurora_jax.demo import DemoConfig
+    from bridge.config import load_config
+    from serving.sglang.launch import SGLangLaunchConfig
+    demo = load_config(DemoConfig, f"configs/{model}-sglang-demo.yaml", [])
+    trainer = load_config(TrainerConfig, demo.trainer_config, [])
+    launch = load_config(SGLangLaunchConfig, demo.serve_config, [])
+    assert demo.serving == "sglang" and launch.sglang.mode == "draft"
+    assert trainer.model.hidden_size == trainer.limits.target_hidden_size == 4096
+    assert trainer.model.vocab_size == trainer.limits.vocab_size and trainer.model.draft_vocab_size == 32000
+    assert launch.sidecar.topk <= trainer.batch.topk and launch.sglang.num_steps <= 8

@@ -111,14 +111,14 @@ class TreeSink:
 class SGLangEngine:
     """Engine-compatible front for an SGLang server (see module doc)."""
 
-    def __init__(self, cfg: SidecarConfig, tokenizer=None, updater=None):
+    def __init__(self, cfg: SidecarConfig, tokenizer=None, updater=None, sink: TreeSink | None = None):
         self.cfg = cfg
         self.tokenizer = tokenizer
         if tokenizer is None and cfg.tokenizer:
             from transformers import AutoTokenizer
             self.tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer, local_files_only=True)
         self.updater = updater  # SGLangWeightUpdater, when this sidecar also applies WeightSync versions
-        self.sink = TreeSink(cfg.tree_sink) if cfg.with_draft else None
+        self.sink = sink or (TreeSink(cfg.tree_sink) if cfg.with_draft else None)
         self.client = TraceClient(cfg.traces)
         self._pool = ThreadPoolExecutor(cfg.max_running, thread_name_prefix="sglang-req")
         self._lock = threading.Lock()

@@ -1,0 +1,154 @@
+"""`aurora-jax sglang-launch`: SGLang on this GPU host, wired into the online-training loop.
+
+One command starts, in order: the sidecar's tree sink (with a draft), the SGLang server as a child
+process (flags from the config; the plugin is told where the sink is through AURORA_TREE_SINK),
+waits for its /health, then serves users through the sidecar's OpenAI endpoint (exporting traces
+to the trainer) and, with a draft, follows the trainer's WeightSync versions into SGLang's draft.
+`--dry-run` prints the SGLang command line and environment without starting anything.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+
+from serving.sglang.sidecar import SidecarConfig
+from serving.sglang.weights import SGLangWeightsConfig
+from serving.weight_sync import WeightSubscriberConfig
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class SGLangServerConfig:
+    model_path: str = ""  # target model (local dir or a name SGLang resolves on that host)
+    draft_path: str = ""  # EAGLE3 draft dir (mode=draft), e.g. from `aurora-jax export-hf`
+    mode: str = "draft"  # draft (EAGLE3 + our plugin) | no-draft (stock SGLang, aux hidden states only)
+    python: str = sys.executable  # interpreter that has sglang installed ('.[sglang]')
+    host: str = "127.0.0.1"
+    port: int = 30000
+    tp_size: int = 1
+    topk: int = 4  # SGLang's EAGLE defaults
+    num_steps: int = 5
+    num_draft_tokens: int = 8
+    mem_fraction_static: float = 0.0  # 0 = SGLang's default
+    disable_radix_cache: bool = False  # cached prompt rows carry no hidden states (traces start later)
+    api_key: str = ""
+    admin_api_key: str = ""  # required by SGLang for weight updates when api_key is set
+    extra_args: list[str] = dataclasses.field(default_factory=list)
+    startup_timeout_s: float = 1800.0
+
+    def __post_init__(self):
+        if self.mode not in ("draft", "no-draft"):
+            raise ValueError("sglang.mode must be draft or no-draft")
+        if self.mode == "draft" and not self.draft_path:
+            raise ValueError("sglang.mode=draft needs sglang.draft_path (an EAGLE3 directory; `aurora-jax export-hf` "
+                             "writes one, also from a fresh checkpoint for day 0)")
+
+
+@dataclasses.dataclass
+class SGLangLaunchConfig:
+    sglang: SGLangServerConfig = dataclasses.field(default_factory=SGLangServerConfig)
+    sidecar: SidecarConfig = dataclasses.field(default_factory=SidecarConfig)
+    tree_topk: int = 8  # target top-k recorded at rejected tree nodes by the plugin (0 = none)
+    weights: WeightSubscriberConfig = dataclasses.field(default_factory=WeightSubscriberConfig)
+    subscribe_weights: bool = True
+    updater: SGLangWeightsConfig = dataclasses.field(default_factory=SGLangWeightsConfig)
+
+
+def sglang_command(cfg: SGLangLaunchConfig) -> list[str]:
+    """`python -m sglang.launch_server ...` for this config (flags checked against the pinned release)."""
+    s = cfg.sglang
+    cmd = [s.python, "-m", "sglang.launch_server", "--model-path", s.model_path, "--host", s.host,
+           "--port", str(s.port), "--tp-size", str(s.tp_size), "--weight-version", "0"]
+    if s.mode == "draft":
+        cmd += ["--speculative-algorithm", "EAGLE3", "--speculative-draft-model-path", s.draft_path,
+                "--speculative-num-steps", str(s.num_steps), "--speculative-eagle-topk", str(s.topk),
+                "--speculative-num-draft-tokens", str(s.num_draft_tokens), "--enable-return-hidden-states"]
+    else:  # aux hidden states from the target alone; EAGLE3 names the capture convention
+        cmd += ["--enable-return-aux-hidden-states", "--speculative-algorithm", "EAGLE3"]
+    if s.mem_fraction_static:
+        cmd += ["--mem-fraction-static", str(s.mem_fraction_static)]
+    if s.disable_radix_cache:
+        cmd += ["--disable-radix-cache"]
+    if s.api_key:
+        cmd += ["--api-key", s.api_key]
+    if s.admin_api_key:
+        cmd += ["--admin-api-key", s.admin_api_key]
+    return cmd + list(s.extra_args)
+
+
+def _wait_healthy(url: str, proc: subprocess.Popen, timeout_s: float) -> None:
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout_s:
+        if proc.poll() is not None:
+            raise RuntimeError(f"SGLang exited with code {proc.returncode} during start-up (see its log above)")
+        try:
+            with urllib.request.urlopen(url + "/health", timeout=5) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(2.0)
+        log.info("waiting for SGLang at %s (%.0fs)", url, time.monotonic() - t0)
+    raise RuntimeError(f"SGLang not healthy after {timeout_s:.0f}s")
+
+
+def run(cfg: SGLangLaunchConfig, dry_run: bool = False) -> int:
+    from serving.http import HttpServer
+    from serving.sglang.sidecar import SGLangEngine, TreeSink
+    from serving.sglang.weights import SGLangWeightUpdater
+    from serving.weight_sync import WeightSubscriber
+
+    s = cfg.sglang
+    url = f"http://{s.host}:{s.port}"
+    sink = TreeSink(cfg.sidecar.tree_sink) if s.mode == "draft" and not dry_run else None
+    env = dict(AURORA_TREE_SINK=sink.url if sink else ("http://" + cfg.sidecar.tree_sink + "/aurora/steps"
+                                                       if s.mode == "draft" else ""),
+               AURORA_TREE_TOPK=str(cfg.tree_topk))
+    cmd = sglang_command(cfg)
+    if dry_run:
+        print(" ".join(f"{k}={shlex.quote(v)}" for k, v in env.items() if v), shlex.join(cmd))
+        return 0
+    proc = subprocess.Popen(cmd, env={**os.environ, **{k: v for k, v in env.items() if v}})
+    engine = http = sub = None
+    try:
+        _wait_healthy(url, proc, s.startup_timeout_s)
+        sidecar = dataclasses.replace(cfg.sidecar, sglang_url=url, api_key=s.api_key, with_draft=s.mode == "draft",
+                                      tokenizer=cfg.sidecar.tokenizer or s.model_path)
+        updater = None
+        if s.mode == "draft" and cfg.subscribe_weights:
+            updater = SGLangWeightUpdater(dataclasses.replace(cfg.updater, url=url, tp_size=s.tp_size,
+                                                              api_key=s.admin_api_key or s.api_key))
+        engine = SGLangEngine(sidecar, updater=updater, sink=sink)  # the sink SGLang's plugin was told about
+        if updater is not None:
+            sub = WeightSubscriber(cfg.weights, updater).start()
+        http = HttpServer(engine, sidecar.host, sidecar.port).start()
+        log.info("SGLang at %s; traces -> %s%s", url, sidecar.traces.address,
+                 f"; draft versions <- {cfg.weights.address}" if sub else "")
+        print(f"serving on {http.url}", flush=True)
+        done = threading.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: done.set())
+        while not done.wait(5.0):
+            if proc.poll() is not None:
+                log.error("SGLang exited with code %s", proc.returncode)
+                return 1
+        return 0
+    finally:
+        for part in (http, sub, engine):
+            if part is not None:
+                part.stop() if part is http else part.close()
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
