@@ -60,18 +60,26 @@ def _maybe(cfg: KernelConfig, vis, f, carry):
     return lax.cond(_any(vis), f, lambda c: c, carry) if cfg.skip_empty else f(carry)
 
 
+def _key_blocks(qseg_ref, qatt_ref, qanc_ref, kseg_ref, ktpos_ref, depth: int, bk: int):
+    """For a program that owns one query block: key block j -> (its slice, visibility [bq, bk])."""
+    q_seg, q_att = qseg_ref[0, :], qatt_ref[0, :]
+    q_anc = [qanc_ref[d, :] for d in range(depth)]
+
+    def at(j):
+        sl = pl.ds(j * bk, bk)
+        return sl, _visible(q_seg, q_att, q_anc, kseg_ref[0, sl], ktpos_ref[0, sl], j * bk + lax.iota(jnp.int32, bk))
+    return at
+
+
 # ------------------------------------------------------------------ forward
 
 def _fwd_kernel(qseg_ref, qatt_ref, qanc_ref, kseg_ref, ktpos_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *,
                 cfg: KernelConfig, depth: int, num_k_blocks: int):
-    bq, bk = cfg.block_q, cfg.block_k
     q = q_ref[...]
-    q_seg, q_att = qseg_ref[0, :], qatt_ref[0, :]
-    q_anc = [qanc_ref[d, :] for d in range(depth)]
+    key_block = _key_blocks(qseg_ref, qatt_ref, qanc_ref, kseg_ref, ktpos_ref, depth, cfg.block_k)
 
     def body(j, carry):
-        sl = pl.ds(j * bk, bk)
-        vis = _visible(q_seg, q_att, q_anc, kseg_ref[0, sl], ktpos_ref[0, sl], j * bk + lax.iota(jnp.int32, bk))
+        sl, vis = key_block(j)
 
         def update(carry):
             acc, m, l = carry
@@ -84,6 +92,7 @@ def _fwd_kernel(qseg_ref, qatt_ref, qanc_ref, kseg_ref, ktpos_ref, q_ref, k_ref,
             return acc, m_new, l * alpha + jnp.sum(p, axis=1)
         return _maybe(cfg, vis, update, carry)
 
+    bq = cfg.block_q
     init = (jnp.zeros(q.shape, jnp.float32), jnp.full((bq,), NEG, jnp.float32), jnp.zeros((bq,), jnp.float32))
     acc, m, l = lax.fori_loop(0, num_k_blocks, body, init)
     o_ref[...] = (acc / jnp.where(l > 0, l, 1.0)[:, None]).astype(o_ref.dtype)
@@ -94,15 +103,12 @@ def _fwd_kernel(qseg_ref, qatt_ref, qanc_ref, kseg_ref, ktpos_ref, q_ref, k_ref,
 
 def _dq_kernel(qseg_ref, qatt_ref, qanc_ref, kseg_ref, ktpos_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref,
                dq_ref, *, cfg: KernelConfig, depth: int, num_k_blocks: int):
-    bk = cfg.block_k
     q, do = q_ref[...], do_ref[...]
     lse, delta = lse_ref[0, :], delta_ref[0, :]
-    q_seg, q_att = qseg_ref[0, :], qatt_ref[0, :]
-    q_anc = [qanc_ref[d, :] for d in range(depth)]
+    key_block = _key_blocks(qseg_ref, qatt_ref, qanc_ref, kseg_ref, ktpos_ref, depth, cfg.block_k)
 
     def body(j, dq):
-        sl = pl.ds(j * bk, bk)
-        vis = _visible(q_seg, q_att, q_anc, kseg_ref[0, sl], ktpos_ref[0, sl], j * bk + lax.iota(jnp.int32, bk))
+        sl, vis = key_block(j)
 
         def update(dq):
             k = k_ref[sl, :]

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 # Eight host CPU devices so the trainer's mesh tests can shard (must precede the first jax import).
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
@@ -70,3 +74,41 @@ def push_payload(address: str, rid: str, payload: bytes, max_chunk: int = 1 << 2
 
 def push_trace(address: str, trace, **kw) -> pb.PushAck:
     return push_payload(address, trace.request_id, encode(trace), **kw)
+
+
+def wait_for(pred, timeout: float = 10.0) -> bool:
+    """Poll `pred` until true (True) or `timeout` seconds pass (False)."""
+    t0 = time.monotonic()
+    while not pred():
+        if time.monotonic() - t0 > timeout:
+            return False
+        time.sleep(0.02)
+    return True
+
+
+class JsonHttpServer:
+    """A real loopback HTTP server answering JSON POSTs with `handle(path, body, headers) -> (code, obj)`:
+    the transport of the fakes that stand in for services that cannot run here (SGLang needs a GPU)."""
+
+    def __init__(self, handle):
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *a):
+                pass
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                code, out = handle(self.path, body, self.headers)
+                data = json.dumps(out).encode()
+                self.send_response(code)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+        self.http = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.http.server_address[1]}"
+        threading.Thread(target=self.http.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.http.shutdown()
+        self.http.server_close()

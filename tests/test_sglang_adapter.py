@@ -9,9 +9,6 @@ HTTP server (named so) that answers /generate in those shapes and posts the plug
 from __future__ import annotations
 
 import json
-import threading
-import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
 import pytest
@@ -25,6 +22,7 @@ from serving.sglang.sidecar import SGLangEngine, SidecarConfig
 from serving.sglang.traces import SGLangTraceError, StepRecord, step_from_record, trace_from_generate
 from serving.spec_decode import EagleDrafter, SpecConfig, SpecDecoder
 from serving.trace_client import TraceClientConfig
+from tests.conftest import JsonHttpServer, wait_for
 from tests.sglang_shapes import eagle_sample_call, generate_response, sglang_block, tree_paths
 from tests.test_spec_decode import H, PROMPTS, V, _draft
 from tests.test_spec_decode import target as target  # noqa: F401  (fixture)
@@ -128,26 +126,11 @@ class FakeSGLang:
         self.target, self.sink = target, Sender(sink_url) if sink_url else None
         self.truth, self.bodies = {}, []
         self.rng = np.random.default_rng(1)
-        fake = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *a):
-                pass
-
-            def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                fake.bodies.append(body)
-                data = json.dumps(fake.generate(body)).encode()
-                self.send_response(200)
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-        self.http = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.http.server_address[1]}"
-        threading.Thread(target=self.http.serve_forever, daemon=True).start()
+        self.server = JsonHttpServer(lambda path, body, headers: (200, self.generate(body)))
+        self.url = self.server.url
 
     def generate(self, body):
+        self.bodies.append(body)
         rid, n = body["rid"], body["sampling_params"]["max_new_tokens"]
         t = _truth(self.target, body["input_ids"], n, drafted=self.sink is not None, rid=rid)
         self.truth[rid] = t
@@ -161,8 +144,7 @@ class FakeSGLang:
         return generate_response(t, rid, weight_version="2", spec_verify_ct=len(t.steps) if self.sink else None)
 
     def close(self):
-        self.http.shutdown()
-        self.http.server_close()
+        self.server.close()
 
 
 class _Tok:
@@ -194,9 +176,7 @@ def test_sidecar_serves_openai_requests_and_exports_traces(target, server_factor
         body = fake.bodies[0]  # what the sidecar asked SGLang for
         assert body["return_hidden_states"] is True and body["top_logprobs_num"] == 4
         assert body["return_logprob"] is True and body["logprob_start_len"] == 0
-        t0 = time.monotonic()
-        while len(list(server.buffer.entries())) < 2 and time.monotonic() - t0 < 20:
-            time.sleep(0.05)
+        wait_for(lambda: len(list(server.buffer.entries())) >= 2, timeout=20)
         stored = {e.trace.request_id: e.trace for e in server.buffer.entries()}
         assert set(stored) == set(fake.truth)
         for rid, got in stored.items():

@@ -10,11 +10,6 @@ torch EAGLE3 draft, which has SGLang's checkpoint key names.
 from __future__ import annotations
 
 import base64
-import io
-import json
-import threading
-import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
 import pytest
@@ -31,6 +26,7 @@ from bridge.eagle3 import DraftConfig, to_torch_layout
 from serving.eagle3 import Eagle3Draft as TorchDraft
 from serving.sglang.weights import SGLangUpdateError, SGLangWeightsConfig, SGLangWeightUpdater
 from serving.weight_sync import WeightSubscriber, WeightSubscriberConfig
+from tests.conftest import JsonHttpServer, wait_for
 
 CFG = DraftConfig(hidden_size=32, num_attention_heads=4, num_key_value_heads=2, intermediate_size=48,
                   vocab_size=60, target_hidden_size=16, param_dtype="bfloat16")
@@ -44,31 +40,14 @@ class FakeSGLangServer:
         self.draft = TorchDraft(CFG).to(torch.bfloat16)
         self.calls, self.session, self.weight_version = [], None, None
         self.tp_size, self.api_key, self.fail_update = tp_size, api_key, fail_update
-        fake = self
+        self.server = JsonHttpServer(self._route)
+        self.url = self.server.url
 
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *a):
-                pass
-
-            def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                if fake.api_key and self.headers.get("Authorization") != f"Bearer {fake.api_key}":
-                    return self._reply(401, {"error": "Unauthorized"})
-                fake.calls.append((self.path, body))
-                code, out = fake.handle(self.path, body)
-                self._reply(code, out)
-
-            def _reply(self, code, out):
-                data = json.dumps(out).encode()
-                self.send_response(code)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-        self.http = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.http.server_address[1]}"
-        threading.Thread(target=self.http.serve_forever, daemon=True).start()
+    def _route(self, path, body, headers):
+        if self.api_key and headers.get("Authorization") != f"Bearer {self.api_key}":
+            return 401, {"error": "Unauthorized"}
+        self.calls.append((path, body))
+        return self.handle(path, body)
 
     def handle(self, path, body):
         fail = lambda msg: (400, {"success": False, "message": msg})  # noqa: E731
@@ -104,17 +83,7 @@ class FakeSGLangServer:
         return 404, {"detail": "Not Found"}
 
     def close(self):
-        self.http.shutdown()
-        self.http.server_close()
-
-
-def _wait(pred, timeout=10.0):
-    t0 = time.monotonic()
-    while not pred():
-        if time.monotonic() - t0 > timeout:
-            return False
-        time.sleep(0.02)
-    return True
+        self.server.close()
 
 
 def _want(model):
@@ -139,7 +108,7 @@ def test_versions_from_the_trainer_land_in_the_sglang_draft(trainer_side):
         for v in (1, 2):
             model = Eagle3Draft(CFG, rngs=nnx.Rngs(v))
             publish(v, nnx.state(model))
-            assert _wait(lambda: upd.version == v), sub.last_error
+            assert wait_for(lambda: upd.version == v), sub.last_error
             got = sgl.draft.state_dict()
             for k, w in _want(model).items():
                 assert torch.equal(got[k], w), k
@@ -164,10 +133,10 @@ def test_a_failed_update_keeps_the_previous_draft_and_closes_the_session(trainer
     try:
         first = Eagle3Draft(CFG, rngs=nnx.Rngs(1))
         publish(1, nnx.state(first))
-        assert _wait(lambda: upd.version == 1)
+        assert wait_for(lambda: upd.version == 1)
         sgl.fail_update = True
         publish(2, nnx.state(Eagle3Draft(CFG, rngs=nnx.Rngs(2))))
-        assert _wait(lambda: sub.rejected == 1)
+        assert wait_for(lambda: sub.rejected == 1)
         assert "update_weights_from_tensor answered HTTP 400: Failed to update parameter online" in sub.last_error
         assert upd.version == 1 and sub.version == 1 and sgl.weight_version == "1"
         assert sgl.session is None and sgl.calls[-1][0] == "/end_weight_update"  # not left open
@@ -175,7 +144,7 @@ def test_a_failed_update_keeps_the_previous_draft_and_closes_the_session(trainer
             assert torch.equal(sgl.draft.state_dict()[k], w), k
         sgl.fail_update = False
         publish(3, nnx.state(Eagle3Draft(CFG, rngs=nnx.Rngs(3))))
-        assert _wait(lambda: upd.version == 3), sub.last_error
+        assert wait_for(lambda: upd.version == 3), sub.last_error
     finally:
         sub.close()
         sgl.close()

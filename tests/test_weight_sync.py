@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import threading
-import time
-import zlib
 from concurrent import futures
 
 import grpc
@@ -21,18 +18,10 @@ from bridge.proto import aurora_pb2 as pb
 from bridge.weights import SERVICE, VersionAssembler, WeightError, pack_version
 from serving.eagle3 import Eagle3Draft as TorchDraft
 from serving.weight_sync import WeightSubscriber, WeightSubscriberConfig
+from tests.conftest import wait_for
 
 CFG = DraftConfig(hidden_size=32, num_attention_heads=4, num_key_value_heads=2, intermediate_size=48,
                   vocab_size=60, target_hidden_size=16, param_dtype="bfloat16")
-
-
-def _wait(pred, timeout=10.0):
-    t0 = time.monotonic()
-    while not pred():
-        if time.monotonic() - t0 > timeout:
-            return False
-        time.sleep(0.02)
-    return True
 
 
 class _Engine:
@@ -57,7 +46,7 @@ def test_published_versions_arrive_intact_and_load_into_the_torch_draft():
         models = [Eagle3Draft(CFG, rngs=nnx.Rngs(i)) for i in range(2)]
         for v, m in enumerate(models, start=1):
             publish(v, nnx.state(m))
-            assert _wait(lambda: sub.version == v), sub.last_error
+            assert wait_for(lambda: sub.version == v), sub.last_error
             want = to_torch_layout({k: np.asarray(a) for k, a in flat_variables(m).items()})
             got = engine.draft.state_dict()
             for k in want:
@@ -69,7 +58,7 @@ def test_published_versions_arrive_intact_and_load_into_the_torch_draft():
         late = []
         sub2 = WeightSubscriber(WeightSubscriberConfig(address=server.address, name="late"),
                                 lambda v, sd: late.append(v)).start()
-        assert _wait(lambda: late == [2])
+        assert wait_for(lambda: late == [2])
         sub2.close()
     finally:
         sub.close()
@@ -98,7 +87,7 @@ def test_corrupted_chunk_is_rejected_and_the_previous_version_stays_active():
     got = {}
     sub = WeightSubscriber(WeightSubscriberConfig(address=f"127.0.0.1:{port}"), lambda v, sd: got.update({v: sd})).start()
     try:
-        assert _wait(lambda: sub.rejected >= 2)
+        assert wait_for(lambda: sub.rejected >= 2)
         assert list(got) == [1] and sub.version == 1
         assert torch.equal(got[1]["w"], torch.arange(5000, dtype=torch.float32))
         assert "sha256" in sub.last_error
@@ -123,8 +112,8 @@ def test_weight_sync_requires_the_bearer_token(monkeypatch):
     s_bad = WeightSubscriber(WeightSubscriberConfig(address=server.address, auth_token="wrong"),
                              lambda v, sd: bad.append(v)).start()
     try:
-        assert _wait(lambda: ok == [1])
-        assert _wait(lambda: "UNAUTHENTICATED" in s_bad.last_error) and bad == []
+        assert wait_for(lambda: ok == [1])
+        assert wait_for(lambda: "UNAUTHENTICATED" in s_bad.last_error) and bad == []
     finally:
         s_ok.close()
         s_bad.close()
