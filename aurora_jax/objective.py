@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from aurora_jax.model import Eagle3Draft
+from aurora_jax.pallas_attention import IMPLEMENTATIONS
 from aurora_jax.tree_attention import TreeMeta, tree_attention
 
 
@@ -31,8 +32,8 @@ class ObjectiveConfig:
     def __post_init__(self):
         if self.ttt_length < 1:
             raise ValueError("ttt_length must be >= 1")
-        if self.attention not in ("auto", "pallas", "reference"):
-            raise ValueError(f"attention must be auto, pallas or reference, got {self.attention!r}")
+        if self.attention not in IMPLEMENTATIONS:
+            raise ValueError(f"attention must be one of {IMPLEMENTATIONS}, got {self.attention!r}")
         if self.reject_weight < 0 or not 0 < self.depth_decay <= 1:
             raise ValueError("reject_weight must be >= 0 and depth_decay in (0, 1]")
 

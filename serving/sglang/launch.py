@@ -20,7 +20,7 @@ import threading
 import time
 import urllib.request
 
-from serving.sglang.sidecar import SidecarConfig
+from serving.sglang.sidecar import SINK_PATH, SidecarConfig
 from serving.sglang.weights import SGLangWeightsConfig
 from serving.weight_sync import WeightSubscriberConfig
 
@@ -111,14 +111,15 @@ def run(cfg: SGLangLaunchConfig, dry_run: bool = False) -> int:
     s = cfg.sglang
     url = f"http://{s.host}:{s.port}"
     sink = TreeSink(cfg.sidecar.tree_sink) if s.mode == "draft" and not dry_run else None
-    env = dict(AURORA_TREE_SINK=sink.url if sink else ("http://" + cfg.sidecar.tree_sink + "/aurora/steps"
-                                                       if s.mode == "draft" else ""),
-               AURORA_TREE_TOPK=str(cfg.tree_topk))
+    env = {}
+    if s.mode == "draft":  # tells the scheduler plugin where the sidecar's tree sink is
+        env = dict(AURORA_TREE_SINK=sink.url if sink else f"http://{cfg.sidecar.tree_sink}{SINK_PATH}",
+                   AURORA_TREE_TOPK=str(cfg.tree_topk))
     cmd = sglang_command(cfg)
     if dry_run:
-        print(" ".join(f"{k}={shlex.quote(v)}" for k, v in env.items() if v), shlex.join(cmd))
+        print(" ".join([*(f"{k}={shlex.quote(v)}" for k, v in env.items()), shlex.join(cmd)]))
         return 0
-    proc = subprocess.Popen(cmd, env={**os.environ, **{k: v for k, v in env.items() if v}})
+    proc = subprocess.Popen(cmd, env={**os.environ, **env})
     engine = http = sub = None
     try:
         _wait_healthy(url, proc, s.startup_timeout_s)

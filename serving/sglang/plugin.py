@@ -98,6 +98,7 @@ class Sender:
 
 
 _SENDER: Sender | None = None
+_TOPK = 0  # AURORA_TREE_TOPK, read once at registration
 
 
 def _after_eagle_sample(result, verify_input, batch, logits_output, *args, **kwargs):
@@ -105,8 +106,7 @@ def _after_eagle_sample(result, verify_input, batch, logits_output, *args, **kwa
         from sglang.srt.runtime_context import get_parallel
         if get_parallel().tp_rank != 0 or batch.forward_mode.is_idle():
             return None
-        _SENDER.put(records_from_verify(verify_input, batch, logits_output, result,
-                                        int(os.environ.get("AURORA_TREE_TOPK", "0"))))
+        _SENDER.put(records_from_verify(verify_input, batch, logits_output, result, _TOPK))
     except Exception:  # recording must never break serving
         log.exception("aurora tree recording failed; serving continues")
     return None  # keep eagle_sample's result
@@ -114,12 +114,12 @@ def _after_eagle_sample(result, verify_input, batch, logits_output, *args, **kwa
 
 def register() -> None:
     """Entry point `aurora` in group `sglang.srt.plugins`."""
-    global _SENDER
+    global _SENDER, _TOPK
     url = os.environ.get("AURORA_TREE_SINK", "")
     if not url:
         log.info("aurora plugin inactive (AURORA_TREE_SINK not set)")
         return
     from sglang.srt.plugins.hook_registry import HookRegistry, HookType
-    _SENDER = Sender(url)
+    _SENDER, _TOPK = Sender(url), int(os.environ.get("AURORA_TREE_TOPK", "0"))
     HookRegistry.register(HOOK_TARGET, _after_eagle_sample, HookType.AFTER)
     log.info("aurora plugin: recording EAGLE verify trees to %s", url)

@@ -24,10 +24,12 @@ from concurrent.futures import ThreadPoolExecutor
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from serving.engine import Handle
-from serving.sglang.traces import SGLangTraceError, StepRecord, step_from_record, trace_from_generate
+from serving.sglang.traces import (SGLangTraceError, StepRecord, served_version, step_from_record, target_forwards,
+                                   trace_from_generate)
 from serving.trace_client import TraceClient, TraceClientConfig
 
 log = logging.getLogger(__name__)
+SINK_PATH = "/aurora/steps"  # where the scheduler plugin posts StepRecord batches
 
 
 @dataclasses.dataclass
@@ -65,7 +67,7 @@ class TreeSink:
                 pass
 
             def do_POST(self):
-                if self.path != "/aurora/steps":
+                if self.path != SINK_PATH:
                     self.send_error(404)
                     return
                 try:
@@ -80,7 +82,7 @@ class TreeSink:
                 self.end_headers()
 
         self.http = ThreadingHTTPServer((host, int(port)), Handler)
-        self.url = f"http://{host}:{self.http.server_address[1]}/aurora/steps"
+        self.url = f"http://{host}:{self.http.server_address[1]}{SINK_PATH}"
         threading.Thread(target=self.http.serve_forever, name="aurora-tree-sink", daemon=True).start()
 
     def add(self, recs: list[StepRecord]) -> None:
@@ -183,10 +185,9 @@ class SGLangEngine:
         out = list(resp.get("output_ids") or [])
         meta = resp.get("meta_info") or {}
         h.events.put(out)
-        forwards = 1 + int(meta["spec_verify_ct"]) if meta.get("spec_verify_ct") else len(out)
-        version = str(meta.get("weight_version") or "")
-        if version.isdigit():
-            self.last_weight_version = int(version)
+        forwards = target_forwards(meta, len(out))
+        if (version := served_version(meta)) is not None:
+            self.last_weight_version = version
         self._export(prompt, resp, rid, domain, t_start)
         finish = meta.get("finish_reason") or {}
         with self._lock:

@@ -119,6 +119,17 @@ def _topk(entries: list, k: int, where: str) -> tuple[np.ndarray, np.ndarray]:
     return ids, lps
 
 
+def served_version(meta: dict) -> int | None:
+    """The draft version in `meta_info.weight_version` (we set it to the draft_version at each swap)."""
+    v = str(meta.get("weight_version") or "")
+    return int(v) if v.isdigit() else None
+
+
+def target_forwards(meta: dict, num_output: int) -> int:
+    """Prefill + verify passes with a draft (`spec_verify_ct`); one forward per token without."""
+    return 1 + int(meta["spec_verify_ct"]) if meta.get("spec_verify_ct") else num_output
+
+
 def trace_from_generate(prompt_ids: list[int], response: dict, *, request_id: str, topk: int,
                         steps: list[TreeStep] = (), domain: str = "", start_unix_s: float = 0.0,
                         end_unix_s: float = 0.0) -> tuple[Trace, int]:
@@ -152,10 +163,9 @@ def trace_from_generate(prompt_ids: list[int], response: dict, *, request_id: st
     ids, lps = ids[-(L - cut):], lps[-(L - cut):]
     tokens = np.asarray(list(prompt_ids) + out[:-1], np.int32)[cut:]
     shifted = [dataclasses.replace(s, trunk_pos=s.trunk_pos - cut) for s in steps if s.trunk_pos >= cut]
-    version = meta.get("weight_version")
     trace = Trace(request_id=request_id, tokens=tokens, prompt_len=P - cut, aux_hidden=aux,
                   target_ids=ids, target_logprobs=lps, steps=cut_steps(shifted, L - cut),
-                  draft_version=int(version) if str(version or "").isdigit() else 0, domain=domain,
+                  draft_version=served_version(meta) or 0, domain=domain,
                   start_unix_s=start_unix_s, end_unix_s=end_unix_s,
-                  target_forwards=1 + int(meta["spec_verify_ct"]) if meta.get("spec_verify_ct") else G)
+                  target_forwards=target_forwards(meta, G))
     return trace, cut
