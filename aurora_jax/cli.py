@@ -50,6 +50,32 @@ def _cmd_export_hf(args) -> int:
     return 0
 
 
+def _cmd_init_draft(args) -> int:
+    from aurora_jax.config import TrainerConfig
+    from aurora_jax.export import init_hf
+    from bridge.config import load_config
+
+    path = init_hf(load_config(TrainerConfig, args.config, args.overrides), args.out, args.dtype)
+    print(f"wrote {path}/config.json and {path}/model.safetensors (untrained); serve it with SGLang "
+          f"(sglang.draft_path={path}) and train with loop.init_from={path}")
+    return 0
+
+
+def _cmd_count_tokens(args) -> int:
+    from pathlib import Path
+
+    import numpy as np
+
+    from serving.vocab_counts import count_prompt_tokens
+
+    files = [Path(args.prompts) / f"{d}.jsonl" for d in args.domains.split(",")] if Path(args.prompts).is_dir() \
+        else [Path(args.prompts)]
+    counts = count_prompt_tokens(args.tokenizer, files, args.vocab_size)
+    np.save(args.out, counts)
+    print(f"wrote {args.out}: {int(counts.sum())} tokens, {int((counts > 0).sum())} distinct of {counts.size}")
+    return 0
+
+
 def _cmd_import_hf(args) -> int:
     from aurora_jax.export import describe_hf
 
@@ -187,6 +213,27 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
     s.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     s.set_defaults(func=_cmd_export_hf)
+
+    s = sub.add_parser("init-draft", help="write an untrained (day-0) EAGLE3 draft dir from a trainer config",
+                       description="Day 0 on SGLang: SGLang needs a draft directory before the first WeightSync "
+                                   "version. This writes the trainer's model.* (random init, loop.seed) as "
+                                   "config.json + model.safetensors without embed_tokens (SGLang uses the target's). "
+                                   "Start the trainer with loop.init_from=OUT so both sides share its d2t/t2d.")
+    s.add_argument("--config", required=True, help="the trainer's YAML config (its model.* and loop.* are used)")
+    s.add_argument("--out", required=True, help="output directory")
+    s.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    s.add_argument("overrides", nargs="*", metavar="key=value", help="trainer config overrides")
+    s.set_defaults(func=_cmd_init_draft)
+
+    s = sub.add_parser("count-tokens", help="token counts [V] of local prompts, for a day-0 draft vocabulary",
+                       description="Count the target tokenizer's tokens over prompt files (<domain>.jsonl with a "
+                                   "'prompt' per line) and save them as .npy for loop.vocab_counts.")
+    s.add_argument("out", help="output .npy")
+    s.add_argument("--tokenizer", required=True, help="the target model directory (tokenizer + config.json)")
+    s.add_argument("--prompts", default="models/demo-target/prompts", help="a .jsonl file or a directory of them")
+    s.add_argument("--domains", default="code,prose", help="with a directory: which <domain>.jsonl files")
+    s.add_argument("--vocab-size", type=int, default=0, help="V (default: the target config's vocab_size)")
+    s.set_defaults(func=_cmd_count_tokens)
 
     s = sub.add_parser("import-hf", help="check an EAGLE3 HF directory and print how to train from it",
                        description="Load an existing EAGLE3 draft directory (e.g. trained by SpecForge), check every "

@@ -23,6 +23,8 @@ import time
 import urllib.request
 from pathlib import Path
 
+import yaml
+
 from bridge.config import to_dict
 from serving.load import LoadConfig, run_load
 
@@ -121,6 +123,38 @@ def _plot(records: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def _serve_setting(cfg: DemoConfig, key: str):
+    """A key of the serve config as the launched process will see it (its last override wins).
+    Read as YAML, not as SGLangLaunchConfig: that module imports torch, which the trainer never does."""
+    for item in reversed(cfg.serve_overrides):
+        k, _, v = item.partition("=")
+        if k.strip() == key:
+            return v.strip()
+    node = yaml.safe_load((ROOT / cfg.serve_config).read_text()) or {}
+    for part in key.split("."):
+        node = node.get(part) if isinstance(node, dict) else None
+    return node
+
+
+def sglang_day0(cfg: DemoConfig, run: Path, py: list[str]) -> list[str]:
+    """SGLang loads a draft dir before the first WeightSync version and fixes its vocabulary there.
+    If `sglang.draft_path` does not exist yet, write an untrained one from the trainer's model.*
+    (a pruned vocabulary counted from the workload's prompts with the target's tokenizer); either
+    way the trainer starts from that dir, so both sides share d2t/t2d. Returns trainer overrides."""
+    draft = Path(_serve_setting(cfg, "sglang.draft_path"))
+    if not (draft / "config.json").exists():
+        extra = []
+        if not any(o.startswith("loop.vocab_counts=") for o in cfg.trainer_overrides):
+            counts = run / "vocab_counts.npy"
+            subprocess.run(py + ["count-tokens", str(counts), "--tokenizer", str(_serve_setting(cfg, "sglang.model_path")),
+                                 "--prompts", str(ROOT / cfg.load.prompts), "--domains", ",".join(cfg.load.domains)],
+                           check=True)
+            extra = [f"loop.vocab_counts={counts}"]
+        subprocess.run(py + ["init-draft", "--config", cfg.trainer_config, "--out", str(draft),
+                             *cfg.trainer_overrides, *extra], check=True)
+    return [f"loop.init_from={draft}"]
+
+
 def run_demo(cfg: DemoConfig) -> int:
     run = Path(cfg.run_dir)
     shutil.rmtree(run, ignore_errors=True)
@@ -133,12 +167,13 @@ def run_demo(cfg: DemoConfig) -> int:
     trainer = engine = None
     t0 = time.perf_counter()
     try:
+        day0 = sglang_day0(cfg, run, py) if sglang else []
         trainer = _Proc("trainer", py + ["train", "--config", cfg.trainer_config,
                                          f"ingest.address=127.0.0.1:{ingest}", f"weight_sync.address=127.0.0.1:{weights}",
                                          f"buffer.spool_dir={run / 'spool'}", f"checkpoint.dir={run / 'ckpt'}",
                                          f"loop.metrics_path={run / 'train.jsonl'}",
                                          *([] if sglang else [f"loop.embedding={cfg.target}/model.safetensors"]),
-                                         *cfg.trainer_overrides],
+                                         *day0, *cfg.trainer_overrides],
                         run / "trainer.log")
         trainer.wait_line("listening on", cfg.start_timeout_s)
         if sglang:  # SGLang + sidecar + plugin + hot-swap, as `aurora-jax sglang-launch` runs them

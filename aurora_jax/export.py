@@ -61,6 +61,27 @@ def export_hf(ckpt_dir: str, out_dir: str, step: int | None = None, torch_dtype:
     return path
 
 
+def init_hf(cfg: TrainerConfig, out_dir: str, torch_dtype: str = "bfloat16") -> Path:
+    """A day-0 (untrained) draft from the trainer's model.* as an EAGLE3 dir, for SGLang to load
+    before the first WeightSync version. SGLang fixes d2t/t2d at load, so a pruned vocabulary must be
+    chosen now (loop.vocab_counts) and the trainer must start from this dir (loop.init_from)."""
+    from aurora_jax.model import flat_variables
+    from bridge.vocab import build_vocab
+
+    m = cfg.model
+    model = Eagle3Draft(m, rngs=nnx.Rngs(cfg.loop.seed))
+    if m.vd < m.vocab_size:
+        if not cfg.loop.vocab_counts:
+            raise ValueError(f"model.draft_vocab_size={m.vd} < vocab_size={m.vocab_size}: SGLang fixes the draft "
+                             "vocabulary at load, so it is chosen now; set loop.vocab_counts to token counts [V] "
+                             "(.npy; `aurora-jax count-tokens` makes them from prompts) or model.draft_vocab_size=0")
+        model.set_vocab(build_vocab(np.load(cfg.loop.vocab_counts), m.vd)[0])
+    flat = {k: np.asarray(v) for k, v in flat_variables(model).items() if k != "embed_tokens"}
+    path = save_hf(out_dir, m, to_torch_layout(flat), torch_dtype)  # no embed_tokens: SGLang uses the target's
+    log.info("wrote a day-0 draft (seed %d) to %s", cfg.loop.seed, path)
+    return path
+
+
 def describe_hf(path: str) -> str:
     cfg, sd = load_hf(path)
     n = sum(int(np.prod(v.shape)) for k, v in sd.items() if k not in ("d2t", "t2d"))
@@ -71,5 +92,7 @@ def describe_hf(path: str) -> str:
             f"train from it with: aurora-jax train loop.init_from={path} " +
             " ".join(f"model.{k}={getattr(cfg, k)}" for k in ("hidden_size", "num_attention_heads",
                      "num_key_value_heads", "head_dim", "intermediate_size", "vocab_size", "draft_vocab_size",
-                     "target_hidden_size", "rope_theta")))
+                     "target_hidden_size", "rope_theta", "rms_norm_eps")) +
+            "".join(f" model.rope_scaling.{k}={v}" for k, v in (cfg.rope_scaling.to_hf() if cfg.rope_scaling else
+                                                               {}).items()))
 

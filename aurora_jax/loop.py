@@ -55,7 +55,7 @@ class Trainer:
         if cfg.weight_sync.address and publish is None:
             from aurora_jax.weight_sync import WeightPublisher, WeightSyncServer
             self.weights = WeightSyncServer(cfg.weight_sync).start()
-            self.publish = WeightPublisher(self.weights)
+            self.publish = WeightPublisher(self.weights, cfg.model)
         self.buffer = ReplayBuffer(cfg.buffer, defer_consume=True)
         self.server: IngestServer | None = None
         model = Eagle3Draft(cfg.model, rngs=nnx.Rngs(cfg.loop.seed))
@@ -103,10 +103,10 @@ class Trainer:
 
     def _init_from(self, model: Eagle3Draft, path: str) -> None:
         hf_cfg, sd = load_hf(path)
-        want, got = self.cfg.model.shapes(), hf_cfg.shapes()
-        if want != got:
-            diff = {k: (want[k], got[k]) for k in want if want[k] != got[k]}
-            raise LayoutError(f"loop.init_from={path}: its config.json does not match model.* (ours, theirs): {diff}")
+        diff = self.cfg.model.differences(hf_cfg)
+        if diff:
+            raise LayoutError(f"loop.init_from={path}: its config.json does not match model.* (ours, theirs): {diff}; "
+                              f"`aurora-jax import-hf {path}` prints the model.* overrides that match it")
         load_flat(model, from_torch_layout(sd, hf_cfg))
         self.has_embedding |= "embed_tokens.weight" in sd
         self._vocab_pending = False  # the checkpoint's d2t/t2d stay (SGLang caches them)

@@ -42,11 +42,10 @@ class RMSNorm(nnx.Module):
         return (y * self.weight[...].astype(jnp.float32)).astype(x.dtype)
 
 
-def rope(x, positions, theta: float):
-    """Llama rotary embedding (rotate-half layout) on x [B, N, heads, hd] at positions [B, N]."""
-    hd = x.shape[-1]
-    inv = 1.0 / (theta ** (jnp.arange(0, hd, 2, dtype=jnp.float32) / hd))
-    ang = positions.astype(jnp.float32)[..., None] * inv  # [B, N, hd/2]
+def rope(x, positions, inv_freq):
+    """Llama rotary embedding (rotate-half layout) on x [B, N, heads, hd] at positions [B, N];
+    inv_freq [hd/2] from `DraftConfig.inv_freq` (rope_theta and rope_scaling applied)."""
+    ang = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq, jnp.float32)  # [B, N, hd/2]
     cos, sin = jnp.cos(ang)[:, :, None, :], jnp.sin(ang)[:, :, None, :]
     x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
@@ -74,7 +73,8 @@ class Attention(nnx.Module):
         q = self.q_proj(x_BN2H).reshape(B, N, c.num_attention_heads, c.hd)
         k = self.k_proj(x_BN2H).reshape(B, N, c.num_key_value_heads, c.hd)
         v = self.v_proj(x_BN2H).reshape(B, N, c.num_key_value_heads, c.hd)
-        return rope(q, positions_BN, c.rope_theta), rope(k, positions_BN, c.rope_theta), v
+        inv = c.inv_freq()
+        return rope(q, positions_BN, inv), rope(k, positions_BN, inv), v
 
 
 class MLP(nnx.Module):

@@ -19,7 +19,7 @@ from flax import nnx
 from aurora_jax.config import WeightSyncConfig, resolve_secret
 from aurora_jax.ingest import BearerAuth, bind
 from aurora_jax.model import flat_state
-from bridge.eagle3 import to_torch_layout
+from bridge.eagle3 import DraftConfig, to_torch_layout
 from bridge.proto import aurora_pb2 as pb
 from bridge.weights import SERVICE, pack_version
 
@@ -51,8 +51,8 @@ class WeightSyncServer:
         log.info("WeightSync listening on %s", self.address)
         return self
 
-    def publish(self, version: int, sd: dict[str, np.ndarray]) -> None:
-        chunks = pack_version(version, sd, self.cfg.max_chunk_bytes)
+    def publish(self, version: int, sd: dict[str, np.ndarray], draft_config: dict | None = None) -> None:
+        chunks = pack_version(version, sd, self.cfg.max_chunk_bytes, draft_config)
         with self._cond:
             self._latest = (version, chunks)
             self._cond.notify_all()
@@ -91,10 +91,11 @@ class WeightSyncServer:
 class WeightPublisher:
     """The trainer's publish hook: (version, draft state) -> a WeightSync version."""
 
-    def __init__(self, server: WeightSyncServer):
+    def __init__(self, server: WeightSyncServer, draft: DraftConfig | None = None):
         self.server = server
+        self.draft_config = draft.to_hf() if draft is not None else None  # sent along: servers check it
 
     def __call__(self, version: int, state: nnx.State) -> None:
         flat = {k: np.asarray(v.get_value()) for k, v in flat_state(state).items()}
         trained = {k: a for k, a in flat.items() if k not in NOT_SWAPPED}
-        self.server.publish(version, to_torch_layout(trained, partial=True))
+        self.server.publish(version, to_torch_layout(trained, partial=True), self.draft_config)

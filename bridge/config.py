@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import re
 import types
 import typing
@@ -198,6 +199,13 @@ def _coerce(tp: Any, value: Any, key: str, origin: dict[str, str], source: str) 
             raise bad("an integer")
         return value
     if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads `1e-5` (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                raise bad("a number") from None
+            if not math.isfinite(value):
+                raise bad("a finite number")
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise bad("a number")
         return float(value)

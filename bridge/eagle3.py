@@ -39,6 +39,75 @@ class LayoutError(ValueError):
     """A state_dict that does not fit the EAGLE3 layout: names the key and what was wrong."""
 
 
+ROPE_TYPES = ("default", "linear", "llama3")
+
+
+@dataclasses.dataclass
+class RopeScaling:
+    """HF `rope_scaling`: how rotary frequencies are stretched for long context. Llama-3.x drafts
+    (e.g. SpecForge's) ship `llama3`; trainer and server must apply the same one, so it travels in
+    config.json. Other types (yarn, dynamic, ...) are refused rather than silently ignored."""
+
+    rope_type: str = "default"  # default | linear | llama3
+    factor: float = 1.0
+    low_freq_factor: float = 1.0  # llama3 only
+    high_freq_factor: float = 4.0  # llama3 only
+    original_max_position_embeddings: int = 8192  # llama3 only
+
+    def __post_init__(self):
+        if self.rope_type not in ROPE_TYPES:
+            raise ValueError(f"rope_scaling type {self.rope_type!r} is not supported (one of {', '.join(ROPE_TYPES)})")
+        if self.factor <= 0 or (self.rope_type == "llama3" and not 0 < self.low_freq_factor < self.high_freq_factor):
+            raise ValueError(f"rope_scaling {dataclasses.asdict(self)}: need factor > 0 and, for llama3, "
+                             "0 < low_freq_factor < high_freq_factor")
+
+    @classmethod
+    def from_hf(cls, hf: dict) -> "RopeScaling":
+        """Parse a config.json `rope_scaling` (either spelling of the type key); unknown keys are refused."""
+        d = dict(hf)
+        kind = d.pop("rope_type", None) or d.get("type")
+        if d.get("type", kind) != kind:
+            raise ValueError(f"rope_scaling {hf}: 'type' and 'rope_type' disagree")
+        d.pop("type", None)
+        known = {f.name for f in dataclasses.fields(cls)} - {"rope_type"}
+        if kind not in ROPE_TYPES:
+            raise ValueError(f"rope_scaling type {kind!r} is not supported (one of {', '.join(ROPE_TYPES)})")
+        if set(d) - known:
+            raise ValueError(f"rope_scaling {hf}: unknown keys {sorted(set(d) - known)}")
+        return cls(rope_type=kind, **d)
+
+    def to_hf(self) -> dict | None:
+        if self.rope_type == "default":
+            return None
+        if self.rope_type == "linear":
+            return {"rope_type": "linear", "factor": self.factor}
+        return dataclasses.asdict(self)
+
+    def inv_freq(self, hd: int, theta: float) -> np.ndarray:
+        """Rotary inverse frequencies [hd/2] (float32), the same numbers in Flax and torch."""
+        inv = 1.0 / (theta ** (np.arange(0, hd, 2, dtype=np.float64) / hd))
+        if self.rope_type == "linear":
+            inv = inv / self.factor
+        elif self.rope_type == "llama3":  # long wavelengths stretched, short kept, a smooth ramp between
+            wavelen = 2 * np.pi / inv
+            ctx = self.original_max_position_embeddings
+            ramp = np.clip((ctx / wavelen - self.low_freq_factor) / (self.high_freq_factor - self.low_freq_factor),
+                           0.0, 1.0)
+            inv = (1 - ramp) * inv / self.factor + ramp * inv
+        return inv.astype(np.float32)
+
+
+def rope_from_hf(hf: dict) -> tuple[float | None, RopeScaling | None]:
+    """(rope_theta, rope_scaling) of a config.json, from the classic `rope_theta`/`rope_scaling`
+    keys or from transformers 5's `rope_parameters` (which holds both); raises ValueError on a
+    scaling we do not implement."""
+    params = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
+    theta = params.pop("rope_theta", None) or hf.get("rope_theta")
+    kind = params.get("rope_type", params.get("type"))
+    scaling = RopeScaling.from_hf(params) if params and kind != "default" else None
+    return (float(theta) if theta else None), scaling
+
+
 @dataclasses.dataclass
 class DraftConfig:
     """The fields of an EAGLE3 `config.json` that shape the draft (HF names where they exist)."""
@@ -54,10 +123,13 @@ class DraftConfig:
     rope_theta: float = 10000.0
     rms_norm_eps: float = 1e-6
     max_position_embeddings: int = 8192
+    rope_scaling: RopeScaling | None = None  # None = plain RoPE
     param_dtype: str = "float32"  # trainer: master weights
     dtype: str = "float32"  # trainer: activations / matmul inputs (bfloat16 on accelerators)
 
     def __post_init__(self):
+        if isinstance(self.rope_scaling, dict):  # an HF dict, or a saved config read back
+            self.rope_scaling = RopeScaling.from_hf(self.rope_scaling)
         if self.hidden_size % self.num_attention_heads and not self.head_dim:
             raise ValueError("hidden_size must be divisible by num_attention_heads (or set head_dim)")
         if self.num_attention_heads % self.num_key_value_heads:
@@ -71,6 +143,23 @@ class DraftConfig:
     @property
     def hd(self) -> int:
         return self.head_dim or self.hidden_size // self.num_attention_heads
+
+    def inv_freq(self) -> np.ndarray:
+        """Rotary inverse frequencies [hd/2], rope_scaling applied."""
+        return (self.rope_scaling or RopeScaling()).inv_freq(self.hd, self.rope_theta)
+
+    def differences(self, other: "DraftConfig") -> dict[str, tuple]:
+        """{field: (self's, other's)} for every field that makes the two drafts compute differently
+        (any shape, RoPE, norm eps; dtypes aside). Weights moved between them must find none."""
+        def fields(c: DraftConfig) -> dict:
+            return dict(hidden_size=c.hidden_size, num_attention_heads=c.num_attention_heads,
+                        num_key_value_heads=c.num_key_value_heads, head_dim=c.hd,
+                        intermediate_size=c.intermediate_size, vocab_size=c.vocab_size, draft_vocab_size=c.vd,
+                        target_hidden_size=c.ht, rope_theta=float(c.rope_theta),
+                        rope_scaling=c.rope_scaling.to_hf() if c.rope_scaling else None,
+                        rms_norm_eps=float(c.rms_norm_eps))
+        a, b = fields(self), fields(other)
+        return {k: (a[k], b[k]) for k in a if a[k] != b[k]}
 
     @property
     def vd(self) -> int:
@@ -106,6 +195,7 @@ class DraftConfig:
                     head_dim=self.hd, num_hidden_layers=1, vocab_size=self.vocab_size,
                     draft_vocab_size=self.vd, target_hidden_size=self.ht, rope_theta=self.rope_theta,
                     rms_norm_eps=self.rms_norm_eps, max_position_embeddings=self.max_position_embeddings,
+                    rope_scaling=self.rope_scaling.to_hf() if self.rope_scaling else None,
                     tie_word_embeddings=False, torch_dtype=torch_dtype)
 
     @classmethod
@@ -113,10 +203,14 @@ class DraftConfig:
         archs = hf.get("architectures") or []
         if archs and not any("Eagle3" in a for a in archs):
             raise LayoutError(f"config.json architectures {archs} is not an EAGLE3 draft")
-        if hf.get("rope_scaling"):
-            raise LayoutError(f"config.json rope_scaling {hf['rope_scaling']} is not supported yet (plain RoPE only)")
-        keys = {f.name for f in dataclasses.fields(cls)} - {"param_dtype", "dtype"}
+        keys = {f.name for f in dataclasses.fields(cls)} - {"param_dtype", "dtype", "rope_theta", "rope_scaling"}
         kw = {k: hf[k] for k in keys if hf.get(k) is not None}
+        try:
+            theta, kw["rope_scaling"] = rope_from_hf(hf)
+        except (TypeError, ValueError) as e:
+            raise LayoutError(f"config.json: {e}") from None
+        if theta:
+            kw["rope_theta"] = theta
         kw.setdefault("draft_vocab_size", hf.get("vocab_size", 0))
         return cls(**kw, **overrides)
 

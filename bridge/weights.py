@@ -8,6 +8,7 @@ corrupted or truncated transfer never reaches the engine: the previous version k
 from __future__ import annotations
 
 import hashlib
+import json
 import zlib
 
 import numpy as np
@@ -23,8 +24,10 @@ class WeightError(ValueError):
     """A version that cannot be accepted; says which version and chunk, and why."""
 
 
-def pack_version(version: int, sd: dict[str, np.ndarray], max_chunk: int = 2 << 20) -> list[pb.WeightChunk]:
-    """Serialize {name: array} (torch layout) as chunks of at most `max_chunk` data bytes."""
+def pack_version(version: int, sd: dict[str, np.ndarray], max_chunk: int = 2 << 20,
+                 draft_config: dict | None = None) -> list[pb.WeightChunk]:
+    """Serialize {name: array} (torch layout) as chunks of at most `max_chunk` data bytes;
+    `draft_config` (the config.json dict) rides in chunk 0 so receivers can check they run the same draft."""
     manifest, parts = [], []
     for name, a in sd.items():
         header, arr = wire_header(np.ascontiguousarray(a))
@@ -42,12 +45,15 @@ def pack_version(version: int, sd: dict[str, np.ndarray], max_chunk: int = 2 << 
         if i == 0:
             c.tensors.extend(manifest)
             c.sha256 = digest
+            if draft_config is not None:
+                c.draft_config = json.dumps(draft_config)
         chunks.append(c)
     return chunks
 
 
 class VersionAssembler:
-    """Feed chunks in order; `add` returns (version, {name: array}) when a version is complete."""
+    """Feed chunks in order; `add` returns (version, {name: array}, config.json dict or None) when a
+    version is complete."""
 
     def __init__(self, max_bytes: int = 8 << 30):
         self.max_bytes = max_bytes
@@ -98,4 +104,8 @@ class VersionAssembler:
             off += n
         if off != len(buf):
             raise WeightError(f"weight version {head.version}: {len(buf) - off} bytes beyond the manifest")
-        return head.version, out
+        try:
+            config = json.loads(head.draft_config) if head.draft_config else None
+        except json.JSONDecodeError as e:
+            raise WeightError(f"weight version {head.version}: draft_config is not JSON ({e})") from None
+        return head.version, out, config

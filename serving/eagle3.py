@@ -29,11 +29,10 @@ class RMSNorm(nn.Module):
         return (y * self.weight.float()).to(x.dtype)
 
 
-def rope(x, positions, theta: float):
-    """Llama rotary embedding (rotate-half) on x [B, N, heads, hd] at positions [B, N]."""
-    hd = x.shape[-1]
-    inv = 1.0 / (theta ** (torch.arange(0, hd, 2, dtype=torch.float32, device=x.device) / hd))
-    ang = positions.float()[..., None] * inv
+def rope(x, positions, inv_freq):
+    """Llama rotary embedding (rotate-half) on x [B, N, heads, hd] at positions [B, N];
+    inv_freq [hd/2] float32 from `DraftConfig.inv_freq` (rope_theta and rope_scaling applied)."""
+    ang = positions.float()[..., None] * inv_freq
     cos, sin = ang.cos()[:, :, None, :], ang.sin()[:, :, None, :]
     x1, x2 = x.float().chunk(2, dim=-1)
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
@@ -48,12 +47,15 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(2 * H, cfg.num_key_value_heads * hd, bias=False)
         self.v_proj = nn.Linear(2 * H, cfg.num_key_value_heads * hd, bias=False)
         self.o_proj = nn.Linear(cfg.num_attention_heads * hd, H, bias=False)
+        self.inv_freq = torch.from_numpy(cfg.inv_freq())  # not a buffer: .to(bf16) must not round it
 
     def forward(self, x, positions, mask, cache=None):
         c = self.cfg
         B, N, _ = x.shape
-        q = rope(self.q_proj(x).view(B, N, c.num_attention_heads, c.hd), positions, c.rope_theta)
-        k = rope(self.k_proj(x).view(B, N, c.num_key_value_heads, c.hd), positions, c.rope_theta)
+        if self.inv_freq.device != x.device:
+            self.inv_freq = self.inv_freq.to(x.device)
+        q = rope(self.q_proj(x).view(B, N, c.num_attention_heads, c.hd), positions, self.inv_freq)
+        k = rope(self.k_proj(x).view(B, N, c.num_key_value_heads, c.hd), positions, self.inv_freq)
         v = self.v_proj(x).view(B, N, c.num_key_value_heads, c.hd)
         if cache is not None:
             k, v = torch.cat([cache[0], k], 1), torch.cat([cache[1], v], 1)

@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from bridge.eagle3 import DraftConfig, load_hf
+from bridge.eagle3 import DraftConfig, RopeScaling, load_hf, rope_from_hf
 from serving.eagle3 import Eagle3Draft
 from serving.spec_decode import EagleDrafter, Request, SpecConfig, SpecDecoder
 from serving.target import Target, TargetConfig
@@ -57,6 +57,17 @@ class EngineConfig:
     model_name: str = "aurora-target"
 
 
+def _target_rope(hf: dict) -> tuple[float, RopeScaling | None]:
+    """A day-0 draft takes the target's RoPE where we implement it, else plain RoPE at its theta
+    (the draft is its own model: it only has to agree with the trainer's model.* config)."""
+    try:
+        theta, scaling = rope_from_hf(hf)
+    except (TypeError, ValueError) as e:
+        log.warning("day-0 draft: the target's RoPE scaling is not used (%s); plain RoPE", e)
+        theta, scaling = (hf.get("rope_parameters") or {}).get("rope_theta") or hf.get("rope_theta"), None
+    return float(theta or 10000.0), scaling
+
+
 def build_draft(src: DraftSource, target: Target) -> Eagle3Draft | None:
     if src.mode == "none":
         return None
@@ -66,12 +77,13 @@ def build_draft(src: DraftSource, target: Target) -> Eagle3Draft | None:
         missing, _ = draft.load_state_dict(to_torch_state_dict(sd), strict=False)
     else:
         c = target.model.config
+        theta, scaling = _target_rope(c.to_dict())
         cfg = DraftConfig(hidden_size=c.hidden_size, num_attention_heads=c.num_attention_heads,
                           num_key_value_heads=c.num_key_value_heads,
                           head_dim=getattr(c, "head_dim", 0) or 0, intermediate_size=c.intermediate_size,
                           vocab_size=c.vocab_size, draft_vocab_size=src.draft_vocab_size,
-                          target_hidden_size=c.hidden_size, rope_theta=getattr(c, "rope_theta", 10000.0) or 10000.0,
-                          rms_norm_eps=getattr(c, "rms_norm_eps", 1e-6))
+                          target_hidden_size=c.hidden_size, rms_norm_eps=getattr(c, "rms_norm_eps", 1e-6),
+                          rope_theta=theta, rope_scaling=scaling)
         torch.manual_seed(src.seed)
         draft = Eagle3Draft(cfg)
         for name, p in draft.named_parameters():
@@ -106,7 +118,7 @@ class Engine:
         self.decoder = SpecDecoder(self.target, EagleDrafter(draft, cfg.spec) if draft is not None else None,
                                    cfg.spec, topk=cfg.target.topk)
         self.client = TraceClient(cfg.traces) if cfg.export_traces else None
-        self.subscriber = WeightSubscriber(cfg.weights, self.decoder.offer_swap).start() \
+        self.subscriber = WeightSubscriber(cfg.weights, self.decoder.offer_swap, draft_config=draft.cfg).start() \
             if cfg.subscribe_weights and draft is not None else None
         self._inbox: queue.Queue = queue.Queue()
         self._stop = threading.Event()

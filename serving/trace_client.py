@@ -14,7 +14,6 @@ import dataclasses
 import logging
 import random
 import threading
-import time
 from pathlib import Path
 
 import grpc

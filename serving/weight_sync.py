@@ -2,8 +2,9 @@
 
 A background thread keeps one Subscribe stream open (reconnecting with backoff), assembles each
 version, verifies its checksums and calls `on_version(version, state_dict)` with torch tensors
-ready for an atomic swap between decode steps. A version that fails verification is dropped with
-a logged reason (`last_error`, `rejected`); the engine keeps serving the previous one.
+ready for an atomic swap between decode steps. A version that fails verification, or was trained
+for a different draft than the one served (its config.json differs in a shape, RoPE or norm eps),
+is dropped with a logged reason (`last_error`, `rejected`); the engine keeps serving the previous one.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import ml_dtypes
 import numpy as np
 import torch
 
+from bridge.eagle3 import DraftConfig, LayoutError
 from bridge.proto import aurora_pb2 as pb
 from bridge.weights import SUBSCRIBE_METHOD, VersionAssembler, WeightError
 
@@ -48,8 +50,9 @@ def to_torch_state_dict(arrays: dict[str, np.ndarray]) -> dict[str, torch.Tensor
 
 class WeightSubscriber:
     def __init__(self, cfg: WeightSubscriberConfig, on_version: Callable[[int, dict[str, torch.Tensor]], None],
-                 have_version: int = 0):
+                 have_version: int = 0, draft_config: DraftConfig | None = None):
         self.cfg, self.on_version = cfg, on_version
+        self.draft_config = draft_config  # what is served here; None = not checked
         self.version = have_version
         self.received = 0
         self.rejected = 0
@@ -100,8 +103,24 @@ class WeightSubscriber:
             self._stop.wait(backoff)
             backoff = min(backoff * 2, self.cfg.backoff_max_s)
 
-    def _deliver(self, version: int, arrays: dict[str, np.ndarray]) -> None:
+    def _mismatch(self, version: int, config: dict | None) -> str:
+        if self.draft_config is None or config is None:
+            return ""
+        try:
+            diff = self.draft_config.differences(DraftConfig.from_hf(config))
+        except (LayoutError, TypeError, ValueError) as e:
+            return f"weight version {version}: its draft_config is not an EAGLE3 config.json: {e}"
+        return (f"weight version {version} was trained for a different draft than the one served here "
+                f"(field: (served, trainer's)): {diff}") if diff else ""
+
+    def _deliver(self, version: int, arrays: dict[str, np.ndarray], config: dict | None = None) -> None:
         if version <= self.version:
+            return
+        mismatch = self._mismatch(version, config)
+        if mismatch:
+            self.rejected += 1
+            self.last_error = mismatch
+            log.error("%s; keeping draft version %d", mismatch, self.version)
             return
         t0 = time.perf_counter()
         try:

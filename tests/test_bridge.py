@@ -186,3 +186,60 @@ def test_vocab_pruning_keeps_the_most_frequent_tokens():
     assert t2d.sum() == 4 and t2d[kept].all() and not t2d[1]
     with pytest.raises(ValueError, match="draft_vocab_size 13 outside"):
         build_vocab(counts, 13)
+
+
+LLAMA3_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                  "original_max_position_embeddings": 64}
+
+
+@pytest.mark.parametrize("scaling", [LLAMA3_SCALING, {"rope_type": "linear", "factor": 4.0}])
+def test_rope_scaling_frequencies_match_transformers(scaling):
+    """Our one table of rotary frequencies (used by both forwards) against transformers' own."""
+    from transformers import LlamaConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+    hf = LlamaConfig(hidden_size=256, num_attention_heads=2, max_position_embeddings=1024, rope_theta=500000.0,
+                     rope_scaling=dict(scaling))
+    want, _ = ROPE_INIT_FUNCTIONS[scaling["rope_type"]](hf, "cpu")
+    cfg = DraftConfig.from_hf({**hf.to_dict(), "architectures": ["LlamaForCausalLMEagle3"]})
+    assert cfg.rope_theta == 500000.0 and cfg.rope_scaling.rope_type == scaling["rope_type"]
+    np.testing.assert_allclose(cfg.inv_freq(), want.numpy(), rtol=1e-6)
+    assert not np.allclose(cfg.inv_freq(), DraftConfig(hidden_size=256, num_attention_heads=2,
+                                                       rope_theta=500000.0).inv_freq())
+
+
+def test_llama3_rope_scaling_forward_export_import_and_refusals(tmp_path):
+    """A Llama-3-style draft (SpecForge configs carry rope_scaling llama3): both forwards agree with the
+    scaling on (and differ from plain RoPE), it survives export/import, and unknown types are refused."""
+    import dataclasses
+    cfg = dataclasses.replace(CFG, rope_scaling=dict(LLAMA3_SCALING))
+    m, plain = _flax(cfg, seed=1), _flax(CFG, seed=1)
+    for model in (m, plain):  # sharp attention, so where keys sit in rotary space shows in the output
+        for proj in (model.midlayer.self_attn.q_proj, model.midlayer.self_attn.k_proj):
+            proj.kernel.set_value(proj.kernel.get_value() * 20)
+    tm = TorchDraft(cfg)
+    tm.load_state_dict(to_torch(flat_variables(m))[0])
+    N, rng = 6, np.random.default_rng(0)
+    tokens = rng.integers(0, cfg.vocab_size, (1, N)).astype(np.int32)
+    hidden = rng.standard_normal((1, N, 3 * cfg.ht)).astype(np.float32)
+    positions = np.asarray([[0, 100, 200, 300, 400, 500]], np.int32)
+    meta = _meta_from_parents([-2] * N, attach=0)
+    logits, _ = m(jnp.asarray(tokens), jnp.asarray(hidden), jnp.asarray(positions), meta)
+    plain_logits, _ = plain(jnp.asarray(tokens), jnp.asarray(hidden), jnp.asarray(positions), meta)
+    assert np.abs(np.asarray(logits) - np.asarray(plain_logits)).max() > 1e-2
+    with torch.no_grad():
+        tl, _, _ = tm(torch.from_numpy(tokens).long(), torch.from_numpy(hidden), torch.from_numpy(positions).long(),
+                      torch.from_numpy(np.array(tree_mask(meta, meta))))
+    np.testing.assert_allclose(tl.numpy(), np.asarray(logits), rtol=1e-4, atol=1e-4)
+
+    sd = to_torch_layout({k: np.asarray(v) for k, v in flat_variables(m).items()})
+    out = save_hf(tmp_path / "llama3", cfg, sd, torch_dtype="float32")
+    hf = json.loads((out / "config.json").read_text())
+    assert hf["rope_scaling"] == LLAMA3_SCALING
+    cfg2, _ = load_hf(out)
+    assert cfg2.differences(cfg) == {} and cfg2.differences(CFG) == {"rope_scaling": (LLAMA3_SCALING, None)}
+    for bad, msg in [({"rope_type": "yarn", "factor": 4.0}, "type 'yarn' is not supported"),
+                     ({**LLAMA3_SCALING, "beta_fast": 32}, r"unknown keys \['beta_fast'\]"),
+                     ({**LLAMA3_SCALING, "low_freq_factor": 8.0}, "low_freq_factor < high_freq_factor")]:
+        (out / "config.json").write_text(json.dumps({**hf, "rope_scaling": bad}))
+        with pytest.raises(LayoutError, match=msg):
+            load_hf(out)

@@ -37,6 +37,9 @@ def test_yaml_and_overrides(tmp_path):
     cfg = load_config(Outer, p, ["inner.mode=b", "steps=7", "tag=hello", "on=true", "inner.lr=2"])
     assert cfg == Outer(inner=Inner(lr=2.0, mode="b", names=["x", "y"]), steps=7, tag="hello", on=True)
     assert isinstance(cfg.inner.lr, float)
+    # YAML 1.1 reads 1e-5 (no dot) as a string; a float key takes it as the number it is
+    assert load_config(Outer, write(tmp_path, "inner:\n  lr: 1e-5\n"), ["inner.lr=3e-04"]).inner.lr == 3e-4
+    assert load_config(Outer, write(tmp_path, "inner:\n  lr: 1e-5\n")).inner.lr == 1e-5
 
 
 def test_unknown_key_names_key_and_file(tmp_path):
@@ -58,6 +61,8 @@ def test_unknown_override_is_named(tmp_path):
     ("inner:\n  names: [1]\n", r"key 'inner.names\[0\]' expects a string"),
     ("inner: 3\n", r"'inner' must be a mapping"),
     ("inner:\n  lr: -1\n", r"invalid section 'inner': lr must be positive"),
+    ("inner:\n  lr: fast\n", r"key 'inner.lr' expects a number, got 'fast'"),
+    ("inner:\n  lr: nan\n", r"key 'inner.lr' expects a finite number"),
     ("- a\n", r"top level must be a mapping"),
     ("a: [\n", r"not valid YAML"),
 ])

@@ -248,3 +248,17 @@ def test_fused_forward_matches_separate_forwards(target):
             assert lg.keys.shape == lw.keys.shape
             torch.testing.assert_close(lg.keys, lw.keys, atol=1e-5, rtol=1e-5)
             torch.testing.assert_close(lg.values, lw.values, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("scaling", [None, {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                            "high_freq_factor": 4.0, "original_max_position_embeddings": 256}])
+def test_day0_draft_takes_the_targets_rope(scaling):
+    """transformers 5 keeps rope_theta inside `rope_parameters`: the day-0 draft must still get the
+    target's theta (not a 10000 fallback) and its llama3 scaling."""
+    from serving.engine import DraftSource, build_draft
+    cfg = LlamaConfig(vocab_size=V, hidden_size=H, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, max_position_embeddings=512, rope_theta=500000.0,
+                      rope_scaling=dict(scaling) if scaling else None)  # transformers edits it in place
+    draft = build_draft(DraftSource(mode="untrained"), Target(TargetConfig(), model=LlamaForCausalLM(cfg)))
+    assert draft.cfg.rope_theta == 500000.0
+    assert (draft.cfg.rope_scaling.to_hf() if draft.cfg.rope_scaling else None) == scaling

@@ -149,3 +149,70 @@ def test_vocab_pruned_at_start_export_hf_and_train_from_the_export(tmp_path):
     r = subprocess.run([sys.executable, "-m", "aurora_jax.cli", "train", f"loop.init_from={out}",
                         f"limits.vocab_size={V}", f"model.vocab_size={V}"], capture_output=True, text=True)
     assert r.returncode == 2 and "does not match model.*" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_import_hf_prints_the_overrides_that_make_init_from_match(tmp_path):
+    """A SpecForge-style Llama-3 draft (rope_scaling llama3, eps 1e-5): the `import-hf` overrides,
+    fed back through the config loader, give a model.* that `loop.init_from` accepts."""
+    import shlex
+
+    from aurora_jax.config import TrainerConfig
+    from aurora_jax.export import describe_hf
+    from bridge.config import load_config
+    from bridge.eagle3 import DraftConfig, save_hf
+    from bridge.vocab import build_vocab
+
+    cfg = DraftConfig(hidden_size=32, num_attention_heads=4, num_key_value_heads=2, intermediate_size=48,
+                      vocab_size=V, draft_vocab_size=32, rope_theta=500000.0, rms_norm_eps=1e-5,
+                      rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                    "high_freq_factor": 4.0, "original_max_position_embeddings": 8192})
+    rng = np.random.default_rng(0)
+    sd = {k: rng.standard_normal(s).astype(np.float32) for k, s in cfg.shapes().items() if k not in ("d2t", "t2d")}
+    sd["d2t"], sd["t2d"] = build_vocab(rng.integers(0, 100, V), cfg.vd)
+    out = save_hf(tmp_path / "specforge", cfg, sd, torch_dtype="float32")
+    line = describe_hf(str(out)).splitlines()[-1]
+    overrides = [a for a in shlex.split(line.partition("aurora-jax train ")[2]) if a.startswith("model.")]
+    assert "model.rope_scaling.rope_type=llama3" in overrides and "model.rms_norm_eps=1e-05" in overrides
+    loaded = load_config(TrainerConfig, None, [f"limits.vocab_size={V}", *overrides]).model
+    assert loaded.differences(cfg) == {} and TrainerConfig().model.differences(cfg)
+
+
+def test_day0_sglang_draft_dir_from_prompt_counts(tmp_path):
+    """Day 0 on SGLang (`demo` with serving=sglang): count the workload's prompts with the target's
+    tokenizer (`count-tokens`), write an untrained draft dir with that pruned vocabulary
+    (`init-draft`); a trainer started from it keeps the same d2t/t2d (SGLang fixes them at load)."""
+    import json as _json
+
+    from transformers import AutoTokenizer
+
+    from aurora_jax.config import TrainerConfig
+    from aurora_jax.demo import DemoConfig, sglang_day0
+    from bridge.config import load_config
+    from bridge.eagle3 import load_hf
+    from serving.load import LoadConfig
+
+    out, serve = tmp_path / "day0", tmp_path / "sglang.yaml"
+    serve.write_text(f"sglang:\n  model_path: models/demo-target\n  draft_path: {tmp_path / 'elsewhere'}\n")
+    overrides = ["model.draft_vocab_size=512"]
+    demo = DemoConfig(serving="sglang", serve_config=str(serve), serve_overrides=[f"sglang.draft_path={out}"],
+                      trainer_overrides=overrides, load=LoadConfig(domains=["code"]))
+    assert sglang_day0(demo, tmp_path, [sys.executable, "-m", "aurora_jax.cli"]) == [f"loop.init_from={out}"]
+    counts = np.load(tmp_path / "vocab_counts.npy")
+    tok = AutoTokenizer.from_pretrained("models/demo-target", local_files_only=True)
+    prompts = [_json.loads(line)["prompt"] for line in open("models/demo-target/prompts/code.jsonl") if line.strip()]
+    assert counts.shape == (4096,) and counts.sum() == sum(len(tok(p, add_special_tokens=False)["input_ids"])
+                                                          for p in prompts)
+    overrides.append(f"loop.vocab_counts={tmp_path / 'vocab_counts.npy'}")
+    hf_cfg, sd = load_hf(out)
+    assert "embed_tokens.weight" not in sd and hf_cfg.vd == 512
+    assert sd["t2d"].sum() == 512 and counts[sd["t2d"]].min() >= counts[~sd["t2d"]].max()
+
+    cfg = load_config(TrainerConfig, "configs/demo-trainer.yaml", [
+        *overrides, f"loop.init_from={out}", f"buffer.spool_dir={tmp_path / 'spool'}", "weight_sync.address=",
+        f"checkpoint.dir={tmp_path / 'ckpt'}", f"loop.metrics_path={tmp_path / 'm.jsonl'}", "mesh.data=1"])
+    t = Trainer(cfg)
+    try:
+        assert np.array_equal(np.asarray(t.learner.rest["d2t"].get_value()), sd["d2t"])
+        assert cfg.model.differences(hf_cfg) == {}
+    finally:
+        t.close()

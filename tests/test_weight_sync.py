@@ -118,3 +118,28 @@ def test_weight_sync_requires_the_bearer_token(monkeypatch):
         s_ok.close()
         s_bad.close()
         server.stop(0)
+
+
+def test_a_version_trained_for_another_draft_is_refused_and_the_served_one_stays():
+    """The trainer sends its config.json with every version; a server running a draft that computes
+    differently (here: another RoPE theta, then llama3 scaling) refuses it and says which field."""
+    import dataclasses
+    server = WeightSyncServer(WeightSyncConfig(address="127.0.0.1:0")).start()
+    engine = _Engine()
+    sub = WeightSubscriber(WeightSubscriberConfig(address=server.address), engine.swap, draft_config=CFG).start()
+    try:
+        m = Eagle3Draft(CFG, rngs=nnx.Rngs(0))
+        WeightPublisher(server, CFG)(1, nnx.state(m))
+        assert wait_for(lambda: sub.version == 1), sub.last_error
+        WeightPublisher(server, dataclasses.replace(CFG, rope_theta=500000.0))(2, nnx.state(m))
+        assert wait_for(lambda: sub.rejected == 1)
+        assert "rope_theta" in sub.last_error and "(10000.0, 500000.0)" in sub.last_error
+        scaled = dataclasses.replace(CFG, rope_scaling={"rope_type": "linear", "factor": 2.0})
+        WeightPublisher(server, scaled)(3, nnx.state(m))
+        assert wait_for(lambda: sub.rejected == 2) and "rope_scaling" in sub.last_error
+        assert engine.versions == [1] and sub.version == 1
+        WeightPublisher(server, CFG)(4, nnx.state(m))
+        assert wait_for(lambda: sub.version == 4) and engine.versions == [1, 4]
+    finally:
+        sub.close()
+        server.stop(0)

@@ -10,6 +10,7 @@ to the trainer) and, with a draft, follows the trainer's WeightSync versions int
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 import shlex
@@ -102,6 +103,16 @@ def _wait_healthy(url: str, proc: subprocess.Popen, timeout_s: float) -> None:
     raise RuntimeError(f"SGLang not healthy after {timeout_s:.0f}s")
 
 
+def _draft_config(path: str):
+    """The served draft's config (None when the path is not a local directory, e.g. a hub id)."""
+    from bridge.eagle3 import DraftConfig
+    p = os.path.join(path, "config.json")
+    if not os.path.isfile(p):
+        return None
+    with open(p) as f:
+        return DraftConfig.from_hf(json.load(f))
+
+
 def run(cfg: SGLangLaunchConfig, dry_run: bool = False) -> int:
     from serving.http import HttpServer
     from serving.sglang.sidecar import SGLangEngine, TreeSink
@@ -130,8 +141,8 @@ def run(cfg: SGLangLaunchConfig, dry_run: bool = False) -> int:
             updater = SGLangWeightUpdater(dataclasses.replace(cfg.updater, url=url, tp_size=s.tp_size,
                                                               api_key=s.admin_api_key or s.api_key))
         engine = SGLangEngine(sidecar, updater=updater, sink=sink)  # the sink SGLang's plugin was told about
-        if updater is not None:
-            sub = WeightSubscriber(cfg.weights, updater).start()
+        if updater is not None:  # versions trained for another draft than s.draft_path's are refused
+            sub = WeightSubscriber(cfg.weights, updater, draft_config=_draft_config(s.draft_path)).start()
         http = HttpServer(engine, sidecar.host, sidecar.port).start()
         log.info("SGLang at %s; traces -> %s%s", url, sidecar.traces.address,
                  f"; draft versions <- {cfg.weights.address}" if sub else "")

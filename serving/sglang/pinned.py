@@ -92,6 +92,10 @@ SOURCE_FACTS = (
     # accept_index starts with the root's block index (what StepRecord.accepted assumes)
     ("kernels/ops/speculative/spec_tree.py", "verify_tree_greedy_kernel_triton",
      "tl.store(accept_index_ptr + bx * num_speculative_tokens, last_accept_retrieve_idx)"),
+    # the draft layer takes RoPE from config.json (rope_parameters or rope_theta + rope_scaling), and
+    # llama3 scaling is one SGLang computes: our exported config is what it runs (bridge.eagle3.RopeScaling)
+    ("srt/models/llama.py", "LlamaDecoderLayer.__init__", "rope_scaling = getattr(config, 'rope_scaling', None)"),
+    ("srt/layers/rotary_embedding/factory.py", "get_rope", "if scaling_type == 'llama3':"),
     # response shapes the sidecar converts
     ("srt/managers/tokenizer_manager.py", "", "meta_info['hidden_states'] = hidden_states"),
     ("srt/managers/tokenizer_manager.py", "", "'weight_version': self.config_value('weight_version')"),
