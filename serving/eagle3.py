@@ -115,6 +115,11 @@ class Eagle3Draft(nn.Module):
         h = L.mlp(L.post_attention_layernorm(h)) + h
         return self.lm_head(self.norm(h)).float(), h, cache
 
+    def empty_cache(self) -> torch.Tensor:
+        """A zero-length k or v cache [1, 0, kv heads, hd] (a request with nothing cached yet)."""
+        c = self.cfg
+        return torch.zeros(1, 0, c.num_key_value_heads, c.hd, dtype=self.fc.weight.dtype, device=self.fc.weight.device)
+
     def draft_to_target(self, draft_ids):
         """Draft-vocabulary ids -> target ids (target = draft + d2t[draft])."""
         return draft_ids + self.d2t[draft_ids]

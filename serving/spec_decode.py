@@ -66,6 +66,62 @@ class EagleDrafter:
 
     @torch.no_grad()
     def propose(self, tokens: list[int], aux: list[torch.Tensor], st: "DraftState") -> list[Node]:
+        return self.propose_many([(tokens, aux, st)])[0]
+
+    @torch.no_grad()
+    def propose_many(self, items: list[tuple[list[int], list[torch.Tensor], "DraftState"]]) -> list[list[Node]]:
+        """Trees for several requests, their draft forwards fused: each request's drafting is a
+        coroutine that yields one draft step at a time; every round's steps run as one padded
+        forward (`_forward_many`), so a batch costs num_steps draft forwards, not num_steps each."""
+        gens = [self._propose(*it) for it in items]
+        out: list = [None] * len(gens)
+        pending = {i: next(g) for i, g in enumerate(gens)}
+        while pending:
+            keys = list(pending)
+            results = self._forward_many([pending[i] for i in keys])
+            pending = {}
+            for i, res in zip(keys, results):
+                try:
+                    pending[i] = gens[i].send(res)
+                except StopIteration as stop:
+                    out[i] = stop.value
+        return out
+
+    def _forward_many(self, steps: list[tuple]) -> list[tuple]:
+        """Draft steps [(tok [1,n], hid [1,n,W], pos [1,n], mask [1,n,L+n], cache (k, v) [1,L,..] | None)]
+        as one forward: caches right-padded to the longest, new tokens to the widest step (pad keys
+        masked; positions explicit, so padding shifts no rotary phase); each gets back its own
+        (logits [1,n,Vd], hidden [1,n,H], cache [1,L+n,..]) as if run alone."""
+        d = self.draft
+        if len(steps) == 1 or len({s[1].shape[-1] for s in steps}) > 1:
+            return [d(*s) for s in steps]
+        pasts = [0 if s[4] is None else s[4][0].shape[1] for s in steps]
+        ns = [s[0].shape[1] for s in steps]
+        B, P, N = len(steps), max(pasts), max(ns)
+        tok = torch.zeros(B, N, dtype=torch.long)
+        pos = torch.zeros(B, N, dtype=torch.long)
+        hid = torch.zeros(B, N, steps[0][1].shape[-1], dtype=steps[0][1].dtype)
+        mask = torch.zeros(B, N, P + N, dtype=torch.bool)
+        mask[:, torch.arange(N), P + torch.arange(N)] = True  # pad rows see themselves (no NaN)
+        ks, vs = [], []
+        for b, ((t, h, p, m, cache), past, n) in enumerate(zip(steps, pasts, ns)):
+            tok[b, :n], pos[b, :n], hid[b, :n] = t[0], p[0], h[0]
+            mask[b, :n, :past], mask[b, :n, P:P + n] = m[0, :, :past], m[0, :, past:]
+            if P:
+                pad = (0, 0, 0, 0, 0, P - past)
+                k, v = cache if cache is not None else (d.empty_cache(),) * 2
+                ks.append(torch.nn.functional.pad(k, pad)), vs.append(torch.nn.functional.pad(v, pad))
+        logits, h, (k, v) = d(tok, hid, pos, mask, (torch.cat(ks), torch.cat(vs)) if P else None)
+        out = []
+        for b, (past, n) in enumerate(zip(pasts, ns)):
+            idx = torch.cat([torch.arange(past), P + torch.arange(n)])
+            out.append((logits[b:b + 1, :n], h[b:b + 1, :n],
+                        (k[b:b + 1].index_select(1, idx), v[b:b + 1].index_select(1, idx))))
+        return out
+
+    def _propose(self, tokens: list[int], aux: list[torch.Tensor], st: "DraftState"):
+        """One request's drafting as a coroutine: yields each draft step's inputs, receives its
+        outputs, returns the tree's nodes."""
         q = len(tokens) - 1
         d = self.draft
         if st.weights_id != self.weights_id:  # swapped since: rebuild this request's draft cache
@@ -79,7 +135,7 @@ class EagleDrafter:
         pos = torch.tensor([slots])
         mask = torch.ones(1, n, past + n, dtype=torch.bool)
         mask[0, :, past:] = torch.ones(n, n, dtype=torch.bool).tril()
-        logits, h, st.cache = d(tok, hid, pos, mask, st.cache)
+        logits, h, st.cache = yield tok, hid, pos, mask, st.cache
         st.next_slot = q + 1
         trunk_len = st.cache[0].shape[1]
 
@@ -108,7 +164,7 @@ class EagleDrafter:
                 mask[0, r, trunk_len + done + r] = True
             cache = (torch.cat([st.cache[0]] + ([tree_kv[0]] if tree_kv else []), 1),
                      torch.cat([st.cache[1]] + ([tree_kv[1]] if tree_kv else []), 1))
-            logits, h, full = d(tok, hid, pos, mask, cache)
+            logits, h, full = yield tok, hid, pos, mask, cache
             tree_kv = (full[0][:, trunk_len:], full[1][:, trunk_len:])
             new = []
             for r, i in enumerate(frontier):
@@ -256,23 +312,25 @@ class SpecDecoder:
 
     @torch.no_grad()
     def step_many(self, reqs: list["Request"]) -> list[int]:
-        """One round for each request, with their target forwards fused into one batched forward.
-        Drafting stays per request (each has its own draft cache and tree). Returns tokens emitted."""
+        """One round for each request: their draft steps fused (`EagleDrafter.propose_many`), then
+        their target forwards fused into one batched forward. Returns tokens emitted per request."""
+        trees = [None] * len(reqs)
         if self.drafter is not None:
             self._apply_swap()
-        plans = [self._plan(r) for r in reqs]
+            for r in reqs:
+                r.version = self.draft_version
+            trees = self.drafter.propose_many([(r.tokens, r.aux, r.draft) for r in reqs])
+        plans = [self._plan(r, nodes) for r, nodes in zip(reqs, trees)]
         outs = self.target.forward_many([(p[0], r.cache, p[1], p[2]) for r, p in zip(reqs, plans)])
         self.fused_forwards += 1
         self.fused_requests += len(reqs)
         return [self._commit(r, p[3], logits, a) for r, p, (logits, a) in zip(reqs, plans, outs)]
 
-    def _plan(self, r: "Request"):
+    def _plan(self, r: "Request", nodes: list[Node] | None):
         """(input ids, positions, tree mask, draft nodes) of this request's next target forward."""
         tokens, q = r.tokens, len(r.tokens) - 1
-        if self.drafter is None:
+        if nodes is None:
             return [tokens[q]], None, None, None
-        r.version = self.draft_version
-        nodes = self.drafter.propose(tokens, r.aux, r.draft)
         n, past = len(nodes), q
         allowed = torch.zeros(n + 1, past + n + 1, dtype=torch.bool)
         allowed[:, :past + 1] = True  # everything before, and the root x_q

@@ -54,6 +54,9 @@ class OracleDrafter(EagleDrafter):
     def new_state(self):
         return None
 
+    def propose_many(self, items):
+        return [self.propose(*it) for it in items]
+
     def propose(self, tokens, aux, st):
         truth = _greedy_reference(self.target, tokens, self.depth)
         nodes, parent = [], -1
@@ -141,11 +144,11 @@ def test_hot_swap_mid_generation_keeps_greedy_output_and_bumps_draft_version(tar
     class SwapAfter3(EagleDrafter):
         rounds = 0
 
-        def propose(self, tokens, aux, st):
+        def propose_many(self, items):
             SwapAfter3.rounds += 1
             if SwapAfter3.rounds == 3:  # a new version arrives while the request is in flight
                 dec.offer_swap(2, new_sd)
-            return super().propose(tokens, aux, st)
+            return super().propose_many(items)
 
     drafter = SwapAfter3(_draft(target), spec)
     dec = SpecDecoder(target, drafter, spec, topk=4, draft_version=1)
@@ -223,6 +226,28 @@ def test_batched_requests_decode_as_if_alone(target, drafted):
         assert res.output == _greedy_reference(target, p, 16 + 4 * i)
         validate(res.trace, TraceLimits(vocab_size=V, target_hidden_size=H))
         assert len(res.trace.steps) == (len(res.accept_lengths) if drafted else 0)
+
+
+def test_fused_drafting_matches_per_request_drafting(target):
+    """Requests at different points (fresh, several rounds in, different trunk lengths) drafted
+    together: the same trees, scores and draft caches as drafting each alone."""
+    import copy
+    spec = SpecConfig(topk=3, num_steps=4, num_draft_tokens=7)
+    drafter = EagleDrafter(_draft(target), spec)
+    dec = SpecDecoder(target, drafter, spec, topk=4)
+    reqs = [dec.start(p, 40) for p in PROMPTS + [[3] * 14, [60, 61]]]
+    for _ in range(2):  # the first two advance a few rounds, so their caches and trunks differ
+        dec.step_many(reqs[:2])
+    solo_states = [copy.deepcopy(r.draft) for r in reqs]
+    solo = [drafter.propose(r.tokens, r.aux, st) for r, st in zip(reqs, solo_states)]
+    fused = drafter.propose_many([(r.tokens, r.aux, r.draft) for r in reqs])
+    for a, b, sa, sb in zip(solo, fused, solo_states, (r.draft for r in reqs)):
+        assert [(n.token, n.parent, n.depth) for n in a] == [(n.token, n.parent, n.depth) for n in b]
+        np.testing.assert_allclose([n.score for n in a], [n.score for n in b], rtol=1e-4, atol=1e-4)
+        assert sa.next_slot == sb.next_slot
+        for x, y in zip(sa.cache, sb.cache):
+            assert x.shape == y.shape
+            torch.testing.assert_close(x, y, atol=1e-5, rtol=1e-5)
 
 
 def test_fused_forward_matches_separate_forwards(target):
