@@ -97,15 +97,26 @@ class RopeScaling:
         return inv.astype(np.float32)
 
 
+def _rope_params(hf: dict) -> dict:
+    # transformers 5 keeps theta and scaling together in `rope_parameters`; older configs split them
+    return dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
+
+
+def rope_theta_from_hf(hf: dict) -> float | None:
+    """`rope_theta` of a config.json, in either spelling (None if absent)."""
+    theta = _rope_params(hf).get("rope_theta") or hf.get("rope_theta")
+    return float(theta) if theta else None
+
+
 def rope_from_hf(hf: dict) -> tuple[float | None, RopeScaling | None]:
     """(rope_theta, rope_scaling) of a config.json, from the classic `rope_theta`/`rope_scaling`
     keys or from transformers 5's `rope_parameters` (which holds both); raises ValueError on a
     scaling we do not implement."""
-    params = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
-    theta = params.pop("rope_theta", None) or hf.get("rope_theta")
+    params = _rope_params(hf)
+    params.pop("rope_theta", None)
     kind = params.get("rope_type", params.get("type"))
     scaling = RopeScaling.from_hf(params) if params and kind != "default" else None
-    return (float(theta) if theta else None), scaling
+    return rope_theta_from_hf(hf), scaling
 
 
 @dataclasses.dataclass
@@ -286,15 +297,20 @@ def save_hf(out_dir: str | Path, cfg: DraftConfig, sd: dict[str, np.ndarray], to
     return out
 
 
+def load_hf_config(path: str | Path) -> DraftConfig:
+    """The DraftConfig of an EAGLE3 HF dir's `config.json` (no weights read)."""
+    cfg_file = Path(path) / "config.json"
+    if not cfg_file.exists():
+        raise FileNotFoundError(f"{path}: no config.json (is this an EAGLE3 draft directory?)")
+    return DraftConfig.from_hf(json.loads(cfg_file.read_text()))
+
+
 def load_hf(path: str | Path) -> tuple[DraftConfig, dict[str, np.ndarray]]:
     """Read an EAGLE3 HF dir (e.g. trained by SpecForge): (config, torch-layout numpy state_dict)."""
     from safetensors.numpy import load_file
 
     path = Path(path)
-    cfg_file = path / "config.json"
-    if not cfg_file.exists():
-        raise FileNotFoundError(f"{path}: no config.json (is this an EAGLE3 draft directory?)")
-    cfg = DraftConfig.from_hf(json.loads(cfg_file.read_text()))
+    cfg = load_hf_config(path)
     files = sorted(path.glob("*.safetensors"))
     if not files:
         raise FileNotFoundError(f"{path}: no *.safetensors weights")

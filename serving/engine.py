@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from bridge.eagle3 import DraftConfig, RopeScaling, load_hf, rope_from_hf
+from bridge.eagle3 import DraftConfig, RopeScaling, load_hf, rope_from_hf, rope_theta_from_hf
 from serving.eagle3 import Eagle3Draft
 from serving.spec_decode import EagleDrafter, Request, SpecConfig, SpecDecoder
 from serving.target import Target, TargetConfig
@@ -64,7 +64,7 @@ def _target_rope(hf: dict) -> tuple[float, RopeScaling | None]:
         theta, scaling = rope_from_hf(hf)
     except (TypeError, ValueError) as e:
         log.warning("day-0 draft: the target's RoPE scaling is not used (%s); plain RoPE", e)
-        theta, scaling = (hf.get("rope_parameters") or {}).get("rope_theta") or hf.get("rope_theta"), None
+        theta, scaling = rope_theta_from_hf(hf), None
     return float(theta or 10000.0), scaling
 
 

@@ -10,7 +10,6 @@ to the trainer) and, with a draft, follows the trainer's WeightSync versions int
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 import shlex
@@ -105,12 +104,8 @@ def _wait_healthy(url: str, proc: subprocess.Popen, timeout_s: float) -> None:
 
 def _draft_config(path: str):
     """The served draft's config (None when the path is not a local directory, e.g. a hub id)."""
-    from bridge.eagle3 import DraftConfig
-    p = os.path.join(path, "config.json")
-    if not os.path.isfile(p):
-        return None
-    with open(p) as f:
-        return DraftConfig.from_hf(json.load(f))
+    from bridge.eagle3 import load_hf_config
+    return load_hf_config(path) if os.path.isfile(os.path.join(path, "config.json")) else None
 
 
 def run(cfg: SGLangLaunchConfig, dry_run: bool = False) -> int:
