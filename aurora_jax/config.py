@@ -12,6 +12,7 @@ from aurora_jax.model import DraftConfig
 from aurora_jax.objective import ObjectiveConfig
 from aurora_jax.train import MeshConfig, OptimConfig
 from aurora_jax.validate import TraceLimits
+from bridge.eagle3 import draft_fields_from_target, read_target_config, weights_file
 
 
 @dataclasses.dataclass
@@ -73,14 +74,19 @@ class LoopConfig:
     embedding_key: str = "model.embed_tokens.weight"
     init_from: str = ""  # start from an EAGLE3 HF dir (e.g. trained by SpecForge) instead of random
     vocab_counts: str = ""  # draft_vocab_size < V: token counts [V] (.npy); "" = count the first traces
+    head_init: str = "random"  # random | target: lm_head/norm from the target, fc passes its top aux layer through
+    publish_initial: bool = False  # publish version 1 as soon as the draft vocabulary is fixed, before training
 
     def __post_init__(self):
         if min(self.max_steps, self.traces_per_step, self.sync_every) < 0 or self.min_traces < 1 or self.log_every < 1:
             raise ValueError("max_steps, traces_per_step, sync_every must be >= 0; min_traces, log_every >= 1")
+        if self.head_init not in ("random", "target"):
+            raise ValueError("head_init must be random or target")
 
 
 @dataclasses.dataclass
 class TrainerConfig:
+    target: str = ""  # the target's HF directory: model.*, limits.* and loop.embedding are derived from it
     ingest: IngestConfig = dataclasses.field(default_factory=IngestConfig)
     limits: TraceLimits = dataclasses.field(default_factory=TraceLimits)
     buffer: BufferConfig = dataclasses.field(default_factory=BufferConfig)
@@ -93,6 +99,23 @@ class TrainerConfig:
     loop: LoopConfig = dataclasses.field(default_factory=LoopConfig)
     weight_sync: WeightSyncConfig = dataclasses.field(default_factory=WeightSyncConfig)
 
+    DERIVED_FROM = "target"
+
+    @staticmethod
+    def derived_keys(get) -> tuple[dict, dict, str]:
+        """With `target:` set, the draft's shape, RoPE and norm eps and the trace limits come from the
+        target's config.json (facts: a conflicting key is refused by name), and the frozen embedding
+        from its weights (a default: any loop.embedding given wins). `bridge.config` applies them."""
+        path = get("target")
+        if not path:
+            return {}, {}, ""
+        hf = read_target_config(path)
+        facts = {f"model.{k}": v for k, v in draft_fields_from_target(hf).items()}
+        facts["limits.vocab_size"] = facts["model.vocab_size"]
+        facts["limits.target_hidden_size"] = facts["model.target_hidden_size"]
+        return facts, {"loop.embedding": weights_file(path, "model.embed_tokens.weight")}, \
+            f"the target's config.json ({path})"
+
     def __post_init__(self):
         if self.model.vocab_size != self.limits.vocab_size:
             raise ValueError(f"model.vocab_size={self.model.vocab_size} must equal limits.vocab_size="
@@ -101,5 +124,7 @@ class TrainerConfig:
             raise ValueError(f"limits.target_hidden_size={self.limits.target_hidden_size} != the draft's "
                              f"target_hidden_size {self.model.ht}")
         self.limits.target_hidden_size = self.model.ht  # accept only traces this draft can train on
+        if self.loop.head_init == "target" and not self.target:
+            raise ValueError("loop.head_init=target needs `target` (the target's HF directory)")
         if self.batch.rows % max(self.mesh.data, 1):
             raise ValueError(f"batch.rows={self.batch.rows} must be a multiple of mesh.data={self.mesh.data}")

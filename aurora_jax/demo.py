@@ -26,7 +26,7 @@ from pathlib import Path
 import yaml
 
 from bridge.config import to_dict
-from serving.load import LoadConfig, run_load
+from serving.load import LoadConfig, run_load, side_by_side
 
 log = logging.getLogger(__name__)
 ROOT = Path(__file__).resolve().parents[1]
@@ -45,6 +45,12 @@ class DemoConfig:
     until_version: int = 0  # after load.requests, keep sending until a request is served by this draft version
     max_requests: int = 0  # ... but never more requests than this in total
     start_timeout_s: float = 180.0
+    prepare_target: str = ""  # a known real target (`aurora-jax prepare-target NAME`) made into `target` on first use
+    # After the flywheel, with the trainer stopped: target-only vs the final draft on the same engine,
+    # on held-out prompts (load.split=heldout), in interleaved rounds (serving.load.side_by_side).
+    side_by_side_requests: int = 0  # held-out prompts per arm and round (0 = no side-by-side)
+    side_by_side_rounds: int = 3
+    side_by_side_concurrency: list[int] = dataclasses.field(default_factory=lambda: [1, 2])
 
     def __post_init__(self):
         if self.serving not in ("embedded", "sglang"):
@@ -87,7 +93,7 @@ class _Proc:
         self._log.close()
 
 
-def _plot(records: list[dict], path: Path) -> None:
+def _plot(records: list[dict], path: Path, target_only: float | None = None) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -113,6 +119,9 @@ def _plot(records: list[dict], path: Path) -> None:
             for ax in (a1, a2):
                 ax.axvline(x[i], color="gray", ls=":", lw=0.8)
             a1.text(x[i], max(acc) * 1.02, f"v{versions[i]}", fontsize=7, color="gray")
+    if target_only:
+        a2.axhline(target_only, color="red", ls="--", lw=1, label="target only (side-by-side, held-out)")
+        a2.legend(fontsize=8, loc="upper left")
     a1.set_ylabel("acceptance length\n(tokens / target forward)")
     a2.set_ylabel("per-request throughput\n(tokens / s)")
     a2.set_xlabel("request (order sent)")
@@ -160,9 +169,11 @@ def run_demo(cfg: DemoConfig) -> int:
     shutil.rmtree(run, ignore_errors=True)
     run.mkdir(parents=True)
     sglang = cfg.serving == "sglang"
-    if not sglang and not (ROOT / cfg.target / "model.safetensors").exists():
-        raise FileNotFoundError(f"{cfg.target}: demo target missing (see scripts/make_demo_target.py)")
     py = [sys.executable, "-m", "aurora_jax.cli"]
+    if not sglang and not cfg.prepare_target and not (ROOT / cfg.target / "config.json").exists():
+        raise FileNotFoundError(f"no model directory at {cfg.target} (the toy target: scripts/make_demo_target.py)")
+    if cfg.prepare_target:  # first use: convert the registry-installed target once (torch, in a child)
+        subprocess.run(py + ["prepare-target", cfg.prepare_target, "--out", cfg.target], check=True, cwd=ROOT)
     ingest, weights = _free_port(), _free_port()
     trainer = engine = None
     t0 = time.perf_counter()
@@ -172,7 +183,7 @@ def run_demo(cfg: DemoConfig) -> int:
                                          f"ingest.address=127.0.0.1:{ingest}", f"weight_sync.address=127.0.0.1:{weights}",
                                          f"buffer.spool_dir={run / 'spool'}", f"checkpoint.dir={run / 'ckpt'}",
                                          f"loop.metrics_path={run / 'train.jsonl'}",
-                                         *([] if sglang else [f"loop.embedding={cfg.target}/model.safetensors"]),
+                                         *([] if sglang else [f"target={cfg.target}"]),
                                          *day0, *cfg.trainer_overrides],
                         run / "trainer.log")
         trainer.wait_line("listening on", cfg.start_timeout_s)
@@ -208,6 +219,17 @@ def run_demo(cfg: DemoConfig) -> int:
         alive()
         with urllib.request.urlopen(url + "/metrics", timeout=30) as r:
             metrics = r.read().decode()
+        with urllib.request.urlopen(url + "/health", timeout=30) as r:
+            health = json.loads(r.read())
+        sbs = []
+        if cfg.side_by_side_requests and not sglang:
+            trainer.stop()  # paused: the engine keeps the last draft it was sent
+            for c in cfg.side_by_side_concurrency:
+                print(f"side-by-side on held-out prompts, concurrency {c}: target-only vs draft "
+                      f"v{health['draft_version']}, {cfg.side_by_side_rounds} interleaved rounds", flush=True)
+                sbs.append(side_by_side(dataclasses.replace(cfg.load, split="heldout", concurrency=c,
+                                                            requests=cfg.side_by_side_requests),
+                                        cfg.side_by_side_rounds))
     finally:
         for p in (engine, trainer):
             if p is not None:
@@ -226,9 +248,11 @@ def run_demo(cfg: DemoConfig) -> int:
         draft_versions_served=versions,
         accept_length_first_quarter=mean(ok[:q], "accept_length"), accept_length_last_quarter=mean(ok[-q:], "accept_length"),
         throughput_first_quarter=mean(ok[:q], "throughput"), throughput_last_quarter=mean(ok[-q:], "throughput"),
+        versions_refused=health["versions_refused"], last_refusal=health["last_refusal"], side_by_side=sbs,
         metrics=metrics)
     (run / "report.json").write_text(json.dumps(dict(config=to_dict(cfg), summary=summary), indent=2))
-    _plot(records, run / "flywheel.png")
+    baseline = next((x["target_only_request_throughput"] for x in sbs if x["concurrency"] == cfg.load.concurrency), None)
+    _plot(records, run / "flywheel.png", baseline)
     s = summary
     print(f"\n{s['requests']} requests in {s['elapsed_s']}s; trainer took {s['trainer_steps']} steps; "
           f"the engine served draft versions {versions[0]}..{versions[-1]}")
@@ -242,5 +266,22 @@ def run_demo(cfg: DemoConfig) -> int:
         vs = sorted({r.get("draft_version") or 0 for r in part})
         print(f"  requests {part[0]['index']:5d}-{part[-1]['index']:5d}: {mean(part, 'accept_length'):.2f} "
               f"(draft version {vs[0]}{'' if len(vs) == 1 else f'..{vs[-1]}'})")
+    if sbs:
+        print("\nside-by-side on held-out prompts (same engine, trainer stopped; generated tokens/s, median of rounds):")
+        print(f"  {'conc':>4} {'target-only':>11} {'speculative':>11} {'speedup':>8} {'min..max':>11} "
+              f"{'AL':>5} {'identical':>9}  rounds agree")
+        for x in sbs:
+            print(f"  {x['concurrency']:4d} {x['target_only_tokens_per_s']:11.1f} {x['speculative_tokens_per_s']:11.1f} "
+                  f"{x['speedup']:7.2f}x {x['speedup_min']:5.2f}..{x['speedup_max']:<5.2f} {x['accept_length']:5.2f} "
+                  f"{x['outputs_identical']:4d}/{x['prompts']:<4d}  {'yes' if x['rounds_agree'] else 'NO: load flipped a round'}")
     print(f"report {run / 'report.json'}, plot {run / 'flywheel.png'}, requests {run / 'requests.jsonl'}")
-    return 0 if s["failed"] == 0 else 1
+    problems = []
+    if s["failed"]:
+        problems.append(f"{s['failed']} requests failed")
+    if health["versions_refused"]:
+        problems.append(f"the engine refused {health['versions_refused']} draft versions; last: {health['last_refusal']}")
+    if versions[-1] == 0:
+        problems.append("the engine never served a draft version > 0 (no version arrived, or every one was refused)")
+    for p in problems:
+        print(f"demo FAILED: {p}", file=sys.stderr)
+    return 1 if problems else 0

@@ -27,10 +27,10 @@ from aurora_jax.buffer import ReplayBuffer
 from aurora_jax.checkpoint import Checkpointer
 from aurora_jax.config import TrainerConfig
 from aurora_jax.ingest import IngestServer
-from aurora_jax.model import Eagle3Draft, load_flat, target_to_draft
+from aurora_jax.model import Eagle3Draft, head_from_target, load_flat, target_to_draft
 from aurora_jax.train import Learner, make_mesh
 from bridge.config import to_dict
-from bridge.eagle3 import LayoutError, from_torch_layout, load_hf
+from bridge.eagle3 import LayoutError, from_torch_layout, load_hf, read_target_config, read_tensor, weights_file
 from bridge.vocab import build_vocab, count_tokens
 
 log = logging.getLogger(__name__)
@@ -41,11 +41,7 @@ PublishHook = Callable[[int, nnx.State], None]  # (draft_version, full draft sta
 def load_embedding(path: str, key: str) -> np.ndarray:
     if path.endswith(".npy"):
         return np.load(path)
-    from safetensors.numpy import load_file
-    tensors = load_file(path)
-    if key not in tensors:
-        raise KeyError(f"{path}: no tensor {key!r} (has {sorted(tensors)[:8]}...)")
-    return tensors[key]
+    return read_tensor(path, key)
 
 
 class Trainer:
@@ -87,7 +83,11 @@ class Trainer:
             self.has_embedding |= bool(meta.get("has_embedding"))
             log.info("resumed at step %d, draft_version %d; %d traces in the buffer", self.learner.step,
                      self.version, len(self.buffer.entries()))
+        self._head_pending = cfg.loop.head_init == "target" and not resume and not cfg.loop.init_from
+        self._initial_pending = cfg.loop.publish_initial and not resume
         self._update_vocab_table()
+        if not self._vocab_pending:
+            self._start_from_target()
         Path(cfg.loop.metrics_path).parent.mkdir(parents=True, exist_ok=True)
         self._metrics = open(cfg.loop.metrics_path, "a")
         self._tb = None
@@ -126,6 +126,24 @@ class Trainer:
                  self.cfg.model.vd, int((counts > 0).sum()), len(self.buffer.entries()),
                  100 * counts[t2d].sum() / max(counts.sum(), 1))
 
+    def _start_from_target(self) -> None:
+        """Once the draft vocabulary is fixed: the day-0 head from the target (loop.head_init=target,
+        see `model.head_from_target`), then version 1 if loop.publish_initial."""
+        if self._head_pending:
+            t = self.cfg.target
+            hf = read_target_config(t)
+            head_key = "model.embed_tokens.weight" if hf.get("tie_word_embeddings", True) else "lm_head.weight"
+            d2t = np.asarray(self.learner.rest["d2t"].get_value())
+            self.learner.set_params(head_from_target(
+                self.cfg.model, d2t, read_tensor(weights_file(t, head_key), head_key),
+                read_tensor(weights_file(t, "model.norm.weight"), "model.norm.weight")))
+            self._head_pending = False
+            log.info("draft head initialised from the target %s (%s, final norm; fc passes its top aux layer)",
+                     t, head_key)
+        if self._initial_pending:
+            self._initial_pending = False
+            self.sync()
+
     def start_ingest(self) -> str:
         self.server = IngestServer(self.cfg.ingest, self.cfg.limits, self.buffer).start()
         return self.server.address
@@ -139,6 +157,7 @@ class Trainer:
             return False
         if self._vocab_pending:
             self._prune_vocab()
+            self._start_from_target()
         entries = self.buffer.sample(cfg.loop.traces_per_step or cfg.batch.rows, self.rng, self.version)
         if not entries:
             return False

@@ -167,6 +167,22 @@ class Learner:
         return {k: np.asarray(jax.device_get(v.get_value()))
                 for tree in (self.state.params, self.rest) for k, v in flat_state(tree).items()}
 
+    def set_params(self, values: dict[str, np.ndarray]) -> None:
+        """Replace trained parameters by flat path before the first step (optimizer moments are
+        still zero there, so nothing else changes)."""
+        if self._host_step:
+            raise RuntimeError("set_params is for initialisation, before the first step")
+        values = dict(values)
+        for name, v in flat_state(self.state.params).items():
+            if name in values:
+                old = v.get_value()
+                new = np.asarray(values.pop(name))
+                if new.shape != old.shape:
+                    raise ValueError(f"{name}: shape {new.shape} != {old.shape}")
+                v.set_value(jax.device_put(jnp.asarray(new, old.dtype), old.sharding))
+        if values:
+            raise KeyError(f"no such parameters: {sorted(values)}")
+
     def set_buffers(self, **values) -> None:
         """Replace non-trained variables by path (e.g. d2t=..., t2d=...; before training starts)."""
         replicated = NamedSharding(self.mesh, P())

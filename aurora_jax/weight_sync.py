@@ -1,8 +1,9 @@
 """WeightSync: the trainer serves each published draft version to subscribed serving engines.
 
 The publish hook (`WeightPublisher`) turns the draft's trained weights into SGLang's state_dict
-layout (d2t/t2d and the frozen embedding never travel: a swap must not change them) and hands the
-packed version to the server, which streams it to every subscriber; a subscriber that connects
+layout (the frozen embedding never travels; the vocabulary maps d2t/t2d do, so a day-0 engine can
+adopt the trainer's draft vocabulary with the first version and later ones can be checked against
+it; SGLang's updater never forwards them) and hands the packed version to the server, which streams it to every subscriber; a subscriber that connects
 late, or reconnects, gets the latest version at once. Auth and TLS work as on the ingest endpoint.
 """
 
@@ -25,7 +26,7 @@ from bridge.weights import SERVICE, pack_version
 
 log = logging.getLogger(__name__)
 
-NOT_SWAPPED = ("d2t", "t2d", "embed_tokens")
+NOT_SENT = ("embed_tokens",)  # frozen: the engine already has the target's
 
 
 class WeightSyncServer:
@@ -97,5 +98,5 @@ class WeightPublisher:
 
     def __call__(self, version: int, state: nnx.State) -> None:
         flat = {k: np.asarray(v.get_value()) for k, v in flat_state(state).items()}
-        trained = {k: a for k, a in flat.items() if k not in NOT_SWAPPED}
+        trained = {k: a for k, a in flat.items() if k not in NOT_SENT}
         self.server.publish(version, to_torch_layout(trained, partial=True), self.draft_config)

@@ -22,6 +22,11 @@ CONFIGS = {
                    vocab_size=8192, draft_vocab_size=0), 256, 4),
     "medium": (dict(hidden_size=512, num_attention_heads=8, num_key_value_heads=4, intermediate_size=1376,
                     vocab_size=16384, draft_vocab_size=8192), 256, 4),
+    # SmolLM2-135M's draft (the real demo target): derived shapes, pruned vocabularies
+    "smollm2": (dict(hidden_size=576, num_attention_heads=9, num_key_value_heads=3, head_dim=64,
+                     intermediate_size=1536, vocab_size=49152, draft_vocab_size=8192), 256, 4),
+    "smollm2-vd4k": (dict(hidden_size=576, num_attention_heads=9, num_key_value_heads=3, head_dim=64,
+                          intermediate_size=1536, vocab_size=49152, draft_vocab_size=4096), 256, 4),
 }
 
 

@@ -74,6 +74,23 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[st
         key = key.strip()
         _set_dotted(raw, key, _Override(value.strip()), item)
         origin[key] = f"override {item!r}"
+    derive = getattr(cls, "derived_keys", None)
+    if derive is None:
+        return _build(cls, raw, "", origin, source)
+    try:
+        facts, defaults, fact_source = derive(lambda key: _plain(_get_dotted(raw, key)))
+    except (OSError, ValueError, TypeError, KeyError) as e:
+        raise ConfigError(f"{_where(getattr(cls, 'DERIVED_FROM', ''), origin, source)}: {e}") from None
+    for key, value in {**defaults, **facts}.items():
+        given = _get_dotted(raw, key)
+        if _plain(given) in (None, ""):  # absent, null or empty: derived
+            _set_dotted(raw, key, value, key)
+            origin[key] = fact_source
+        elif key in facts:
+            ours = _coerce(_hint(cls, key), given, key, origin, source)
+            if not _same(ours, value):
+                raise ConfigError(f"{_where(key, origin, source)}: '{key}' = {_show(ours)} conflicts with "
+                                  f"{fact_source}, which says {_show(value)}; drop the key or fix it")
     return _build(cls, raw, "", origin, source)
 
 
@@ -106,6 +123,41 @@ def _set_dotted(raw: dict, key: str, value: Any, item: str) -> None:
             raise ConfigError(f"override {item!r}: {p!r} is a value, not a section")
         node = nxt
     node[parts[-1]] = value
+
+
+def _get_dotted(raw: dict, key: str) -> Any:
+    node: Any = raw
+    for p in key.split("."):
+        if not isinstance(node, dict) or p not in node:
+            return None
+        node = node[p]
+    return node
+
+
+def _plain(value: Any) -> Any:
+    return value.text if isinstance(value, _Override) else value
+
+
+def _hint(cls: type, key: str) -> Any:
+    """The declared type of a dotted key of a config dataclass."""
+    tp: Any = cls
+    for p in key.split("."):
+        tp = typing.get_type_hints(tp)[p]
+    return tp
+
+
+def _same(ours: Any, theirs: Any) -> bool:
+    """Equal as config values: floats within a relative 1e-6 (a float32 round trip of 1e-5 is not a
+    difference), config objects by their dict form (`to_hf()` where they have one)."""
+    if dataclasses.is_dataclass(ours):
+        ours = ours.to_hf() if hasattr(ours, "to_hf") else dataclasses.asdict(ours)
+    if isinstance(ours, float) or isinstance(theirs, float):
+        return isinstance(theirs, (int, float)) and math.isclose(float(ours), float(theirs), rel_tol=1e-6)
+    return ours == theirs
+
+
+def _show(value: Any) -> str:
+    return repr(value.to_hf() if hasattr(value, "to_hf") else value)
 
 
 def _where(key: str, origin: dict[str, str], source: str) -> str:

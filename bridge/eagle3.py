@@ -226,6 +226,51 @@ class DraftConfig:
         return cls(**kw, **overrides)
 
 
+def read_target_config(path: str | Path) -> dict:
+    """A target model directory's `config.json` (a local HF directory; nothing is downloaded)."""
+    f = Path(path) / "config.json"
+    if not str(path) or not f.exists():
+        raise FileNotFoundError(f"no model directory at {str(path) or '(empty path)'!s} "
+                                f"(expected a local Hugging Face directory with config.json)")
+    return json.loads(f.read_text())
+
+
+def weights_file(path: str | Path, key: str) -> str:
+    """The safetensors file of a model directory that holds `key` (sharded or not)."""
+    index = Path(path) / "model.safetensors.index.json"
+    if index.exists():
+        shard = json.loads(index.read_text()).get("weight_map", {}).get(key)
+        if shard is None:
+            raise KeyError(f"{index}: no tensor {key!r}")
+        return str(Path(path) / shard)
+    return str(Path(path) / "model.safetensors")
+
+
+def read_tensor(file: str | Path, key: str) -> np.ndarray:
+    """One tensor of a safetensors file (bf16 as ml_dtypes.bfloat16), without reading the others."""
+    import ml_dtypes  # noqa: F401  (registers numpy's 'bfloat16', which safetensors asks for)
+    from safetensors import safe_open
+
+    with safe_open(str(file), framework="numpy") as f:
+        if key not in f.keys():
+            raise KeyError(f"{file}: no tensor {key!r} (has {sorted(f.keys())[:8]}...)")
+        return f.get_tensor(key)
+
+
+def draft_fields_from_target(hf: dict) -> dict:
+    """The DraftConfig fields an EAGLE3 draft takes from its target's `config.json`: the draft's
+    layer has the target's width, heads, MLP, RoPE and norm eps (as SpecForge and SGLang build it),
+    its `fc` reads the target's hidden size and its vocabulary is the target's. The one place these
+    facts are derived: the trainer's `target:` key, `init-draft` and the engine's day-0 draft."""
+    H, nh = int(hf["hidden_size"]), int(hf["num_attention_heads"])
+    theta, scaling = rope_from_hf(hf)
+    return dict(hidden_size=H, num_attention_heads=nh, num_key_value_heads=int(hf.get("num_key_value_heads") or nh),
+                head_dim=int(hf.get("head_dim") or H // nh), intermediate_size=int(hf["intermediate_size"]),
+                vocab_size=int(hf["vocab_size"]), target_hidden_size=H, rope_theta=float(theta or 10000.0),
+                rope_scaling=scaling.to_hf() if scaling else None, rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+                max_position_embeddings=int(hf.get("max_position_embeddings", 8192)))
+
+
 def torch_keys(flat: dict, partial: bool = False) -> list[tuple[str, object]]:
     """[(torch key, value)] for Flax paths, checked: no unknown variable, none missing unless
     `partial` (e.g. only the trained weights of a hot-swap). Values are passed through untouched."""

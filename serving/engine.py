@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from bridge.eagle3 import DraftConfig, RopeScaling, load_hf, rope_from_hf, rope_theta_from_hf
+from bridge.eagle3 import DraftConfig, draft_fields_from_target, load_hf
 from serving.eagle3 import Eagle3Draft
 from serving.spec_decode import EagleDrafter, Request, SpecConfig, SpecDecoder
 from serving.target import Target, TargetConfig
@@ -57,15 +57,33 @@ class EngineConfig:
     model_name: str = "aurora-target"
 
 
-def _target_rope(hf: dict) -> tuple[float, RopeScaling | None]:
-    """A day-0 draft takes the target's RoPE where we implement it, else plain RoPE at its theta
-    (the draft is its own model: it only has to agree with the trainer's model.* config)."""
+def _day0_config(target: Target, draft_vocab_size: int) -> DraftConfig:
+    """A day-0 draft shaped after the target (`bridge.eagle3.draft_fields_from_target`, as the
+    trainer's `target:` key derives it). A RoPE scaling we do not implement falls back to plain RoPE
+    at the target's theta: this draft only serves until it adopts the trainer's first version."""
+    hf = target.model.config.to_dict()
     try:
-        theta, scaling = rope_from_hf(hf)
+        fields = draft_fields_from_target(hf)
     except (TypeError, ValueError) as e:
         log.warning("day-0 draft: the target's RoPE scaling is not used (%s); plain RoPE", e)
-        theta, scaling = rope_theta_from_hf(hf), None
-    return float(theta or 10000.0), scaling
+        fields = draft_fields_from_target({**hf, "rope_scaling": None, "rope_parameters": None})
+    return DraftConfig(**{**fields, "draft_vocab_size": draft_vocab_size})
+
+
+def load_draft(cfg: DraftConfig, state_dict: dict, target: Target, random_init: bool = False,
+               seed: int = 0) -> Eagle3Draft:
+    """A torch EAGLE3 draft from (config, torch state_dict) in the target's dtype; a draft that ships
+    without `embed_tokens` shares the target's embedding."""
+    torch.manual_seed(seed)
+    draft = Eagle3Draft(cfg)
+    if random_init:
+        for p in draft.parameters():
+            if p.dim() == 2:
+                torch.nn.init.normal_(p, std=0.02)
+    missing, _ = draft.load_state_dict(state_dict, strict=False)
+    if "embed_tokens.weight" in missing:
+        draft.embed_tokens.weight.data.copy_(target.model.get_input_embeddings().weight.float())
+    return draft.to(target.model.dtype).eval()
 
 
 def build_draft(src: DraftSource, target: Target) -> Eagle3Draft | None:
@@ -73,26 +91,8 @@ def build_draft(src: DraftSource, target: Target) -> Eagle3Draft | None:
         return None
     if src.mode == "hf":
         cfg, sd = load_hf(src.path)
-        draft = Eagle3Draft(cfg)
-        missing, _ = draft.load_state_dict(to_torch_state_dict(sd), strict=False)
-    else:
-        c = target.model.config
-        theta, scaling = _target_rope(c.to_dict())
-        cfg = DraftConfig(hidden_size=c.hidden_size, num_attention_heads=c.num_attention_heads,
-                          num_key_value_heads=c.num_key_value_heads,
-                          head_dim=getattr(c, "head_dim", 0) or 0, intermediate_size=c.intermediate_size,
-                          vocab_size=c.vocab_size, draft_vocab_size=src.draft_vocab_size,
-                          target_hidden_size=c.hidden_size, rms_norm_eps=getattr(c, "rms_norm_eps", 1e-6),
-                          rope_theta=theta, rope_scaling=scaling)
-        torch.manual_seed(src.seed)
-        draft = Eagle3Draft(cfg)
-        for name, p in draft.named_parameters():
-            if p.dim() == 2:
-                torch.nn.init.normal_(p, std=0.02)
-        missing = ["embed_tokens.weight"]
-    if "embed_tokens.weight" in missing:  # the draft shares the target's embedding
-        draft.embed_tokens.weight.data.copy_(target.model.get_input_embeddings().weight.float())
-    return draft.to(target.model.dtype).eval()
+        return load_draft(cfg, to_torch_state_dict(sd), target)
+    return load_draft(_day0_config(target, src.draft_vocab_size), {}, target, random_init=True, seed=src.seed)
 
 
 @dataclasses.dataclass
@@ -118,8 +118,12 @@ class Engine:
         self.decoder = SpecDecoder(self.target, EagleDrafter(draft, cfg.spec) if draft is not None else None,
                                    cfg.spec, topk=cfg.target.topk)
         self.client = TraceClient(cfg.traces) if cfg.export_traces else None
-        self.subscriber = WeightSubscriber(cfg.weights, self.decoder.offer_swap, draft_config=draft.cfg).start() \
-            if cfg.subscribe_weights and draft is not None else None
+        self.subscriber = None
+        if cfg.subscribe_weights and draft is not None:  # a day-0 draft adopts the trainer's config and vocabulary
+            adopt = (lambda v, sd, c: self.decoder.offer_draft(v, load_draft(c, sd, self.target))) \
+                if cfg.draft.mode == "untrained" else None
+            self.subscriber = WeightSubscriber(cfg.weights, self.decoder.offer_swap, draft_config=draft.cfg,
+                                               on_adopt=adopt).start()
         self._inbox: queue.Queue = queue.Queue()
         self._stop = threading.Event()
         self._lock = threading.Lock()
@@ -131,11 +135,11 @@ class Engine:
     # ------------------------------------------------------------ API
 
     def submit(self, prompt: list[int], max_new_tokens: int | None = None, temperature: float = 0.0,
-               seed: int | None = None, eos: int | None = None, domain: str = "") -> Handle:
+               seed: int | None = None, eos: int | None = None, domain: str = "", speculative: bool = True) -> Handle:
         h = Handle(submitted=time.perf_counter())
         n = min(max_new_tokens or self.cfg.max_new_tokens, self.cfg.max_new_tokens)
         self._inbox.put((h, dict(prompt=list(prompt), max_new_tokens=n, temperature=temperature, seed=seed,
-                                 eos=eos, domain=domain)))
+                                 eos=eos, domain=domain, speculative=speculative)))
         return h
 
     def complete(self, prompt: list[int], **kw) -> dict:
@@ -220,6 +224,10 @@ class Engine:
         m["accept_length"] = m["output_tokens"] / max(m["target_forwards"], 1)
         m["mean_batch"] = self.decoder.fused_requests / max(self.decoder.fused_forwards, 1)
         m["traces"] = self.client.stats() if self.client is not None else {}
+        sub = self.subscriber
+        m["versions_received"] = sub.received if sub is not None else 0
+        m["versions_refused"] = sub.rejected if sub is not None else 0
+        m["last_refusal"] = sub.last_error if sub is not None and sub.rejected else ""
         return m
 
     def close(self) -> None:

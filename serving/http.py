@@ -50,6 +50,9 @@ def prometheus(m: dict) -> str:
         ("aurora_draft_version", "gauge", "draft version serving", m["draft_version"]),
         ("aurora_draft_swaps_total", "counter", "hot-swaps applied", m["swaps"]),
         ("aurora_draft_swap_ms", "gauge", "duration of the last hot-swap", m["last_swap_ms"]),
+        ("aurora_draft_versions_received_total", "counter", "WeightSync versions accepted", m.get("versions_received", 0)),
+        ("aurora_draft_versions_refused_total", "counter",
+         "WeightSync versions refused (corrupt, or trained for another draft; see /health)", m.get("versions_refused", 0)),
         ("aurora_traces_sent_total", "counter", "traces acknowledged by the trainer", t.get("acked", 0)),
         ("aurora_traces_dropped_total", "counter", "traces dropped (trainer unreachable or queue full)",
          t.get("dropped", 0)),
@@ -77,7 +80,10 @@ def make_handler(engine: Engine, model_name: str):
 
         def do_GET(self):
             if self.path == "/health":
-                self._send(200, dict(status="ok", draft_version=engine.draft_version))
+                m = engine.snapshot()
+                self._send(200, dict(status="ok", draft_version=engine.draft_version,
+                                     versions_refused=m.get("versions_refused", 0),
+                                     last_refusal=m.get("last_refusal", "")))
             elif self.path == "/metrics":
                 self._send(200, prometheus(engine.snapshot()), "text/plain; version=0.0.4")
             elif self.path == "/v1/models":
@@ -122,7 +128,14 @@ def make_handler(engine: Engine, model_name: str):
                 return kind(v)
             return dict(max_new_tokens=num("max_tokens", engine.cfg.max_new_tokens, int, 1, engine.cfg.max_new_tokens),
                         temperature=num("temperature", 0.0, float, 0.0, 10.0),
-                        seed=body.get("seed") if isinstance(body.get("seed"), int) else None)
+                        seed=body.get("seed") if isinstance(body.get("seed"), int) else None,
+                        speculative=self._flag(body, "speculative", True))
+
+        def _flag(self, body, key, default):
+            v = body.get(key, default)
+            if not isinstance(v, bool):
+                raise BadRequest(f"'{key}' must be true or false")
+            return v
 
         def _generate(self, body, prompt: str, chat: bool):
             params = self._params(body)

@@ -1,6 +1,7 @@
 """`aurora-jax load`: a bounded workload against any OpenAI-compatible endpoint.
 
-Prompts come from the shipped domain files (`<prompts>/<domain>.jsonl`). Stream shapes:
+Prompts come from domain files (`<prompts>/<domain>.jsonl`: `prompt`, optional `chat: true` to send it
+as a chat message, optional `split`: train | heldout). Stream shapes:
   mixed    domains interleaved at random
   ordered  all of the first domain, then the next, ...
   shift    the first domain until request `--shift-at`, then only the second (an abrupt change)
@@ -36,10 +37,14 @@ class LoadConfig:
     temperature: float = 0.0
     seed: int = 0
     timeout_s: float = 300.0
+    split: str = "train"  # train | heldout | all: which records of the prompt files (no `split` = train)
+    speculative: bool = True  # false: ask the embedded engine to decode target-only (the side-by-side baseline)
 
     def __post_init__(self):
         if self.shape not in ("mixed", "ordered", "shift"):
             raise ValueError("shape must be mixed, ordered or shift")
+        if self.split not in ("train", "heldout", "all"):
+            raise ValueError("split must be train, heldout or all")
         if self.requests < 1 or self.concurrency < 1:
             raise ValueError("requests and concurrency must be >= 1")
 
@@ -52,7 +57,10 @@ def schedule(cfg: LoadConfig) -> list[dict]:
         path = Path(cfg.prompts) / f"{d}.jsonl"
         if not path.exists():
             raise FileNotFoundError(f"no prompts for domain {d!r}: {path}")
-        pools[d] = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        recs = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        pools[d] = [r for r in recs if cfg.split == "all" or r.get("split", "train") == cfg.split]
+        if not pools[d]:
+            raise ValueError(f"{path}: no prompts in split {cfg.split!r}")
         rng.shuffle(pools[d])
     n = cfg.requests
     if cfg.shape == "mixed":
@@ -68,15 +76,21 @@ def schedule(cfg: LoadConfig) -> list[dict]:
     for d in doms:
         p = pools[d][used[d] % len(pools[d])]
         used[d] += 1
-        out.append(dict(domain=d, prompt=p["prompt"]))
+        out.append(dict(domain=d, prompt=p["prompt"], chat=bool(p.get("chat"))))
     return out
 
 
 def _one(cfg: LoadConfig, i: int, req: dict) -> dict:
-    body = dict(model="aurora", prompt=req["prompt"], max_tokens=cfg.max_tokens, temperature=cfg.temperature,
-                domain=req["domain"], seed=cfg.seed + i)
+    body = dict(model="aurora", max_tokens=cfg.max_tokens, temperature=cfg.temperature, domain=req["domain"],
+                seed=cfg.seed + i)
+    if not cfg.speculative:
+        body["speculative"] = False
+    if req.get("chat"):  # through the target's chat template
+        body["messages"], route = [dict(role="user", content=req["prompt"])], "/v1/chat/completions"
+    else:
+        body["prompt"], route = req["prompt"], "/v1/completions"
     t0 = time.perf_counter()
-    r = urllib.request.Request(cfg.endpoint.rstrip("/") + "/v1/completions", data=json.dumps(body).encode(),
+    r = urllib.request.Request(cfg.endpoint.rstrip("/") + route, data=json.dumps(body).encode(),
                                headers={"Content-Type": "application/json"})
     try:
         with urllib.request.urlopen(r, timeout=cfg.timeout_s) as resp:
@@ -85,12 +99,14 @@ def _one(cfg: LoadConfig, i: int, req: dict) -> dict:
         return dict(index=i, domain=req["domain"], error=str(e), latency_s=time.perf_counter() - t0)
     dt = time.perf_counter() - t0
     usage, ext = out.get("usage", {}), out.get("aurora", {})
+    choice = (out.get("choices") or [{}])[0]
+    text = choice.get("text", (choice.get("message") or {}).get("content", ""))
     gen = usage.get("completion_tokens", 0)
     fw = ext.get("target_forwards") or 0
     return dict(index=i, domain=req["domain"], latency_s=dt, prompt_tokens=usage.get("prompt_tokens", 0),
                 completion_tokens=gen, target_forwards=fw, accept_length=gen / fw if fw else None,
                 throughput=(usage.get("prompt_tokens", 0) + gen) / dt, draft_version=ext.get("draft_version"),
-                finished=time.time())
+                finished=time.time(), text=text)
 
 
 def run_load(cfg: LoadConfig, progress: bool = True, on_result=None) -> list[dict]:
@@ -120,6 +136,45 @@ def run_load(cfg: LoadConfig, progress: bool = True, on_result=None) -> list[dic
     if bar is not None:
         bar.close()
     return results
+
+
+def side_by_side(cfg: LoadConfig, rounds: int) -> dict:
+    """Target-only (A) against speculative (B) on one endpoint, same prompts, in interleaved rounds
+    (A B, B A, A B, ...: an alternating order, so drift or background load hits both arms alike).
+    Each arm-round sends every prompt of `cfg` (its split) at `cfg.concurrency`; its speed is
+    generated tokens / wall time. Returns per-round ratios, their median and spread, whether every
+    round agrees on the winner, and whether the greedy outputs of the two arms are identical."""
+    import statistics
+
+    arms = {False: [], True: []}
+    texts: dict[bool, list] = {}
+    for k in range(rounds):
+        for spec in ((False, True) if k % 2 == 0 else (True, False)):
+            c = dataclasses.replace(cfg, speculative=spec, shape="ordered")
+            t0 = time.perf_counter()
+            recs = run_load(c, progress=False)
+            wall = time.perf_counter() - t0
+            bad = [r for r in recs if "error" in r]
+            if bad:
+                raise RuntimeError(f"side-by-side request failed: {bad[0]['error']}")
+            arms[spec].append(dict(tokens_per_s=sum(r["completion_tokens"] for r in recs) / wall,
+                                   request_throughput=statistics.mean(r["throughput"] for r in recs),
+                                   accept_length=sum(r["completion_tokens"] for r in recs) /
+                                   max(sum(r["target_forwards"] for r in recs), 1),
+                                   draft_version=max(r.get("draft_version") or 0 for r in recs)))
+            texts.setdefault(spec, [r["text"] for r in recs])
+    ratios = [b["tokens_per_s"] / a["tokens_per_s"] for a, b in zip(arms[False], arms[True])]
+    differ = [i for i, (a, b) in enumerate(zip(texts[False], texts[True])) if a != b]
+    return dict(concurrency=cfg.concurrency, prompts=len(texts[False]), rounds=rounds,
+                target_only_tokens_per_s=statistics.median(a["tokens_per_s"] for a in arms[False]),
+                speculative_tokens_per_s=statistics.median(b["tokens_per_s"] for b in arms[True]),
+                target_only_request_throughput=statistics.median(a["request_throughput"] for a in arms[False]),
+                speculative_request_throughput=statistics.median(b["request_throughput"] for b in arms[True]),
+                accept_length=statistics.median(b["accept_length"] for b in arms[True]),
+                draft_version=max(b["draft_version"] for b in arms[True]),
+                speedup=statistics.median(ratios), speedup_min=min(ratios), speedup_max=max(ratios),
+                rounds_agree=all(r > 1 for r in ratios) or all(r <= 1 for r in ratios),
+                outputs_identical=len(texts[False]) - len(differ), outputs_differ=differ)
 
 
 def main(argv: list[str] | None = None) -> int:

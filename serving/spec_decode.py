@@ -55,13 +55,26 @@ class EagleDrafter:
     def new_state(self) -> "DraftState":
         return DraftState(weights_id=self.weights_id)
 
-    def swap(self, state_dict) -> None:
-        """Between rounds: new weights, same vocabulary maps (d2t/t2d never change). The draft's
-        trunk cache was computed by the old weights, so it is rebuilt on the next round."""
-        sd = {k: v for k, v in state_dict.items() if k not in ("d2t", "t2d")}
-        missing, unexpected = self.draft.load_state_dict(sd, strict=False)
+    def check(self, state_dict) -> None:
+        """Raise ValueError if a version cannot be swapped into this draft: unknown tensors, or
+        vocabulary maps (d2t/t2d) other than the ones served (they never change after day 0)."""
+        unexpected = sorted(set(state_dict) - set(self.draft.state_dict()))
         if unexpected:
             raise ValueError(f"draft version has unknown tensors {unexpected}")
+        for k in ("d2t", "t2d"):
+            if k in state_dict and not torch.equal(state_dict[k].to(getattr(self.draft, k).dtype), getattr(self.draft, k)):
+                raise ValueError(f"draft version has a different vocabulary map {k} than the draft served")
+
+    def swap(self, state_dict) -> None:
+        """Between rounds: new weights, same vocabulary maps. The draft's trunk cache was computed
+        by the old weights, so it is rebuilt on the next round."""
+        sd = {k: v for k, v in state_dict.items() if k not in ("d2t", "t2d")}
+        self.draft.load_state_dict(sd, strict=False)
+        self.weights_id += 1
+
+    def replace(self, draft: Eagle3Draft) -> None:
+        """Between rounds: a whole new draft (day 0 adopting the trainer's config and vocabulary)."""
+        self.draft = draft
         self.weights_id += 1
 
     @torch.no_grad()
@@ -226,10 +239,25 @@ class SpecDecoder:
         self.fused_requests = 0  # request rounds they carried (mean batch = requests / forwards)
 
     def offer_swap(self, version: int, state_dict) -> None:
-        """Thread-safe: install this draft version at the next round boundary (never mid-round)."""
+        """Thread-safe: install this draft version at the next round boundary (never mid-round).
+        Raises ValueError (in the caller's thread: the subscriber counts it refused) if it does not fit."""
         with self._lock:
-            if self._pending is None or version > self._pending[0]:
-                self._pending = (version, state_dict)
+            if self._pending is not None and version <= self._pending[0]:
+                return
+            if self.drafter is not None and not isinstance(state_dict, Eagle3Draft):
+                pend = self._pending[1] if self._pending is not None else None
+                if isinstance(pend, Eagle3Draft):  # a whole draft not yet installed: update it instead
+                    EagleDrafter(pend, self.spec).check(state_dict)
+                    pend.load_state_dict({k: v for k, v in state_dict.items() if k not in ("d2t", "t2d")},
+                                         strict=False)
+                    state_dict = pend
+                else:
+                    self.drafter.check(state_dict)
+            self._pending = (version, state_dict)
+
+    def offer_draft(self, version: int, draft: Eagle3Draft) -> None:
+        """Thread-safe: replace the whole draft at the next round boundary (see EagleDrafter.replace)."""
+        self.offer_swap(version, draft)
 
     def _apply_swap(self) -> None:
         with self._lock:
@@ -237,7 +265,10 @@ class SpecDecoder:
         if pending is None or self.drafter is None or pending[0] <= self.draft_version:
             return
         t0 = time.perf_counter()
-        self.drafter.swap(pending[1])
+        if isinstance(pending[1], Eagle3Draft):
+            self.drafter.replace(pending[1])
+        else:
+            self.drafter.swap(pending[1])
         self.draft_version = pending[0]
         self.swaps += 1
         self.last_swap_ms = (time.perf_counter() - t0) * 1e3
@@ -286,8 +317,11 @@ class SpecDecoder:
 
     @torch.no_grad()
     def start(self, prompt: list[int], max_new_tokens: int, eos: int | None = None, domain: str = "",
-              request_id: str | None = None, temperature: float = 0.0, seed: int | None = None) -> "Request":
-        """Prefill (emits the first token); then call `step` until `done`, then `finish`."""
+              request_id: str | None = None, temperature: float = 0.0, seed: int | None = None,
+              speculative: bool = True) -> "Request":
+        """Prefill (emits the first token); then call `step` until `done`, then `finish`.
+        `speculative=False` decodes this request target-only (one token per forward), e.g. the
+        baseline arm of a side-by-side on the same engine."""
         if not prompt:
             raise ValueError("empty prompt")
         gen = None
@@ -296,7 +330,8 @@ class SpecDecoder:
         r = Request(prompt=list(prompt), max_new_tokens=max_new_tokens, eos=eos, domain=domain,
                     request_id=request_id or uuid.uuid4().hex, temperature=temperature, gen=gen,
                     cache=self.target.new_cache(), t_start=time.time(), version=self.draft_version,
-                    draft=self.drafter.new_state() if self.drafter is not None else None)
+                    draft=self.drafter.new_state() if self.drafter is not None else None,
+                    speculative=speculative and self.drafter is not None)
         logits, aux_p = self.target.forward(r.prompt, r.cache)
         r.aux = list(aux_p)  # aux[t]: features after token t
         ids, lps = self._topk(logits)
@@ -314,12 +349,14 @@ class SpecDecoder:
     def step_many(self, reqs: list["Request"]) -> list[int]:
         """One round for each request: their draft steps fused (`EagleDrafter.propose_many`), then
         their target forwards fused into one batched forward. Returns tokens emitted per request."""
-        trees = [None] * len(reqs)
+        trees: list = [None] * len(reqs)
         if self.drafter is not None:
             self._apply_swap()
-            for r in reqs:
-                r.version = self.draft_version
-            trees = self.drafter.propose_many([(r.tokens, r.aux, r.draft) for r in reqs])
+            spec = [i for i, r in enumerate(reqs) if r.speculative]
+            for i, nodes in zip(spec, self.drafter.propose_many([(reqs[i].tokens, reqs[i].aux, reqs[i].draft)
+                                                                 for i in spec])):
+                reqs[i].version = self.draft_version
+                trees[i] = nodes
         plans = [self._plan(r, nodes) for r, nodes in zip(reqs, trees)]
         outs = self.target.forward_many([(p[0], r.cache, p[1], p[2]) for r, p in zip(reqs, plans)])
         self.fused_forwards += 1
@@ -415,6 +452,7 @@ class Request:
     t_start: float
     version: int
     draft: DraftState | None
+    speculative: bool = True
     tokens: list[int] = dataclasses.field(default_factory=list)
     aux: list = dataclasses.field(default_factory=list)
     top_ids: list = dataclasses.field(default_factory=list)

@@ -5,6 +5,9 @@ version, verifies its checksums and calls `on_version(version, state_dict)` with
 ready for an atomic swap between decode steps. A version that fails verification, or was trained
 for a different draft than the one served (its config.json differs in a shape, RoPE or norm eps),
 is dropped with a logged reason (`last_error`, `rejected`); the engine keeps serving the previous one.
+One exception: a subscriber given `on_adopt` (an engine serving a day-0, untrained draft, which has no
+vocabulary or shape of its own to keep) adopts the trainer's draft config and vocabulary with the
+first version it accepts; from then on it checks every version against that.
 """
 
 from __future__ import annotations
@@ -50,9 +53,11 @@ def to_torch_state_dict(arrays: dict[str, np.ndarray]) -> dict[str, torch.Tensor
 
 class WeightSubscriber:
     def __init__(self, cfg: WeightSubscriberConfig, on_version: Callable[[int, dict[str, torch.Tensor]], None],
-                 have_version: int = 0, draft_config: DraftConfig | None = None):
+                 have_version: int = 0, draft_config: DraftConfig | None = None,
+                 on_adopt: Callable[[int, dict[str, torch.Tensor], DraftConfig], None] | None = None):
         self.cfg, self.on_version = cfg, on_version
         self.draft_config = draft_config  # what is served here; None = not checked
+        self.on_adopt = on_adopt  # until the first accepted version: take the trainer's draft config instead
         self.version = have_version
         self.received = 0
         self.rejected = 0
@@ -116,6 +121,8 @@ class WeightSubscriber:
     def _deliver(self, version: int, arrays: dict[str, np.ndarray], config: dict | None = None) -> None:
         if version <= self.version:
             return
+        if self.on_adopt is not None and config is not None:
+            return self._adopt(version, arrays, config)
         mismatch = self._mismatch(version, config)
         if mismatch:
             self.rejected += 1
@@ -133,6 +140,21 @@ class WeightSubscriber:
         self.version = version
         self.received += 1
         log.info("draft version %d ready in %.1f ms", version, (time.perf_counter() - t0) * 1e3)
+
+    def _adopt(self, version: int, arrays: dict[str, np.ndarray], config: dict) -> None:
+        try:
+            cfg = DraftConfig.from_hf(config)
+            self.on_adopt(version, to_torch_state_dict(arrays), cfg)
+        except Exception as e:
+            self.rejected += 1
+            self.last_error = f"weight version {version}: could not adopt the trainer's draft: {e}"
+            log.exception("could not adopt draft version %d; keeping %d", version, self.version)
+            return
+        log.info("adopted the trainer's draft config with version %d: %s", version,
+                 self.draft_config.differences(cfg) if self.draft_config is not None else cfg)
+        self.draft_config, self.on_adopt = cfg, None
+        self.version = version
+        self.received += 1
 
     def close(self) -> None:
         self._stop.set()

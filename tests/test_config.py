@@ -1,6 +1,7 @@
 import dataclasses
 from typing import Literal
 
+import numpy as np
 import pytest
 
 from aurora_jax.config import TrainerConfig
@@ -95,7 +96,7 @@ def test_shipped_configs_load():
 
 def test_trainer_sections_must_agree():
     with pytest.raises(ConfigError, match="model.vocab_size=32000 must equal limits.vocab_size=100"):
-        load_config(TrainerConfig, "configs/trainer.yaml", ["limits.vocab_size=100"])
+        load_config(TrainerConfig, "configs/trainer.yaml", ["target=", "limits.vocab_size=100"])
     with pytest.raises(ConfigError, match="batch.rows=6 must be a multiple of mesh.data=4"):
         load_config(TrainerConfig, "configs/trainer.yaml", ["batch.rows=6", "mesh.data=4"])
     with pytest.raises(ConfigError, match="key 'objective.ttt_length'.*ttt_length must be >= 1|ttt_length must be >= 1"):
@@ -112,3 +113,42 @@ def test_override_text_kept_for_string_keys():
     assert cfg.ingest.auth_token == "0123" and cfg.ingest.address == "localhost:1:30"
     with pytest.raises(ConfigError, match="key 'ingest.max_workers' expects an integer, got 'many'"):
         load_config(TrainerConfig, "configs/trainer.yaml", ["ingest.max_workers=many"])
+
+
+def test_draft_config_derived_from_the_target(tmp_path):
+    """`target:` fills model.* and limits.* from the target's config.json; a key that disagrees is
+    refused by name and origin; a float32 round trip of a float is not a disagreement."""
+    import json
+
+    hf = json.loads(open("models/demo-target/config.json").read())
+    cfg = load_config(TrainerConfig, "configs/trainer.yaml", ["target=models/demo-target"])
+    m = cfg.model
+    assert (m.hidden_size, m.num_attention_heads, m.num_key_value_heads, m.hd, m.intermediate_size, m.vocab_size) == \
+        (hf["hidden_size"], hf["num_attention_heads"], hf["num_key_value_heads"], hf["head_dim"],
+         hf["intermediate_size"], hf["vocab_size"])
+    assert m.ht == cfg.limits.target_hidden_size == hf["hidden_size"] and cfg.limits.vocab_size == hf["vocab_size"]
+    assert m.rope_theta == hf["rope_parameters"]["rope_theta"] and m.rms_norm_eps == hf["rms_norm_eps"]
+    assert cfg.loop.embedding == "models/demo-target/model.safetensors"
+    with pytest.raises(ConfigError, match=r"override 'model.intermediate_size=512': 'model.intermediate_size' = 512 "
+                                          r"conflicts with the target's config.json \(models/demo-target\), which says 576"):
+        load_config(TrainerConfig, "configs/trainer.yaml", ["model.intermediate_size=512"])
+    with pytest.raises(ConfigError, match="'limits.vocab_size' = 100 conflicts"):
+        load_config(TrainerConfig, "configs/trainer.yaml", ["limits.vocab_size=100"])
+    bad = tmp_path / "t.yaml"
+    bad.write_text("target: models/demo-target\nmodel:\n  rope_theta: 500000\n")
+    with pytest.raises(ConfigError, match=f"{bad}: 'model.rope_theta' = 500000.0 conflicts"):
+        load_config(TrainerConfig, str(bad))
+    # 1e-6 stored as float32 and read back is 9.999999974752427e-07: the same number to a draft
+    rounded = float(np.float32(hf["rms_norm_eps"]))
+    assert rounded != hf["rms_norm_eps"]
+    same = load_config(TrainerConfig, "configs/trainer.yaml", [f"model.rms_norm_eps={rounded!r}"])
+    assert same.model.rms_norm_eps == rounded
+    # an explicit embedding wins over the derived default; the draft vocabulary stays the user's choice
+    mine = load_config(TrainerConfig, "configs/trainer.yaml", ["loop.embedding=x.npy", "model.draft_vocab_size=1024"])
+    assert mine.loop.embedding == "x.npy" and mine.model.vd == 1024
+
+
+def test_missing_target_directory_is_named(tmp_path):
+    for path in (tmp_path / "nothere", tmp_path):
+        with pytest.raises(ConfigError, match=f"override 'target={path}': no model directory at {path}"):
+            load_config(TrainerConfig, "configs/trainer.yaml", [f"target={path}"])

@@ -146,7 +146,7 @@ def test_vocab_pruned_at_start_export_hf_and_train_from_the_export(tmp_path):
                 assert np.array_equal(got[k], v), k
     finally:
         b.close()
-    r = subprocess.run([sys.executable, "-m", "aurora_jax.cli", "train", f"loop.init_from={out}",
+    r = subprocess.run([sys.executable, "-m", "aurora_jax.cli", "train", "target=", f"loop.init_from={out}",
                         f"limits.vocab_size={V}", f"model.vocab_size={V}"], capture_output=True, text=True)
     assert r.returncode == 2 and "does not match model.*" in r.stderr and "Traceback" not in r.stderr
 

@@ -155,8 +155,11 @@ class SGLangEngine:
             raise RuntimeError(f"SGLang at {self.cfg.sglang_url} unreachable: {e}")
 
     def submit(self, prompt: list[int], max_new_tokens: int | None = None, temperature: float = 0.0,
-               seed: int | None = None, eos: int | None = None, domain: str = "") -> Handle:
+               seed: int | None = None, eos: int | None = None, domain: str = "", speculative: bool = True) -> Handle:
         h = Handle(submitted=time.perf_counter())
+        if not speculative:  # SGLang fixes speculative decoding per server, not per request
+            h.events.put(dict(error="'speculative': false is not available on an SGLang server (one mode per server)"))
+            return h
         n = min(max_new_tokens or self.cfg.max_new_tokens, self.cfg.max_new_tokens)
         self._pool.submit(self._run, h, list(prompt), n, temperature, seed, eos, domain)
         return h
