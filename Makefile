@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml
 	touch $@
 
 demo: $(STAMP)
-	$(VENV)/bin/aurora-jax demo --config configs/demo-cpu.yaml
+	$(VENV)/bin/aurora-jax demo --config configs/demo-smollm2.yaml
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests

@@ -174,20 +174,17 @@ class Eagle3Draft(nnx.Module):
 
 
 def head_from_target(cfg: DraftConfig, d2t: np.ndarray, lm_head_VH: np.ndarray, norm_H: np.ndarray) -> dict:
-    """Day-0 start from the target ("logit lens" init), as flat {path: array}: `lm_head` = the
-    target's output rows of the draft vocabulary, `norm` = the target's final norm, `fc` passes the
-    highest aux feature (the residual stream entering layer n-3) through, and the layer's residual
-    branches (o_proj, down_proj) start at zero. The untrained draft then predicts what the target's
-    own head reads off its layer n-3 (on SmolLM2-135M that agrees with the target's next token about
-    half the time), and training starts from there instead of from chance."""
+    """Day-0 start from the target, as flat {path: array}: `lm_head` = the target's output rows of the
+    draft vocabulary and `norm` = the target's final norm, so the draft writes into the target's own
+    output space from step 0; `fc` passes the highest aux feature (the residual stream entering layer
+    n-3) through. The layer itself stays random: slot t sees the target's features of t-1 (which
+    predicted x_t) and x_t's embedding, and has to learn the step to x_{t+1}."""
     H, Vd = cfg.hidden_size, cfg.vd
     lm_head_VH, norm_H = np.asarray(lm_head_VH, np.float32), np.asarray(norm_H, np.float32)
     if lm_head_VH.shape != (cfg.vocab_size, H) or norm_H.shape != (H,):
         raise ValueError(f"target head {lm_head_VH.shape} / norm {norm_H.shape} do not fit the draft "
                          f"(vocab_size {cfg.vocab_size}, hidden_size {H})")
-    out = {"lm_head.kernel": lm_head_VH[np.arange(Vd) + np.asarray(d2t)].T, "norm.weight": norm_H,
-           "midlayer.self_attn.o_proj.kernel": np.zeros((cfg.num_attention_heads * cfg.hd, H), np.float32),
-           "midlayer.mlp.down_proj.kernel": np.zeros((cfg.intermediate_size, H), np.float32)}
+    out = {"lm_head.kernel": lm_head_VH[np.arange(Vd) + np.asarray(d2t)].T, "norm.weight": norm_H}
     if cfg.ht == H:
         fc = np.zeros((3 * H, H), np.float32)
         fc[2 * H:] = np.eye(H, dtype=np.float32)

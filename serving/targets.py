@@ -62,23 +62,30 @@ def _round_f32(x: float) -> float:
 def prepare_target(name: str, out: str | Path, dtype: str = "bfloat16", check: bool = True) -> Path:
     """Convert the known target `name` into the HF directory `out` (once: an existing, complete
     directory is left as it is). Returns `out`."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     out = Path(out)
     if (out / DONE).exists():
         return out
-    src = gguf_path(name)
-    log.info("converting %s (%s) into %s", src.name, name, out)
-    tdtype = getattr(torch, dtype)
+    return convert_gguf(gguf_path(name), out, dtype, check, info=dict(target=name, package=KNOWN[name].package,
+                                                                       license=KNOWN[name].license))
+
+
+def convert_gguf(src: str | Path, out: str | Path, dtype: str = "bfloat16", check: bool = True,
+                 info: dict | None = None) -> Path:
+    """A GGUF causal LM -> a plain HF directory (safetensors in `dtype`, tokenizer, chat template),
+    written next to `out` and renamed into place only once complete (and checked)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    src, out = Path(src), Path(out)
+    log.info("converting %s into %s", src, out)
     tok = AutoTokenizer.from_pretrained(src.parent, gguf_file=src.name)
     gguf_model = AutoModelForCausalLM.from_pretrained(src.parent, gguf_file=src.name, dtype=torch.float32)
     cfg = gguf_model.config
     cfg.rms_norm_eps = _round_f32(cfg.rms_norm_eps)
     if hasattr(cfg, "quantization_config"):  # the saved weights are plain tensors, not GGUF blocks
         del cfg.quantization_config
-    model = AutoModelForCausalLM.from_config(cfg, dtype=tdtype)  # a plain model (the loaded one keeps
-    model.load_state_dict(gguf_model.state_dict())  # its GGUF quantizer, which cannot be saved)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=getattr(torch, dtype))  # a plain model (the loaded
+    model.load_state_dict(gguf_model.state_dict())  # one keeps its GGUF quantizer, which cannot be saved)
     del gguf_model
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -86,8 +93,7 @@ def prepare_target(name: str, out: str | Path, dtype: str = "bfloat16", check: b
     tok.save_pretrained(tmp)
     if check:
         _check(tmp, model.eval(), tok)
-    (tmp / DONE).write_text(json.dumps(dict(target=name, gguf=str(src), package=KNOWN[name].package,
-                                            license=KNOWN[name].license, dtype=dtype), indent=2) + "\n")
+    (tmp / DONE).write_text(json.dumps(dict(**(info or {}), gguf=str(src), dtype=dtype, checked=check), indent=2) + "\n")
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
     return out

@@ -26,3 +26,28 @@ def test_short_demo_closes_the_loop(tmp_path):
     assert (run / "flywheel.png").stat().st_size > 10_000
     left = subprocess.run(["pgrep", "-f", str(run)], capture_output=True, text=True).stdout
     assert not left.strip(), f"stray processes: {left}"
+
+
+def test_demo_fails_loudly_when_the_engine_refuses_every_version(tmp_path, capsys):
+    """An engine serving a draft the trainer did not train for (here: another draft vocabulary) refuses
+    every version; the demo says so, counts it in the report and exits non-zero."""
+    import numpy as np
+
+    from bridge.eagle3 import DraftConfig, draft_fields_from_target, read_target_config, save_hf
+
+    cfg = DraftConfig(**{**draft_fields_from_target(read_target_config("models/demo-target")), "draft_vocab_size": 1024})
+    rng = np.random.default_rng(0)
+    sd = {k: (0.02 * rng.standard_normal(s)).astype(np.float32) for k, s in cfg.shapes().items()
+          if k not in ("embed_tokens.weight", "d2t", "t2d")}
+    sd["d2t"], sd["t2d"] = np.zeros(1024, np.int64), np.arange(cfg.vocab_size) < 1024
+    other = save_hf(tmp_path / "other-draft", cfg, sd)
+    run = tmp_path / "demo"
+    demo = DemoConfig(run_dir=str(run), trainer_overrides=["loop.publish_initial=true", "checkpoint.every=0"],
+                      serve_overrides=["draft.mode=hf", f"draft.path={other}"],
+                      load=LoadConfig(requests=16, concurrency=2, max_tokens=16))
+    assert run_demo(demo) == 1
+    summary = json.loads((run / "report.json").read_text())["summary"]
+    assert summary["versions_refused"] >= 1 and summary["draft_versions_served"] == [0]
+    assert "draft_vocab_size" in summary["last_refusal"]
+    err = capsys.readouterr().err
+    assert "demo FAILED: the engine refused" in err and "never served a draft version > 0" in err

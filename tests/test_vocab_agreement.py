@@ -1,0 +1,63 @@
+"""Engine and trainer agree on the draft without hand-matching: a day-0 engine adopts the trainer's
+draft config and vocabulary (d2t/t2d) with the first version; after that a version with another
+vocabulary is refused, counted, and the adopted one keeps serving."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from flax import nnx
+
+from aurora_jax.config import TrainerConfig, WeightSyncConfig
+from aurora_jax.model import Eagle3Draft
+from aurora_jax.weight_sync import WeightPublisher, WeightSyncServer
+from bridge.config import load_config
+from bridge.vocab import build_vocab
+from serving.engine import DraftSource, Engine, EngineConfig
+from serving.spec_decode import SpecConfig
+from serving.target import TargetConfig
+from serving.weight_sync import WeightSubscriberConfig
+from tests.conftest import wait_for
+
+TARGET = "models/demo-target"
+
+
+def _trainer_draft(counts: np.ndarray, seed: int) -> tuple[TrainerConfig, Eagle3Draft]:
+    cfg = load_config(TrainerConfig, "configs/demo-trainer.yaml", [f"target={TARGET}", "model.draft_vocab_size=512"])
+    model = Eagle3Draft(cfg.model, rngs=nnx.Rngs(seed))
+    model.set_vocab(build_vocab(counts, cfg.model.vd)[0])
+    return cfg, model
+
+
+def test_day0_engine_adopts_the_trainers_draft_then_refuses_another_vocabulary():
+    rng = np.random.default_rng(0)
+    counts_a, counts_b = rng.integers(0, 1000, 4096), rng.integers(0, 1000, 4096)
+    cfg, model = _trainer_draft(counts_a, 0)
+    server = WeightSyncServer(WeightSyncConfig(address="127.0.0.1:0")).start()
+    engine = Engine(EngineConfig(target=TargetConfig(path=TARGET), draft=DraftSource(mode="untrained", draft_vocab_size=1024),
+                                 spec=SpecConfig(topk=2, num_steps=2, num_draft_tokens=3), export_traces=False,
+                                 weights=WeightSubscriberConfig(address=server.address), subscribe_weights=True,
+                                 max_new_tokens=8))
+    prompt = engine.tokenizer("def main():\n")["input_ids"]
+    try:
+        assert engine.decoder.drafter.draft.cfg.vd == 1024  # the engine's own day-0 stand-in
+        publish = WeightPublisher(server, cfg.model)
+        publish(1, nnx.state(model))
+        assert wait_for(lambda: engine.subscriber.version == 1), engine.subscriber.last_error
+        assert engine.complete(prompt)["draft_version"] == 1  # installed at a round boundary
+        served = engine.decoder.drafter.draft
+        assert served.cfg.vd == 512 and not served.cfg.differences(cfg.model)
+        assert torch.equal(served.d2t, torch.from_numpy(build_vocab(counts_a, 512)[0]))
+        assert torch.equal(served.t2d, torch.from_numpy(build_vocab(counts_a, 512)[1]))
+        # the same draft, trained on: accepted
+        publish(2, nnx.state(_trainer_draft(counts_a, 1)[1]))
+        assert wait_for(lambda: engine.subscriber.version == 2), engine.subscriber.last_error
+        # a trainer restarted with another vocabulary: refused by name, counted, v2 keeps serving
+        publish(3, nnx.state(_trainer_draft(counts_b, 2)[1]))
+        assert wait_for(lambda: engine.snapshot()["versions_refused"] == 1)
+        assert "vocabulary map d2t" in engine.snapshot()["last_refusal"]
+        assert engine.complete(prompt)["draft_version"] == 2
+        assert torch.equal(engine.decoder.drafter.draft.d2t, torch.from_numpy(build_vocab(counts_a, 512)[0]))
+    finally:
+        engine.close()
+        server.stop(0)
