@@ -1,6 +1,6 @@
 """Pack traces into fixed-shape TTT batches (numpy), so jit compiles a handful of shapes.
 
-Layout (DESIGN.md section 4). A row holds one or more requests. The draft runs `depth` TTT
+Layout (docs/design.md section 4). A row holds one or more requests. The draft runs `depth` TTT
 steps; step j computes block j of `L + R` slots:
 
   block 0, slots [0, L)   trunk: slot for token t (t >= 1) reads token x_t and the target's aux

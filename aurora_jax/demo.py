@@ -51,6 +51,7 @@ class DemoConfig:
     side_by_side_requests: int = 0  # held-out prompts per arm and round (0 = no side-by-side)
     side_by_side_rounds: int = 3
     side_by_side_concurrency: list[int] = dataclasses.field(default_factory=lambda: [1, 2])
+    side_by_side_split: str = "heldout"  # the prompts' split it runs on (never sent while training)
 
     def __post_init__(self):
         if self.serving not in ("embedded", "sglang"):
@@ -93,7 +94,7 @@ class _Proc:
         self._log.close()
 
 
-def _plot(records: list[dict], path: Path, target_only: float | None = None) -> None:
+def _plot(records: list[dict], path: Path, side_by_side: dict | None = None) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -119,8 +120,12 @@ def _plot(records: list[dict], path: Path, target_only: float | None = None) -> 
             for ax in (a1, a2):
                 ax.axvline(x[i], color="gray", ls=":", lw=0.8)
             a1.text(x[i], max(acc) * 1.02, f"v{versions[i]}", fontsize=7, color="gray")
-    if target_only:
-        a2.axhline(target_only, color="red", ls="--", lw=1, label="target only (side-by-side, held-out)")
+    if side_by_side:  # measured after the flywheel with the trainer stopped, on held-out prompts
+        x = side_by_side
+        a2.axhline(x["target_only_request_throughput"], color="red", ls="--", lw=1,
+                   label="target only (side-by-side: trainer stopped, held-out prompts)")
+        a2.axhline(x["speculative_request_throughput"], color="green", ls="--", lw=1,
+                   label=f"final draft v{x['draft_version']} (same side-by-side)")
         a2.legend(fontsize=8, loc="upper left")
     a1.set_ylabel("acceptance length\n(tokens / target forward)")
     a2.set_ylabel("per-request throughput\n(tokens / s)")
@@ -227,7 +232,7 @@ def run_demo(cfg: DemoConfig) -> int:
             for c in cfg.side_by_side_concurrency:
                 print(f"side-by-side on held-out prompts, concurrency {c}: target-only vs draft "
                       f"v{health['draft_version']}, {cfg.side_by_side_rounds} interleaved rounds", flush=True)
-                sbs.append(side_by_side(dataclasses.replace(cfg.load, split="heldout", concurrency=c,
+                sbs.append(side_by_side(dataclasses.replace(cfg.load, split=cfg.side_by_side_split, concurrency=c,
                                                             requests=cfg.side_by_side_requests),
                                         cfg.side_by_side_rounds))
     finally:
@@ -251,8 +256,7 @@ def run_demo(cfg: DemoConfig) -> int:
         versions_refused=health["versions_refused"], last_refusal=health["last_refusal"], side_by_side=sbs,
         metrics=metrics)
     (run / "report.json").write_text(json.dumps(dict(config=to_dict(cfg), summary=summary), indent=2))
-    baseline = next((x["target_only_request_throughput"] for x in sbs if x["concurrency"] == cfg.load.concurrency), None)
-    _plot(records, run / "flywheel.png", baseline)
+    _plot(records, run / "flywheel.png", next((x for x in sbs if x["concurrency"] == cfg.load.concurrency), None))
     s = summary
     print(f"\n{s['requests']} requests in {s['elapsed_s']}s; trainer took {s['trainer_steps']} steps; "
           f"the engine served draft versions {versions[0]}..{versions[-1]}")

@@ -83,16 +83,21 @@ def init_hf(cfg: TrainerConfig, out_dir: str, torch_dtype: str = "bfloat16") -> 
 
 
 def describe_hf(path: str) -> str:
+    """What an EAGLE3 dir holds, and the `aurora-jax train` command lines that start from it: with the
+    target's directory (shapes derived from it and checked against the draft), or without one."""
     cfg, sd = load_hf(path)
     n = sum(int(np.prod(v.shape)) for k, v in sd.items() if k not in ("d2t", "t2d"))
+    shape = " ".join(f"model.{k}={getattr(cfg, k)}" for k in (
+        "hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim", "intermediate_size", "vocab_size",
+        "target_hidden_size", "rope_theta", "rms_norm_eps", "max_position_embeddings")) + "".join(
+        f" model.rope_scaling.{k}={v}" for k, v in (cfg.rope_scaling.to_hf() if cfg.rope_scaling else {}).items())
     return (f"{path}: EAGLE3 draft, hidden {cfg.hidden_size}, heads {cfg.num_attention_heads}/{cfg.num_key_value_heads}, "
             f"intermediate {cfg.intermediate_size}, vocab {cfg.vocab_size} -> draft {cfg.vd}, target hidden "
             f"{cfg.ht}; {len(sd)} tensors, {n / 1e6:.1f}M parameters"
             f"{'' if 'embed_tokens.weight' in sd else ' (no embed_tokens: the target embedding is used)'}\n"
-            f"train from it with: aurora-jax train loop.init_from={path} " +
-            " ".join(f"model.{k}={getattr(cfg, k)}" for k in ("hidden_size", "num_attention_heads",
-                     "num_key_value_heads", "head_dim", "intermediate_size", "vocab_size", "draft_vocab_size",
-                     "target_hidden_size", "rope_theta", "rms_norm_eps")) +
-            "".join(f" model.rope_scaling.{k}={v}" for k, v in (cfg.rope_scaling.to_hf() if cfg.rope_scaling else
-                                                               {}).items()))
-
+            f"train from it, with its target's HF directory (shapes derived from it and checked):\n"
+            f"  aurora-jax train --config configs/trainer.yaml target=TARGET_DIR loop.init_from={path} "
+            f"model.draft_vocab_size={cfg.vd}\n"
+            f"or without the target at hand (loop.embedding then gives its embedding):\n"
+            f"  aurora-jax train --config configs/trainer.yaml target= loop.init_from={path} "
+            f"limits.vocab_size={cfg.vocab_size} model.draft_vocab_size={cfg.vd} {shape}")

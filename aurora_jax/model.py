@@ -1,7 +1,7 @@
 """EAGLE3 draft model in Flax NNX, with SGLang's `LlamaForCausalLMEagle3` parameter structure.
 
 Module and parameter names mirror the checkpoint keys (`fc`, `midlayer.self_attn.q_proj`, ...)
-so the bridge's mapping table is one rename + transpose per leaf (DESIGN.md section 2).
+so the bridge's mapping table is one rename + transpose per leaf (docs/design.md section 2).
 Forward semantics follow SGLang's `llama_eagle3.py`: `fc` only projects the target's 3*Ht aux
 features (the draft's own H-wide hidden states pass through as is); the layer attends over
 `cat([input_layernorm(embeds), hidden_norm(hidden)])`; the final `norm` fuses the residual add and

@@ -1,4 +1,4 @@
-"""EAGLE3 training-time test (TTT) over packed trees, and the online-RL loss (DESIGN.md section 4).
+"""EAGLE3 training-time test (TTT) over packed trees, and the online-RL loss (docs/design.md section 4).
 
 Step j of TTT computes block j of the batch (see `batching`): its queries attend to the keys
 of blocks 0..j (cached as they are computed) under the tree mask, and its hidden inputs are the

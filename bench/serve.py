@@ -1,13 +1,15 @@
 """`aurora-jax bench serve`: target-only vs speculative decoding with a given draft, side by side.
 
-For the same prompts, greedy, in one run: target forwards per generated token (the inverse of the
-acceptance length), decode tokens/s, and per-request throughput ((input + output tokens) / latency),
-each path once with requests one at a time and once with `--concurrency` requests batched (their
-target forwards fused; `batch` is the mean number of requests per fused forward).
-Greedy outputs are checked to be identical (speculative decoding is lossless). The target is a local
-HF directory (`--target`); `--tiny` builds a small random Llama instead (a smoke run: random weights
-make any draft's acceptance meaningless). The draft is `untrained` (day 0) or an EAGLE3 HF directory
-(e.g. from `aurora-jax export-hf`).
+One engine, one target, the same prompts, greedy. Every request of the target-only arm is sent with
+`speculative=False` (decoded one token per forward on the same engine), every request of the other
+arm drafts with the given draft; the two arms alternate in rounds (A B, B A, A B, ...), so load on the
+machine or drift hits both alike, and the table reports the median ratio and its spread over rounds
+and flags a run whose rounds disagree on the winner. Each arm runs once with requests one at a time
+and once `--concurrency` at a time (target forwards fused; `batch` = mean requests per fused forward).
+Also reported: where a round's time goes (the draft phase per draft step, the target forward over a
+tree vs over one token), target forwards per token (1 / acceptance length), and whether the greedy
+outputs of the two arms are identical. The target is a local HF dir (`--target`, `--dtype`); `--tiny`
+builds a small random Llama (a smoke run). The draft is `untrained` or an EAGLE3 HF dir.
 """
 
 from __future__ import annotations
@@ -37,14 +39,53 @@ def _tiny_target(path: Path) -> None:
                                  tie_word_embeddings=False)).save_pretrained(path)
 
 
+def _prompts(a, tok) -> list[list[int]]:
+    if not a.prompts:
+        return [tok(f"line {i}: the quick brown fox")["input_ids"] for i in range(a.requests)]
+    recs = []
+    for d in a.domains.split(","):
+        lines = (Path(a.prompts) / f"{d}.jsonl").read_text().splitlines()
+        recs += [json.loads(x) for x in lines if x.strip() and json.loads(x).get("split", "train") == a.split]
+    recs = [recs[i] for i in range(0, len(recs), max(1, len(recs) // a.requests))][:a.requests]  # spread over domains
+    return [tok(tok.apply_chat_template([dict(role="user", content=r["prompt"])], tokenize=False,
+                                        add_generation_prompt=True) if r.get("chat") else r["prompt"])["input_ids"]
+            for r in recs]
+
+
+def _arm(eng, ids, conc, max_tokens, speculative) -> dict:
+    d = eng.decoder
+    before = dict(d.timing, fwd=d.fused_forwards, req=d.fused_requests)
+    t0 = time.perf_counter()
+    evs = []
+    for i in range(0, len(ids), conc):  # waves of `conc` requests submitted together
+        handles = [eng.submit(x, max_new_tokens=max_tokens, speculative=speculative) for x in ids[i:i + conc]]
+        for h in handles:
+            while not isinstance(ev := h.events.get(), dict):
+                pass
+            evs.append(ev)
+    wall = time.perf_counter() - t0
+    delta = {k: v - before[k] for k, v in dict(d.timing, fwd=d.fused_forwards, req=d.fused_requests).items()}
+    ntok = sum(len(ev["output"]) for ev in evs)
+    return dict(outputs=[ev["output"] for ev in evs], tokens_per_s=ntok / wall, output_tokens=ntok,
+                target_forwards_per_token=sum(ev["target_forwards"] for ev in evs) / ntok,
+                request_throughput=statistics.mean((len(x) + len(ev["output"])) / ev["seconds"] for x, ev in zip(ids, evs)),
+                batch=delta["req"] / max(delta["fwd"], 1), **delta)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="aurora-jax bench serve", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--target", default="", help="local HF causal LM directory")
     p.add_argument("--tiny", action="store_true", help="build a small random Llama as the target (smoke run)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="target (and draft) dtype")
     p.add_argument("--draft", default="untrained", help="'untrained' or an EAGLE3 HF directory")
+    p.add_argument("--draft-vocab-size", type=int, default=0, help="untrained draft: Vd (0 = the target's V)")
+    p.add_argument("--prompts", default="", help="a prompts dir (<domain>.jsonl, e.g. data/prompts); default: synthetic")
+    p.add_argument("--domains", default="code,prose")
+    p.add_argument("--split", default="heldout", help="which records of the prompt files")
     p.add_argument("--requests", type=int, default=6)
     p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds per arm")
     p.add_argument("--topk", type=int, default=4)
     p.add_argument("--num-steps", type=int, default=5)
     p.add_argument("--num-draft-tokens", type=int, default=8)
@@ -63,51 +104,81 @@ def main(argv: list[str] | None = None) -> int:
         tmp = tempfile.TemporaryDirectory(prefix="aurora-tiny-")
         _tiny_target(Path(tmp.name))
         a.target = tmp.name
-    target = Target(TargetConfig(path=a.target))
+    tcfg = TargetConfig(path=a.target, dtype=a.dtype)
+    target = Target(tcfg)
     spec = SpecConfig(topk=a.topk, num_steps=a.num_steps, num_draft_tokens=a.num_draft_tokens)
-    draft = DraftSource(mode="untrained") if a.draft == "untrained" else DraftSource(mode="hf", path=a.draft)
-    prompts = [f"line {i}: the quick brown fox" for i in range(a.requests)]
-    rows, outputs = [], {}
-    for name, src in [("target only", DraftSource(mode="none")), (f"speculative ({a.draft})", draft)]:
-        for conc in sorted({1, a.concurrency}):
-            eng = Engine(EngineConfig(target=TargetConfig(path=a.target), draft=src, spec=spec, export_traces=False,
-                                      max_running=conc, max_new_tokens=a.max_tokens), target=target)
-            ids = [eng.tokenizer(pr)["input_ids"] for pr in prompts]
-            eng.complete(ids[0], max_new_tokens=4)  # warm-up
-            f0, r0 = eng.decoder.fused_forwards, eng.decoder.fused_requests
-            t0 = time.perf_counter()
-            evs = []
-            for i in range(0, len(ids), conc):  # waves of `conc` requests submitted together
-                handles = [eng.submit(x, max_new_tokens=a.max_tokens) for x in ids[i:i + conc]]
-                for h in handles:
-                    while not isinstance(ev := h.events.get(), dict):
-                        pass
-                    evs.append(ev)
-            wall = time.perf_counter() - t0
-            batch = (eng.decoder.fused_requests - r0) / max(eng.decoder.fused_forwards - f0, 1)
-            eng.close()
-            outs = [ev["output"] for ev in evs]
-            outputs[(name, conc)] = outs
-            ntok = sum(len(o) for o in outs)
-            rows.append(dict(path=name, concurrency=conc, batch=batch,
-                             target_forwards_per_token=sum(ev["target_forwards"] for ev in evs) / ntok,
-                             tokens_per_s=ntok / wall,
-                             request_throughput=statistics.mean((len(x) + len(ev["output"])) / ev["seconds"]
-                                                                for x, ev in zip(ids, evs)),
-                             output_tokens=ntok))
-    same = len(set(json.dumps(v) for v in outputs.values())) == 1
-    base = rows[0]
-    print(f"\ntarget {a.target if not a.tiny else '(tiny random Llama)'}; {a.requests} requests x {a.max_tokens} "
-          f"tokens, greedy; tree topk={a.topk} steps={a.num_steps} tokens={a.num_draft_tokens}\n")
-    head = f"{'path':34} {'conc':>4} {'batch':>6} {'fwd/token':>10} {'tok/s':>8} {'req tok/s':>10} {'vs base':>8}"
+    draft = DraftSource(mode="untrained", draft_vocab_size=a.draft_vocab_size) if a.draft == "untrained" \
+        else DraftSource(mode="hf", path=a.draft)
+    rows, identical, margins, ms = [], True, [], lambda s, n: 1e3 * s / max(n, 1)
+    for conc in sorted({1, a.concurrency}):
+        eng = Engine(EngineConfig(target=tcfg, draft=draft, spec=spec, export_traces=False, max_running=conc,
+                                  max_new_tokens=a.max_tokens), target=target)
+        ids = _prompts(a, eng.tokenizer)
+        eng.complete(ids[0], max_new_tokens=4)  # warm-up, both paths
+        eng.complete(ids[0], max_new_tokens=4, speculative=False)
+        arms = {False: [], True: []}
+        for k in range(a.rounds):
+            for spec_arm in ((False, True) if k % 2 == 0 else (True, False)):
+                arms[spec_arm].append(_arm(eng, ids, conc, a.max_tokens, spec_arm))
+        eng.close()
+        ratios = [b["tokens_per_s"] / x["tokens_per_s"] for x, b in zip(arms[False], arms[True])]
+        for x, b in zip(arms[False], arms[True]):
+            for prompt, ox, ob in zip(ids, x["outputs"], b["outputs"]):
+                if ox != ob:
+                    identical = False
+                    margins.append(_margin(target, prompt, ox, ob))
+        for spec_arm, rs in arms.items():
+            tot = {k: sum(r[k] for r in rs) for k in rs[0] if k not in ("outputs",)}
+            rows.append(dict(path=f"speculative ({a.draft})" if spec_arm else "target only", concurrency=conc,
+                             rounds=len(rs), batch=tot["batch"] / len(rs),
+                             target_forwards_per_token=tot["target_forwards_per_token"] / len(rs),
+                             tokens_per_s=statistics.median(r["tokens_per_s"] for r in rs),
+                             request_throughput=statistics.median(r["request_throughput"] for r in rs),
+                             draft_ms_per_step=ms(tot["draft_s"], tot["draft_forwards"]),
+                             draft_steps_per_round=tot["draft_forwards"] / max(tot["tree_forwards"], 1),
+                             tree_forward_ms=ms(tot["tree_s"], tot["tree_forwards"]),
+                             one_token_forward_ms=ms(tot["plain_s"], tot["plain_forwards"]),
+                             speedup=statistics.median(ratios) if spec_arm else 1.0,
+                             speedup_min=min(ratios) if spec_arm else 1.0, speedup_max=max(ratios) if spec_arm else 1.0,
+                             rounds_agree=(all(r > 1 for r in ratios) or all(r <= 1 for r in ratios))))
+    one_tok = statistics.median(r["one_token_forward_ms"] for r in rows if r["path"] == "target only"
+                                and r["concurrency"] == 1)
+    print(f"\ntarget {a.target if not a.tiny else '(tiny random Llama)'} ({a.dtype}); {len(ids)} prompts x "
+          f"{a.max_tokens} tokens, greedy, {a.rounds} interleaved rounds per arm; tree topk={a.topk} "
+          f"steps={a.num_steps} tokens={a.num_draft_tokens}\n")
+    head = (f"{'path':28} {'conc':>4} {'batch':>5} {'fwd/tok':>7} {'tok/s':>7} {'speedup':>8} {'min..max':>10} "
+            f"{'draft ms/step':>13} {'tree fwd ms':>11} {'1-tok fwd ms':>12}")
     print(head + "\n" + "-" * len(head))
     for r in rows:
-        print(f"{r['path']:34} {r['concurrency']:4d} {r['batch']:6.2f} {r['target_forwards_per_token']:10.3f} "
-              f"{r['tokens_per_s']:8.1f} {r['request_throughput']:10.1f} {r['tokens_per_s'] / base['tokens_per_s']:7.2f}x")
-    print("\nvs base: aggregate tokens/s relative to target only, one request at a time")
-    print(f"\ngreedy outputs identical: {same}")
+        print(f"{r['path'][:28]:28} {r['concurrency']:4d} {r['batch']:5.2f} {r['target_forwards_per_token']:7.3f} "
+              f"{r['tokens_per_s']:7.1f} {r['speedup']:7.2f}x {r['speedup_min']:4.2f}..{r['speedup_max']:<4.2f} "
+              f"{r['draft_ms_per_step']:13.2f} {r['tree_forward_ms']:11.1f} {r['one_token_forward_ms']:12.1f}"
+              + ("" if r["rounds_agree"] else "  ROUNDS DISAGREE"))
+    spec1 = next(r for r in rows if r["path"] != "target only" and r["concurrency"] == 1)
+    print(f"\nspeedup: tokens/s over target only on the same engine, median of rounds (min..max)")
+    print(f"draft step (whole draft phase / draft forwards, conc 1): {spec1['draft_ms_per_step']:.2f} ms = "
+          f"{100 * spec1['draft_ms_per_step'] / max(one_tok, 1e-9):.1f}% of a one-token target forward ({one_tok:.1f} ms)")
+    print(f"greedy outputs identical: {identical}")
+    if margins:  # where a tree pass and a one-token pass round differently (bf16), it must be at a near-tie
+        print(f"outputs differ in {len(margins)} request(s); the target's top-2 logit margin where they part: "
+              f"max {max(margins):.3f} (median {statistics.median(margins):.3f})")
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "serve.json").write_text(json.dumps(dict(rows=rows, identical=same, args=vars(a)), indent=2))
+    (out / "serve.json").write_text(json.dumps(dict(rows=rows, identical=identical, divergence_margins=margins,
+                                                    args=vars(a)), indent=2))
     print(f"wrote {out / 'serve.json'}")
-    return 0 if same else 1
+    return 0 if identical or (a.dtype != "float32" and max(margins) < NEAR_TIE) else 1
+
+
+NEAR_TIE = 0.5  # logits: a bf16 forward over a tree and over one token may swap two candidates this close
+
+
+def _margin(target, prompt: list[int], a: list[int], b: list[int]) -> float:
+    """Top-1 minus top-2 logit of the target (one-token path, a fresh cache) where outputs a and b part."""
+    import torch
+
+    k = next(i for i, (x, y) in enumerate(zip(a, b)) if x != y) if a[:min(len(a), len(b))] != b[:min(len(a), len(b))] \
+        else min(len(a), len(b))
+    logits, _ = target.forward(prompt + a[:k], target.new_cache())
+    top = torch.topk(logits[-1].float(), 2).values
+    return float(top[0] - top[1])

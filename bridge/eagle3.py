@@ -1,7 +1,7 @@
 """The EAGLE3 draft's config and parameter layout, shared by trainer (Flax) and serving (torch).
 
 One table maps the Flax NNX variable paths to SGLang's `LlamaForCausalLMEagle3` state_dict keys
-(DESIGN.md section 2): Flax Dense kernels are [in, out], torch Linear weights [out, in], so every
+(docs/design.md section 2): Flax Dense kernels are [in, out], torch Linear weights [out, in], so every
 `*.kernel` is transposed on the way; everything else keeps its name and layout. Arrays here are
 numpy (bf16 via ml_dtypes); `bridge.torch_io` does the zero-copy torch side. No JAX, no torch.
 """

@@ -34,7 +34,7 @@ class TreeStep:
 
 @dataclasses.dataclass
 class Trace:
-    """One served request (DESIGN.md section 3)."""
+    """One served request (docs/design.md section 3)."""
 
     request_id: str
     tokens: np.ndarray  # int32 [T]

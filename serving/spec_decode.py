@@ -1,6 +1,6 @@
 """Tree speculative decoding with an EAGLE3 draft, exporting every request as a RequestTrace.
 
-One round (DESIGN.md section 3 conventions): the target has processed tokens [0, q) and the
+One round (docs/design.md section 3 conventions): the target has processed tokens [0, q) and the
 pending token x_q is known. The draft extends its own cache with trunk slots up to q (slot t reads
 x_t and the target's aux features of t-1), then grows a tree EAGLE-2 style: `topk` children per
 frontier node, the `topk` best paths by cumulative log-probability kept per depth, `num_steps`
@@ -51,6 +51,7 @@ class EagleDrafter:
     def __init__(self, draft: Eagle3Draft, cfg: SpecConfig):
         self.draft, self.cfg = draft, cfg
         self.weights_id = 0  # bumped by every swap: caches built by older weights are rebuilt
+        self.forwards = 0  # draft forwards run (a fused step of several requests counts once)
 
     def new_state(self) -> "DraftState":
         return DraftState(weights_id=self.weights_id)
@@ -107,7 +108,9 @@ class EagleDrafter:
         (logits [1,n,Vd], hidden [1,n,H], cache [1,L+n,..]) as if run alone."""
         d = self.draft
         if len(steps) == 1 or len({s[1].shape[-1] for s in steps}) > 1:
+            self.forwards += len(steps)
             return [d(*s) for s in steps]
+        self.forwards += 1
         pasts = [0 if s[4] is None else s[4][0].shape[1] for s in steps]
         ns = [s[0].shape[1] for s in steps]
         B, P, N = len(steps), max(pasts), max(ns)
@@ -237,6 +240,9 @@ class SpecDecoder:
         self.last_swap_ms = 0.0
         self.fused_forwards = 0  # batched target forwards of decode rounds
         self.fused_requests = 0  # request rounds they carried (mean batch = requests / forwards)
+        # where a round's time goes: the draft phase (its fused forwards and the tree building around
+        # them) and the fused target forward, over trees or (no request drafting) one token each
+        self.timing = dict(draft_s=0.0, draft_forwards=0, tree_s=0.0, tree_forwards=0, plain_s=0.0, plain_forwards=0)
 
     def offer_swap(self, version: int, state_dict) -> None:
         """Thread-safe: install this draft version at the next round boundary (never mid-round).
@@ -350,15 +356,24 @@ class SpecDecoder:
         """One round for each request: their draft steps fused (`EagleDrafter.propose_many`), then
         their target forwards fused into one batched forward. Returns tokens emitted per request."""
         trees: list = [None] * len(reqs)
+        t0 = time.perf_counter()
         if self.drafter is not None:
             self._apply_swap()
             spec = [i for i, r in enumerate(reqs) if r.speculative]
+            f0 = self.drafter.forwards
             for i, nodes in zip(spec, self.drafter.propose_many([(reqs[i].tokens, reqs[i].aux, reqs[i].draft)
                                                                  for i in spec])):
                 reqs[i].version = self.draft_version
                 trees[i] = nodes
+            if spec:
+                self.timing["draft_s"] += time.perf_counter() - t0
+                self.timing["draft_forwards"] += self.drafter.forwards - f0
         plans = [self._plan(r, nodes) for r, nodes in zip(reqs, trees)]
+        t1 = time.perf_counter()
         outs = self.target.forward_many([(p[0], r.cache, p[1], p[2]) for r, p in zip(reqs, plans)])
+        kind = "tree" if any(t is not None for t in trees) else "plain"
+        self.timing[f"{kind}_s"] += time.perf_counter() - t1
+        self.timing[f"{kind}_forwards"] += 1
         self.fused_forwards += 1
         self.fused_requests += len(reqs)
         return [self._commit(r, p[3], logits, a) for r, p, (logits, a) in zip(reqs, plans, outs)]

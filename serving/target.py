@@ -12,6 +12,8 @@ import dataclasses
 import torch
 from transformers import AutoModelForCausalLM, DynamicCache
 
+from bridge.eagle3 import read_target_config
+
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -38,6 +40,7 @@ class Target:
     def __init__(self, cfg: TargetConfig, model=None):
         self.cfg = cfg
         if model is None:
+            read_target_config(cfg.path)  # "no model directory at ...", not a hub lookup error
             model = AutoModelForCausalLM.from_pretrained(cfg.path, dtype=_DTYPES[cfg.dtype], local_files_only=True)
         self.model = model.eval()
         c = self.model.config

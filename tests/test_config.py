@@ -152,3 +152,18 @@ def test_missing_target_directory_is_named(tmp_path):
     for path in (tmp_path / "nothere", tmp_path):
         with pytest.raises(ConfigError, match=f"override 'target={path}': no model directory at {path}"):
             load_config(TrainerConfig, "configs/trainer.yaml", [f"target={path}"])
+
+
+def test_the_readme_trainer_and_engine_configs_work_together():
+    """`aurora-jax train --config configs/trainer.yaml` beside `aurora-jax serve --config configs/serve-cpu.yaml`:
+    the same target, traces the trainer accepts (aux width from that target), and each side's addresses."""
+    import json
+
+    from serving.engine import EngineConfig
+
+    tr = load_config(TrainerConfig, "configs/trainer.yaml")
+    eng = load_config(EngineConfig, "configs/serve-cpu.yaml")
+    hidden = json.loads(open(f"{eng.target.path}/config.json").read())["hidden_size"]
+    assert tr.target == eng.target.path and tr.limits.target_hidden_size == hidden
+    assert eng.traces.address == tr.ingest.address and eng.weights.address == tr.weight_sync.address
+    assert eng.export_traces and eng.subscribe_weights and eng.draft.mode == "untrained"  # adopts the trainer's draft

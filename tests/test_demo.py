@@ -12,7 +12,9 @@ from serving.load import LoadConfig
 def test_short_demo_closes_the_loop(tmp_path):
     run = tmp_path / "demo"
     cfg = DemoConfig(run_dir=str(run), trainer_overrides=["loop.sync_every=6", "checkpoint.every=0"],
-                     load=LoadConfig(requests=40, concurrency=2, max_tokens=32), until_version=2, max_requests=400)
+                     load=LoadConfig(requests=40, concurrency=2, max_tokens=32), until_version=2, max_requests=400,
+                     side_by_side_requests=3, side_by_side_rounds=2, side_by_side_concurrency=[2],
+                     side_by_side_split="train")  # (the toy prompts have no held-out split)
     assert run_demo(cfg) == 0
     summary = json.loads((run / "report.json").read_text())["summary"]
     train = [json.loads(line) for line in (run / "train.jsonl").read_text().splitlines()]
@@ -24,6 +26,10 @@ def test_short_demo_closes_the_loop(tmp_path):
     assert any((r.get("draft_version") or 0) >= 2 for r in requests)  # requests were served by trained drafts
     assert train[-1]["acc_d0"] > train[0]["acc_d0"]  # offline per-depth accuracy improved
     assert (run / "flywheel.png").stat().st_size > 10_000
+    (sbs,) = summary["side_by_side"]  # target-only vs the last draft on the same engine, f32: lossless
+    assert sbs["prompts"] == 3 and sbs["outputs_identical"] == 3 and not sbs["outputs_differ"]
+    assert sbs["target_only_tokens_per_s"] > 0 and sbs["speculative_tokens_per_s"] > 0 and sbs["accept_length"] > 1
+    assert sbs["draft_version"] >= 2 and summary["versions_refused"] == 0
     left = subprocess.run(["pgrep", "-f", str(run)], capture_output=True, text=True).stdout
     assert not left.strip(), f"stray processes: {left}"
 

@@ -74,6 +74,12 @@ def test_openai_style_requests_streaming_metrics_and_traces(model_dir, server_fa
         ref = ref_engine.complete(ids, max_new_tokens=12, eos=engine.tokenizer.eos_token_id)
         ref_engine.close()
         assert r["choices"][0]["text"] == engine.tokenizer.decode(ref["output"], skip_special_tokens=True)
+        # a side-by-side's baseline: the same engine decodes this request target-only, one token per forward
+        code, body, _ = _post(http.url + "/v1/completions", dict(prompt="the quick brown", max_tokens=12,
+                                                                 temperature=0, speculative=False))
+        plain = json.loads(body)
+        assert plain["choices"][0]["text"] == r["choices"][0]["text"]
+        assert plain["aurora"]["target_forwards"] == plain["usage"]["completion_tokens"]
 
         code, body, ctype = _post(http.url + "/v1/chat/completions", dict(
             model="x", stream=True, max_tokens=10, messages=[dict(role="user", content="hello world")]))
@@ -93,17 +99,18 @@ def test_openai_style_requests_streaming_metrics_and_traces(model_dir, server_fa
 
         for bad, why in [(dict(prompt=""), "'prompt' must be a non-empty string"),
                          (dict(prompt="x", max_tokens=0), "'max_tokens'=0 outside"),
-                         (dict(prompt="x", temperature="hot"), "'temperature' must be a number")]:
+                         (dict(prompt="x", temperature="hot"), "'temperature' must be a number"),
+                         (dict(prompt="x", speculative="no"), "'speculative' must be true or false")]:
             with pytest.raises(urllib.error.HTTPError) as e:
                 _post(http.url + "/v1/completions", bad)
             assert e.value.code == 400 and why in json.loads(e.value.read())["error"]["message"]
 
         engine.client.flush(30)
         metrics = _get(http.url + "/metrics")
-        assert "aurora_requests_total 6" in metrics and "aurora_draft_version 0" in metrics
-        assert "aurora_traces_sent_total 6" in metrics and "aurora_accept_length" in metrics
+        assert "aurora_requests_total 7" in metrics and "aurora_draft_version 0" in metrics
+        assert "aurora_traces_sent_total 7" in metrics and "aurora_accept_length" in metrics
         traces = ingest.buffer.entries()
-        assert len(traces) == 6 and all(e.trace.tokens.size > e.trace.prompt_len for e in traces)
+        assert len(traces) == 7 and all(e.trace.tokens.size > e.trace.prompt_len for e in traces)
         assert sum(len(e.trace.steps) for e in traces) > 0
     finally:
         http.stop()
@@ -130,7 +137,7 @@ def test_trainer_offline_requests_still_served_and_drops_counted(model_dir):
 
 
 def test_tier_import_boundaries():
-    """serving/ never imports JAX; aurora_jax/ never imports torch (DESIGN.md layout)."""
+    """serving/ never imports JAX; aurora_jax/ never imports torch (docs/design.md layout)."""
     import subprocess
     import sys
     code = ("import sys, serving.engine, serving.http, serving.trace_client, serving.weight_sync, bridge.traces;"

@@ -170,11 +170,13 @@ def test_import_hf_prints_the_overrides_that_make_init_from_match(tmp_path):
     sd = {k: rng.standard_normal(s).astype(np.float32) for k, s in cfg.shapes().items() if k not in ("d2t", "t2d")}
     sd["d2t"], sd["t2d"] = build_vocab(rng.integers(0, 100, V), cfg.vd)
     out = save_hf(tmp_path / "specforge", cfg, sd, torch_dtype="float32")
-    line = describe_hf(str(out)).splitlines()[-1]
-    overrides = [a for a in shlex.split(line.partition("aurora-jax train ")[2]) if a.startswith("model.")]
-    assert "model.rope_scaling.rope_type=llama3" in overrides and "model.rms_norm_eps=1e-05" in overrides
-    loaded = load_config(TrainerConfig, None, [f"limits.vocab_size={V}", *overrides]).model
-    assert loaded.differences(cfg) == {} and TrainerConfig().model.differences(cfg)
+    line = describe_hf(str(out)).splitlines()[-1]  # the command without a target dir, run as printed
+    args = shlex.split(line.partition("aurora-jax train ")[2])
+    assert args[:2] == ["--config", "configs/trainer.yaml"] and f"loop.init_from={out}" in args
+    assert "model.rope_scaling.rope_type=llama3" in args and "model.rms_norm_eps=1e-05" in args
+    loaded = load_config(TrainerConfig, args[1], args[2:])
+    assert loaded.model.differences(cfg) == {} and TrainerConfig().model.differences(cfg)
+    assert loaded.loop.init_from == str(out) and loaded.limits.vocab_size == V
 
 
 def test_day0_sglang_draft_dir_from_prompt_counts(tmp_path):

@@ -1,4 +1,4 @@
-"""SGLang outputs -> RequestTrace (DESIGN.md section 3), for the pinned SGLang 0.5.23.
+"""SGLang outputs -> RequestTrace (docs/design.md section 3), for the pinned SGLang 0.5.23.
 
 Two sources, joined by request id in the sidecar:
 
