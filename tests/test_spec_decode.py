@@ -50,6 +50,7 @@ class OracleDrafter(EagleDrafter):
     def __init__(self, target, depth, siblings, seed=0):
         self.target, self.depth, self.siblings = target, depth, siblings
         self.rng = np.random.default_rng(seed)
+        self.forwards = 0  # (EagleDrafter counts its draft forwards; this double runs none)
 
     def new_state(self):
         return None
