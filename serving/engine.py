@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from bridge.eagle3 import DraftConfig, draft_fields_from_target, load_hf
+from bridge.eagle3 import DraftConfig, draft_fields_from_target, load_hf, rope_theta_from_hf
 from serving.eagle3 import Eagle3Draft
 from serving.spec_decode import EagleDrafter, Request, SpecConfig, SpecDecoder
 from serving.target import Target, TargetConfig
@@ -66,7 +66,8 @@ def _day0_config(target: Target, draft_vocab_size: int) -> DraftConfig:
         fields = draft_fields_from_target(hf)
     except (TypeError, ValueError) as e:
         log.warning("day-0 draft: the target's RoPE scaling is not used (%s); plain RoPE", e)
-        fields = draft_fields_from_target({**hf, "rope_scaling": None, "rope_parameters": None})
+        fields = draft_fields_from_target({**hf, "rope_theta": rope_theta_from_hf(hf), "rope_scaling": None,
+                                           "rope_parameters": None})
     return DraftConfig(**{**fields, "draft_vocab_size": draft_vocab_size})
 
 

@@ -61,3 +61,33 @@ def test_day0_engine_adopts_the_trainers_draft_then_refuses_another_vocabulary()
     finally:
         engine.close()
         server.stop(0)
+
+
+def test_head_from_the_target_and_an_initial_version(tmp_path):
+    """loop.head_init=target: lm_head = the target's output rows of the draft vocabulary, norm = its final
+    norm, fc passes the top aux feature through; loop.publish_initial publishes that draft as version 1."""
+    from aurora_jax.loop import Trainer
+    from aurora_jax.model import flat_state
+    from bridge.eagle3 import read_tensor
+
+    counts = np.random.default_rng(1).integers(0, 1000, 4096)
+    np.save(tmp_path / "counts.npy", counts)
+    cfg = load_config(TrainerConfig, "configs/demo-trainer.yaml", [
+        f"buffer.spool_dir={tmp_path / 'spool'}", f"checkpoint.dir={tmp_path / 'ckpt'}", "weight_sync.address=",
+        f"loop.metrics_path={tmp_path / 'm.jsonl'}", "model.draft_vocab_size=512", f"loop.vocab_counts={tmp_path / 'counts.npy'}",
+        "loop.head_init=target", "loop.publish_initial=true"])
+    published = []
+    t = Trainer(cfg, publish=lambda v, state: published.append((v, {k: np.asarray(x.get_value())
+                                                                    for k, x in flat_state(state).items()})))
+    try:
+        (version, flat), = published
+        assert version == 1 and t.version == 1
+        embed = read_tensor(f"{TARGET}/model.safetensors", "model.embed_tokens.weight").astype(np.float32)  # tied head
+        ids = np.arange(512) + build_vocab(counts, 512)[0]
+        np.testing.assert_array_equal(flat["lm_head.kernel"], embed[ids].T)
+        np.testing.assert_array_equal(flat["norm.weight"],
+                                      read_tensor(f"{TARGET}/model.safetensors", "model.norm.weight").astype(np.float32))
+        H = cfg.model.hidden_size
+        np.testing.assert_array_equal(flat["fc.kernel"], np.concatenate([np.zeros((2 * H, H)), np.eye(H)]))
+    finally:
+        t.close()
