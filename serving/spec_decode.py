@@ -21,6 +21,7 @@ import uuid
 import numpy as np
 import torch
 
+from bridge.eagle3 import VOCAB_KEYS
 from bridge.traces import Trace, TreeStep, cut_steps
 from serving.eagle3 import Eagle3Draft
 from serving.target import Target
@@ -62,15 +63,14 @@ class EagleDrafter:
         unexpected = sorted(set(state_dict) - set(self.draft.state_dict()))
         if unexpected:
             raise ValueError(f"draft version has unknown tensors {unexpected}")
-        for k in ("d2t", "t2d"):
+        for k in sorted(VOCAB_KEYS):
             if k in state_dict and not torch.equal(state_dict[k].to(getattr(self.draft, k).dtype), getattr(self.draft, k)):
                 raise ValueError(f"draft version has a different vocabulary map {k} than the draft served")
 
     def swap(self, state_dict) -> None:
         """Between rounds: new weights, same vocabulary maps. The draft's trunk cache was computed
         by the old weights, so it is rebuilt on the next round."""
-        sd = {k: v for k, v in state_dict.items() if k not in ("d2t", "t2d")}
-        self.draft.load_state_dict(sd, strict=False)
+        self.draft.load_state_dict({k: v for k, v in state_dict.items() if k not in VOCAB_KEYS}, strict=False)
         self.weights_id += 1
 
     def replace(self, draft: Eagle3Draft) -> None:
@@ -253,9 +253,9 @@ class SpecDecoder:
             if self.drafter is not None and not isinstance(state_dict, Eagle3Draft):
                 pend = self._pending[1] if self._pending is not None else None
                 if isinstance(pend, Eagle3Draft):  # a whole draft not yet installed: update it instead
-                    EagleDrafter(pend, self.spec).check(state_dict)
-                    pend.load_state_dict({k: v for k, v in state_dict.items() if k not in ("d2t", "t2d")},
-                                         strict=False)
+                    into = EagleDrafter(pend, self.spec)
+                    into.check(state_dict)
+                    into.swap(state_dict)
                     state_dict = pend
                 else:
                     self.drafter.check(state_dict)
