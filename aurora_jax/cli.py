@@ -55,7 +55,8 @@ def _cmd_init_draft(args) -> int:
     from aurora_jax.export import init_hf
     from bridge.config import load_config
 
-    path = init_hf(load_config(TrainerConfig, args.config, args.overrides), args.out, args.dtype)
+    target = [f"target={args.target}"] if args.target else []
+    path = init_hf(load_config(TrainerConfig, args.config, target + list(args.overrides)), args.out, args.dtype)
     print(f"wrote {path}/config.json and {path}/model.safetensors (untrained); serve it with SGLang "
           f"(sglang.draft_path={path}) and train with loop.init_from={path}")
     return 0
@@ -230,6 +231,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "Start the trainer with loop.init_from=OUT so both sides share its d2t/t2d.")
     s.add_argument("--config", required=True, help="the trainer's YAML config (its model.* and loop.* are used)")
     s.add_argument("--out", required=True, help="output directory")
+    s.add_argument("--target", default="", help="the target's HF directory: the draft's shape, RoPE, eps and "
+                                                "vocabulary come from its config.json (the trainer's `target:`)")
     s.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     s.add_argument("overrides", nargs="*", metavar="key=value", help="trainer config overrides")
     s.set_defaults(func=_cmd_init_draft)

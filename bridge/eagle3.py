@@ -271,6 +271,17 @@ def draft_fields_from_target(hf: dict) -> dict:
                 max_position_embeddings=int(hf.get("max_position_embeddings", 8192)))
 
 
+def check_draft_fits_target(cfg: DraftConfig, hf: dict, draft_where: str, target_where: str) -> None:
+    """Refuse, naming the field, a draft that cannot serve this target: its vocabulary and its `fc`
+    input width are the target's (the rest of its shape is the draft's own choice). Checked where a
+    draft directory meets a target: the engine's `draft.mode: hf` and `sglang-launch`."""
+    for field, theirs in (("vocab_size", int(hf["vocab_size"])), ("target_hidden_size", int(hf["hidden_size"]))):
+        ours = getattr(cfg, field) or (cfg.hidden_size if field == "target_hidden_size" else 0)
+        if ours != theirs:
+            raise ValueError(f"draft {draft_where}: {field}={ours}, but the target {target_where} has {theirs} "
+                             f"(a draft trained for another target)")
+
+
 def torch_keys(flat: dict, partial: bool = False) -> list[tuple[str, object]]:
     """[(torch key, value)] for Flax paths, checked: no unknown variable, none missing unless
     `partial` (e.g. only the trained weights of a hot-swap). Values are passed through untouched."""

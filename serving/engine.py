@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from bridge.eagle3 import DraftConfig, draft_fields_from_target, load_hf, rope_theta_from_hf
+from bridge.eagle3 import DraftConfig, check_draft_fits_target, draft_fields_from_target, load_hf, rope_theta_from_hf
 from serving.eagle3 import Eagle3Draft
 from serving.spec_decode import EagleDrafter, Request, SpecConfig, SpecDecoder
 from serving.target import Target, TargetConfig
@@ -92,6 +92,7 @@ def build_draft(src: DraftSource, target: Target) -> Eagle3Draft | None:
         return None
     if src.mode == "hf":
         cfg, sd = load_hf(src.path)
+        check_draft_fits_target(cfg, target.model.config.to_dict(), src.path, target.cfg.path or "(in memory)")
         return load_draft(cfg, to_torch_state_dict(sd), target)
     return load_draft(_day0_config(target, src.draft_vocab_size), {}, target, random_init=True, seed=src.seed)
 

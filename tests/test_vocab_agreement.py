@@ -4,16 +4,21 @@ vocabulary is refused, counted, and the adopted one keeps serving."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
+import pytest
 import torch
 from flax import nnx
 
+from aurora_jax.cli import main
 from aurora_jax.config import TrainerConfig, WeightSyncConfig
 from aurora_jax.model import Eagle3Draft
 from aurora_jax.weight_sync import WeightPublisher, WeightSyncServer
 from bridge.config import load_config
 from bridge.vocab import build_vocab
 from serving.engine import DraftSource, Engine, EngineConfig
+from serving.sglang.launch import SGLangLaunchConfig, run as sglang_run
 from serving.spec_decode import SpecConfig
 from serving.target import TargetConfig
 from serving.weight_sync import WeightSubscriberConfig
@@ -91,3 +96,29 @@ def test_head_from_the_target_and_an_initial_version(tmp_path):
         np.testing.assert_array_equal(flat["fc.kernel"], np.concatenate([np.zeros((2 * H, H)), np.eye(H)]))
     finally:
         t.close()
+
+
+
+def test_a_draft_for_another_target_is_refused_by_name(tmp_path, capsys):
+    """`init-draft --target` writes a draft shaped after that target, which the engine serves; a draft
+    with another vocabulary is refused, naming the field, by the engine (`draft.mode: hf`) and by
+    `sglang-launch` before SGLang starts."""
+    good, bad = tmp_path / "good", tmp_path / "bad"
+    assert main(["init-draft", "--config", "configs/demo-trainer.yaml", "--target", TARGET, "--out", str(good),
+                 "--dtype", "float32", "model.draft_vocab_size=0"]) == 0
+    serve = lambda path: Engine(EngineConfig(target=TargetConfig(path=TARGET), draft=DraftSource(mode="hf", path=path),
+                                             export_traces=False, subscribe_weights=False))
+    serve(str(good)).close()
+    assert main(["init-draft", "--config", "configs/demo-trainer.yaml", "--out", str(bad), "--dtype", "float32",
+                 "target=", "model.vocab_size=8192", "limits.vocab_size=8192", "model.draft_vocab_size=0"]) == 0
+    with pytest.raises(ValueError, match=f"vocab_size=8192, but the target {TARGET} has 4096"):
+        serve(str(bad))
+
+    launch = load_config(SGLangLaunchConfig, "configs/llama3.1-8b-sglang.yaml",
+                         [f"sglang.model_path={TARGET}", f"sglang.draft_path={bad}"])
+    with pytest.raises(ValueError, match="vocab_size"):
+        sglang_run(launch, dry_run=True)
+    capsys.readouterr()
+    launch.sglang = dataclasses.replace(launch.sglang, draft_path=str(good))
+    assert sglang_run(launch, dry_run=True) == 0
+    assert f"--speculative-draft-model-path {good}" in capsys.readouterr().out

@@ -108,6 +108,16 @@ def _draft_config(path: str):
     return load_hf_config(path) if os.path.isfile(os.path.join(path, "config.json")) else None
 
 
+def check_draft(s: SGLangServerConfig) -> None:
+    """Before SGLang starts: a local draft directory must fit a local target (vocabulary, fc width);
+    a hub id on either side is left to SGLang on its host."""
+    from bridge.eagle3 import check_draft_fits_target, read_target_config
+
+    draft = _draft_config(s.draft_path) if s.mode == "draft" else None
+    if draft is not None and os.path.isfile(os.path.join(s.model_path, "config.json")):
+        check_draft_fits_target(draft, read_target_config(s.model_path), s.draft_path, s.model_path)
+
+
 def run(cfg: SGLangLaunchConfig, dry_run: bool = False) -> int:
     from serving.http import HttpServer
     from serving.sglang.sidecar import SGLangEngine, TreeSink
@@ -122,6 +132,7 @@ def run(cfg: SGLangLaunchConfig, dry_run: bool = False) -> int:
         env = dict(AURORA_TREE_SINK=sink.url if sink else f"http://{cfg.sidecar.tree_sink}{SINK_PATH}",
                    AURORA_TREE_TOPK=str(cfg.tree_topk))
     cmd = sglang_command(cfg)
+    check_draft(s)
     if dry_run:
         print(" ".join([*(f"{k}={shlex.quote(v)}" for k, v in env.items()), shlex.join(cmd)]))
         return 0
