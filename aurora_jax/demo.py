@@ -52,10 +52,13 @@ class DemoConfig:
     side_by_side_rounds: int = 3
     side_by_side_concurrency: list[int] = dataclasses.field(default_factory=lambda: [1, 2])
     side_by_side_split: str = "heldout"  # the prompts' split it runs on (never sent while training)
+    train: bool = True  # false: no trainer; the engine serves its draft statically (a baseline of `bench flywheel`)
 
     def __post_init__(self):
         if self.serving not in ("embedded", "sglang"):
             raise ValueError("serving must be embedded or sglang")
+        if not self.train and self.serving != "embedded":
+            raise ValueError("train: false (static serving) is for serving: embedded")
 
 
 def _free_port() -> int:
@@ -184,31 +187,33 @@ def run_demo(cfg: DemoConfig) -> int:
     t0 = time.perf_counter()
     try:
         day0 = sglang_day0(cfg, run, py) if sglang else []
-        trainer = _Proc("trainer", py + ["train", "--config", cfg.trainer_config,
+        trainer = None if not cfg.train else _Proc("trainer", py + ["train", "--config", cfg.trainer_config,
                                          f"ingest.address=127.0.0.1:{ingest}", f"weight_sync.address=127.0.0.1:{weights}",
                                          f"buffer.spool_dir={run / 'spool'}", f"checkpoint.dir={run / 'ckpt'}",
                                          f"loop.metrics_path={run / 'train.jsonl'}",
                                          *([] if sglang else [f"target={cfg.target}"]),
                                          *day0, *cfg.trainer_overrides],
                         run / "trainer.log")
-        trainer.wait_line("listening on", cfg.start_timeout_s)
+        if trainer is not None:
+            trainer.wait_line("listening on", cfg.start_timeout_s)
         if sglang:  # SGLang + sidecar + plugin + hot-swap, as `aurora-jax sglang-launch` runs them
             serve = ["sglang-launch", "--config", cfg.serve_config, f"sidecar.traces.address=127.0.0.1:{ingest}",
                      f"weights.address=127.0.0.1:{weights}", "sidecar.host=127.0.0.1", f"sidecar.port={_free_port()}"]
         else:
             serve = ["serve", "--config", cfg.serve_config, f"target.path={cfg.target}",
-                     f"traces.address=127.0.0.1:{ingest}", f"weights.address=127.0.0.1:{weights}"]
+                     f"traces.address=127.0.0.1:{ingest}", f"weights.address=127.0.0.1:{weights}",
+                     *([] if cfg.train else ["export_traces=false", "subscribe_weights=false"])]
         engine = _Proc("engine", py + serve + list(cfg.serve_overrides), run / "engine.log")
         url = engine.wait_line("serving on", cfg.start_timeout_s)
-        print(f"trainer: ingest :{ingest}, weights :{weights} (log {run / 'trainer.log'}); engine {url} "
-              f"(log {run / 'engine.log'})", flush=True)
+        print((f"trainer: ingest :{ingest}, weights :{weights} (log {run / 'trainer.log'}); " if trainer else
+               "no trainer (static draft); ") + f"engine {url} (log {run / 'engine.log'})", flush=True)
         cfg.load.endpoint = url
         if not sglang and cfg.load.prompts == LoadConfig.prompts:  # the embedded target's own prompts
             cfg.load.prompts = str(ROOT / cfg.target / "prompts")
         cfg.load.prompts = str(ROOT / cfg.load.prompts)  # (an absolute path stays as it is)
         def alive():
             for proc in (trainer, engine):
-                if proc.p.poll() is not None:
+                if proc is not None and proc.p.poll() is not None:
                     raise RuntimeError(f"the {proc.name} exited ({proc.p.returncode}) during the demo; "
                                        f"see {proc.log_path}:\n" + "".join(open(proc.log_path).readlines()[-5:]))
             return True
@@ -228,7 +233,8 @@ def run_demo(cfg: DemoConfig) -> int:
             health = json.loads(r.read())
         sbs = []
         if cfg.side_by_side_requests and not sglang:
-            trainer.stop()  # paused: the engine keeps the last draft it was sent
+            if trainer is not None:
+                trainer.stop()  # paused: the engine keeps the last draft it was sent
             for c in cfg.side_by_side_concurrency:
                 print(f"side-by-side on held-out prompts, concurrency {c}: target-only vs draft "
                       f"v{health['draft_version']}, {cfg.side_by_side_rounds} interleaved rounds", flush=True)
@@ -284,7 +290,7 @@ def run_demo(cfg: DemoConfig) -> int:
         problems.append(f"{s['failed']} requests failed")
     if health["versions_refused"]:
         problems.append(f"the engine refused {health['versions_refused']} draft versions; last: {health['last_refusal']}")
-    if versions[-1] == 0:
+    if versions[-1] == 0 and cfg.train:
         problems.append("the engine never served a draft version > 0 (no version arrived, or every one was refused)")
     for p in problems:
         print(f"demo FAILED: {p}", file=sys.stderr)
