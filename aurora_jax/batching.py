@@ -71,6 +71,27 @@ class PackStats:
     dropped_nodes: int = 0  # rejected nodes beyond R / M or without a parent slot
 
 
+def _fields(cfg: BatchConfig, depth: int, L: int, ht3: int) -> dict[str, tuple[tuple, object, object]]:
+    """{field: (shape, dtype, empty value)} of a batch in bucket L: the one statement of its layout."""
+    D, B, K, M = depth, cfg.rows, cfg.topk, cfg.branch_slots[-1]
+    N = L + cfg.branch_slots[-1]
+    slots = ((D, B, N), np.int32, -1)
+    return dict(aux=((B, L, ht3), BF16, 0), tokens=((D, B, N), np.int32, 0), positions=((D, B, N), np.int32, 0),
+                parent=((D, B, N), np.int32, 0), seg=slots, tpos=slots, attach=slots,
+                anc=((D, B, N, D), np.int32, -1), label_ids=((D, B, N, K), np.int32, -1),
+                label_lp=((D, B, N, K), np.float32, -np.inf), loss_mask=((D, B, N), np.float32, 0),
+                acc_target=slots, rejected=((D, B, N), bool, False), neg_slot=((B, M), np.int32, 0),
+                neg_tok=((B, M), np.int32, 0), neg_mask=((B, M), np.float32, 0))
+
+
+def batch_shapes(cfg: BatchConfig, depth: int, ht3: int, length: int | None = None) -> Batch:
+    """Shapes and dtypes (jax.ShapeDtypeStruct) of a batch in bucket `length` (default: the largest),
+    without building it: for ahead-of-time compiles at a config's shapes."""
+    import jax
+    fields = _fields(cfg, depth, length or cfg.lengths[-1], ht3)
+    return Batch(**{k: jax.ShapeDtypeStruct(shape, np.dtype(dtype)) for k, (shape, dtype, _) in fields.items()})
+
+
 def _bucket(n: int, buckets: list[int]) -> int:
     for b in buckets:
         if n <= b:
@@ -117,21 +138,11 @@ def pack(traces: list[Trace], cfg: BatchConfig, depth: int, tgt2draft: np.ndarra
         room[r] -= lens[i]
     st.left_over = len(left)
 
-    D, B, K = depth, cfg.rows, cfg.topk
+    D, K = depth, cfg.topk
     R_max, M_max = cfg.branch_slots[-1], cfg.branch_slots[-1]
     N = L + R_max
-    ht3 = traces[0].aux_hidden.shape[1]
-    f = dict(
-        aux=np.zeros((B, L, ht3), BF16),
-        tokens=np.zeros((D, B, N), np.int32), positions=np.zeros((D, B, N), np.int32),
-        parent=np.zeros((D, B, N), np.int32), seg=np.full((D, B, N), -1, np.int32),
-        tpos=np.full((D, B, N), -1, np.int32), attach=np.full((D, B, N), -1, np.int32),
-        anc=np.full((D, B, N, D), -1, np.int32),
-        label_ids=np.full((D, B, N, K), -1, np.int32), label_lp=np.full((D, B, N, K), -np.inf, np.float32),
-        loss_mask=np.zeros((D, B, N), np.float32), acc_target=np.full((D, B, N), -1, np.int32),
-        rejected=np.zeros((D, B, N), bool),
-        neg_slot=np.zeros((B, M_max), np.int32), neg_tok=np.zeros((B, M_max), np.int32),
-        neg_mask=np.zeros((B, M_max), np.float32))
+    f = {k: np.full(shape, fill, dtype) for k, (shape, dtype, fill) in
+         _fields(cfg, depth, L, traces[0].aux_hidden.shape[1]).items()}
     r_used, m_used = 0, 0
     for b, members in enumerate(rows):
         off, n_rej, n_neg = 0, [0] * D, 0

@@ -135,6 +135,17 @@ def _cmd_demo(args) -> int:
     return run_demo(cfg)
 
 
+def _cmd_aot_compile(args) -> int:
+    """Runs aurora_jax.aot in a child that has libtpu on its path (this process never imports it)."""
+    import subprocess
+
+    from aurora_jax.aot import LIBTPU_DIR, child_env, libtpu_available
+    if not libtpu_available():
+        raise ValueError(f"libtpu is not installed at {LIBTPU_DIR}; the install step (`make .venv/.installed`) "
+                         f"puts it there")
+    return subprocess.call([sys.executable, "-m", "aurora_jax.aot", *args.aot_args], env=child_env())
+
+
 def _cmd_bench(args) -> int:
     if args.what == "ingest":
         from bench.ingest import main as bench_main
@@ -207,6 +218,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--dry-run", action="store_true", help="print the SGLang command line and environment, then exit")
     s.add_argument("overrides", nargs="*", metavar="key=value")
     s.set_defaults(func=_cmd_sglang_launch)
+
+    s = sub.add_parser("aot-compile", help="compile the train step for TPU topologies on this CPU host (libtpu)",
+                       description="Ahead-of-time XLA:TPU + Mosaic compiles of the whole train step at a trainer "
+                                   "config's shapes, for chips this host does not have: `aurora-jax aot-compile "
+                                   "--config configs/trainer.yaml --topology v5e:2x4 --devices 1,8`. "
+                                   "`aurora-jax aot-compile -h` for its options.", add_help=False)
+    s.add_argument("aot_args", nargs=argparse.REMAINDER, help="options of aurora_jax.aot")
+    s.set_defaults(func=_cmd_aot_compile)
 
     s = sub.add_parser("load", help="send a bounded workload (mixed / ordered / shift) to an OpenAI-compatible endpoint",
                        description="Workload driver: `aurora-jax load --endpoint URL [key=value ...]`; "
@@ -291,6 +310,8 @@ def main(argv: list[str] | None = None) -> int:
     args, extra = parser.parse_known_args(argv)
     if args.cmd == "load":  # the driver parses its own options (-h included)
         args.load_args = extra + args.load_args
+    elif args.cmd == "aot-compile":
+        args.aot_args = extra + args.aot_args
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     _setup_logging(args.log_level)

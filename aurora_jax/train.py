@@ -9,7 +9,7 @@ step (never closed over, or XLA would bake them into the executable as constants
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Literal, NamedTuple
+from typing import Any, Callable, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -19,9 +19,10 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from aurora_jax.batching import Batch
-from aurora_jax.model import Eagle3Draft, flat_state
+from aurora_jax.model import DraftConfig, Eagle3Draft, flat_state
 from aurora_jax.objective import ObjectiveConfig, loss_fn
 from aurora_jax.pallas_attention import select_attention
+from aurora_jax.tree_attention import TreeMeta
 
 
 @dataclasses.dataclass
@@ -108,47 +109,100 @@ class TrainState(NamedTuple):
     opt_state: Any
 
 
+def sharded_attention(attention: Callable, mesh: Mesh) -> Callable:
+    """Tree attention run per data shard. Rows never attend across rows, so each device can run the
+    kernel on its own rows; XLA cannot partition a Pallas call by itself (Mosaic refuses to, and the
+    Triton call would be all-gathered and computed whole on every GPU), so the step says it here."""
+    if mesh.devices.size == 1:
+        return attention
+    rows = P("data")
+    meta = TreeMeta(rows, rows, rows, rows)
+    return jax.shard_map(lambda q, k, v, qm, km: attention(q, k, v, qm, km), mesh=mesh,
+                         in_specs=(rows, rows, rows, meta, meta), out_specs=rows, check_vma=False)
+
+
+def _make_step(graphdef, tx, objective: ObjectiveConfig, attention: Callable):
+    def step(state: TrainState, rest, batch: Batch):
+        def f(p):
+            return loss_fn(nnx.merge(graphdef, p, rest), batch, objective, attention)
+        (_, metrics), grads = jax.value_and_grad(f, has_aux=True)(state.params)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics["grad_norm"] = optax.tree.norm(grads)
+        return TrainState(state.step + 1, params, opt_state), metrics
+    return step
+
+
+class _Plan(NamedTuple):
+    """Everything about a step that follows from (model, objective, optimizer, mesh), whether the
+    parameters exist yet or are only shapes (ahead-of-time compiles for another platform)."""
+    graphdef: Any
+    params: Any
+    rest: Any
+    tx: Any
+    param_sharding: Any
+    opt_sharding: Any
+    replicated: NamedSharding
+    batch_sharding: Batch
+    step: Callable
+
+
+def _plan(model: Eagle3Draft, objective: ObjectiveConfig, optim: OptimConfig, mesh: Mesh, fsdp: bool,
+          attention: Callable | None, platform: str | None = None) -> _Plan:
+    platform = platform or mesh.devices.flat[0].platform  # the kernel is chosen for the mesh's devices, not this host's
+    attention = sharded_attention(attention or select_attention(objective.attention, platform), mesh)
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    n = mesh.devices.size
+    param_sharding = jax.tree.map(lambda x: NamedSharding(mesh, _param_spec(x, n, fsdp)), params)
+    replicated = NamedSharding(mesh, P())
+    tx = make_optimizer(optim)
+    # Optimizer-state shardings: moments like their parameter, counters replicated. Explicit, so that
+    # the state fed to the first step matches what the step returns (no second compile).
+    by_path = {jax.tree_util.keystr(p): s for p, s in jax.tree_util.tree_leaves_with_path(param_sharding)}
+
+    def pick(path, _):
+        key = jax.tree_util.keystr(path)
+        return next((s for k, s in by_path.items() if key.endswith(k)), replicated)
+    opt_sharding = jax.tree_util.tree_map_with_path(pick, jax.eval_shape(tx.init, params))
+    batch_sharding = Batch(**{k: NamedSharding(mesh, _batch_spec(k)) for k in Batch._fields})
+    return _Plan(graphdef, params, rest, tx, param_sharding, opt_sharding, replicated, batch_sharding,
+                 _make_step(graphdef, tx, objective, attention))
+
+
+def lower_step(model_cfg: DraftConfig, objective: ObjectiveConfig, optim: OptimConfig, mesh: Mesh, fsdp: bool,
+               batch: Batch, platform: str | None = None) -> jax.stages.Lowered:
+    """The train step lowered ahead of time for `mesh` (which may be a compile-only topology, e.g.
+    `jax.experimental.topologies.get_topology_desc("v5e:2x4", "tpu")`) at `batch`'s shapes
+    (`batching.batch_shapes`); nothing is allocated. The Learner runs this same step. `platform`
+    ("gpu") lowers for CUDA from a host mesh instead (no GPU needed; not compilable here)."""
+    plan = _plan(nnx.eval_shape(lambda: Eagle3Draft(model_cfg, rngs=nnx.Rngs(0))), objective, optim, mesh, fsdp,
+                 None, platform)
+    shaped = lambda tree, shard: jax.tree.map(  # noqa: E731
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shard)
+    state = TrainState(jax.ShapeDtypeStruct((), jnp.int32, sharding=plan.replicated),
+                       shaped(plan.params, plan.param_sharding),
+                       shaped(jax.eval_shape(plan.tx.init, plan.params), plan.opt_sharding))
+    rest = shaped(plan.rest, jax.tree.map(lambda _: plan.replicated, plan.rest))
+    traced = jax.jit(plan.step, donate_argnums=(0,)).trace(state, rest, shaped(batch, plan.batch_sharding))
+    return traced.lower(lowering_platforms=("cuda",)) if platform == "gpu" else traced.lower()
+
+
 class Learner:
     """Owns the sharded train state and the compiled step for one draft model."""
 
     def __init__(self, model: Eagle3Draft, objective: ObjectiveConfig, optim: OptimConfig, mesh: Mesh,
                  fsdp: bool = False, attention=None):
         self.objective, self.mesh = objective, mesh
-        attention = attention or select_attention(objective.attention)
-        self.graphdef, params, self.rest = nnx.split(model, nnx.Param, ...)
-        n = mesh.devices.size
-        self.param_sharding = jax.tree.map(lambda x: NamedSharding(mesh, _param_spec(x, n, fsdp)), params)
-        replicated = NamedSharding(mesh, P())
-        self.rest = jax.device_put(self.rest, jax.tree.map(lambda _: replicated, self.rest))
-        self.tx = make_optimizer(optim)
-        params = jax.device_put(params, self.param_sharding)
-        opt_state = jax.jit(self.tx.init, out_shardings=self._opt_sharding(params, replicated))(params)
-        self.state = TrainState(jax.device_put(jnp.zeros((), jnp.int32), replicated), params, opt_state)
+        plan = _plan(model, objective, optim, mesh, fsdp, attention)
+        self.graphdef, self.tx, self.param_sharding = plan.graphdef, plan.tx, plan.param_sharding
+        self.rest = jax.device_put(plan.rest, jax.tree.map(lambda _: plan.replicated, plan.rest))
+        params = jax.device_put(plan.params, plan.param_sharding)
+        opt_state = jax.jit(self.tx.init, out_shardings=plan.opt_sharding)(params)
+        self.state = TrainState(jax.device_put(jnp.zeros((), jnp.int32), plan.replicated), params, opt_state)
         self._host_step = 0
-        self.batch_sharding = Batch(**{k: NamedSharding(mesh, _batch_spec(k)) for k in Batch._fields})
-        graphdef, tx = self.graphdef, self.tx
-
-        def step(state: TrainState, rest, batch: Batch):
-            def f(p):
-                return loss_fn(nnx.merge(graphdef, p, rest), batch, objective, attention)
-            (_, metrics), grads = jax.value_and_grad(f, has_aux=True)(state.params)
-            updates, opt_state = tx.update(grads, state.opt_state, state.params)
-            params = optax.apply_updates(state.params, updates)
-            metrics["grad_norm"] = optax.tree.norm(grads)
-            return TrainState(state.step + 1, params, opt_state), metrics
-
-        self._step = jax.jit(step, donate_argnums=(0,))
-        self.rows_multiple = n
-
-    def _opt_sharding(self, params, replicated):
-        """Optimizer-state shardings: moments like their parameter, counters replicated. Explicit, so
-        that the state fed to the first step matches what the step returns (no second compile)."""
-        by_path = {jax.tree_util.keystr(p): s for p, s in jax.tree_util.tree_leaves_with_path(self.param_sharding)}
-
-        def pick(path, _):
-            key = jax.tree_util.keystr(path)
-            return next((s for k, s in by_path.items() if key.endswith(k)), replicated)
-        return jax.tree_util.tree_map_with_path(pick, jax.eval_shape(self.tx.init, params))
+        self.batch_sharding = plan.batch_sharding
+        self._step = jax.jit(plan.step, donate_argnums=(0,))
+        self.rows_multiple = mesh.devices.size
 
     def device_batch(self, batch: Batch) -> Batch:
         """Host numpy batch -> global arrays sharded over the data axis (multi-host aware)."""

@@ -6,6 +6,11 @@ memory analysis: what the [N, N] scores and mask of the reference cost), the lar
 between the two, and achieved TFLOP/s counting only visible (query, key) pairs, against the
 device's own measured matmul rate in the same dtype. On CPU the kernel runs in interpret mode,
 which checks it but says nothing about its speed: run this on a GPU or TPU for timings.
+
+`--compile-only TOPOLOGY` (e.g. v5e:2x4) needs no device: it compiles the kernels (forward +
+backward, the TTT loss's longest step: N queries over depth*N keys) for one chip of that TPU with
+libtpu (`aurora_jax.aot`), looped and tiled, and reports each one's VMEM and HBM temporaries, or
+the compiler's error (a looped kernel past VMEM fails to compile; the tiled one does not).
 """
 
 from __future__ import annotations
@@ -60,7 +65,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--block", type=int, default=64)
     p.add_argument("--repeats", type=int, default=10 if gpu else 3)
     p.add_argument("--out", default="runs/bench")
+    p.add_argument("--compile-only", default="", metavar="TOPOLOGY", help="compile for a TPU topology, no device")
     a = p.parse_args(argv)
+    if a.compile_only:
+        return _compile_only(a, argv)
 
     import jax.numpy as jnp
     import numpy as np
@@ -113,3 +121,29 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nvisible = share of (query, key) pairs the tree mask allows; TFLOP/s counts only those "
           f"(forward + backward).\nwrote {out / 'attention.json'}")
     return 0
+
+
+def _compile_only(a, argv) -> int:
+    from aurora_jax.aot import run_child
+
+    sizes = a.sizes if "--sizes" in (argv or []) else "1024,2048,4096,8192,16384,32768"
+    heads, kv, hd = (a.heads, a.kv_heads, a.head_dim) if "--heads" in (argv or []) else (32, 8, 128)
+    dtype = a.dtype if "--dtype" in (argv or []) else "bfloat16"
+    cells = [f"{n},{heads},{kv},{hd},{a.depth},{dtype},{a.compile_only},{mode}"
+             for n in sizes.split(",") for mode in ("looped", "tiled")]
+    rows = run_child([x for c in cells for x in ("--attention", c)])
+    print(f"\ntree-attention kernels compiled for one {a.compile_only} chip (libtpu, no device): forward + backward "
+          f"of N queries over {a.depth}*N keys, {heads}/{kv} heads, hd {hd}, {dtype}\n")
+    head = f"{'N':>6} {'keys':>7} {'kernels':>7} {'VMEM MiB':>9} {'HBM temp MiB':>13}  result"
+    print(head + "\n" + "-" * len(head))
+    for r in rows:
+        ok = "error" not in r
+        print(f"{r['n']:6d} {r['depth'] * r['n']:7d} {r['mode']:>7} "
+              + (f"{r['vmem_bytes'] / 2**20:9.2f} {r['hbm_temp_bytes'] / 2**20:13.1f}  compiled" if ok else
+                 f"{'':9} {'':13}  {r['error'][:90]}"))
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "attention-compile.json").write_text(json.dumps(dict(topology=a.compile_only, rows=rows), indent=2))
+    print(f"\nVMEM: the kernel's block buffers (double-buffered) and scratch, from its block specs.\n"
+          f"wrote {out / 'attention-compile.json'}")
+    return 0 if all("error" not in r for r in rows if r["mode"] == "tiled") else 1

@@ -36,13 +36,15 @@ CASES = [  # B, N, Hq, Hkv, hd, D, shape, block
 ]
 
 
+@pytest.mark.parametrize("tiled", [False, True], ids=["looped", "tiled"])
 @pytest.mark.parametrize("B,N,Hq,Hkv,hd,D,shape,block", CASES)
-def test_forward_and_gradients_match_the_reference(B, N, Hq, Hkv, hd, D, shape, block):
+def test_forward_and_gradients_match_the_reference(B, N, Hq, Hkv, hd, D, shape, block, tiled):
+    """Both drivers of the same block math: looped (GPU) and tiled over the grid (TPU)."""
     rng = _fresh_rng()
     meta = random_meta(rng, B, N, D, shape)
     q, k, v = _qkv(rng, B, N, N, Hq, Hkv, hd, jnp.float32)
     kern = lambda q, k, v: tree_attention_pallas(q, k, v, meta, meta, block_q=block, block_k=block,  # noqa: E731
-                                                 interpret=True)
+                                                 interpret=True, tiled=tiled)
     ref = lambda q, k, v: tree_attention(q, k, v, meta, meta)  # noqa: E731
     np.testing.assert_allclose(kern(q, k, v), ref(q, k, v), rtol=1e-5, atol=1e-5)
     w = jnp.asarray(rng.standard_normal(q.shape), jnp.float32)
@@ -56,7 +58,8 @@ def test_forward_and_gradients_match_the_reference(B, N, Hq, Hkv, hd, D, shape, 
     assert np.all(np.asarray(kern(q, k, v))[pad] == 0)
 
 
-def test_query_slice_against_a_longer_key_prefix_bf16():
+@pytest.mark.parametrize("tiled", [False, True], ids=["looped", "tiled"])
+def test_query_slice_against_a_longer_key_prefix_bf16(tiled):
     """As in the TTT loss: block j's queries attend over all slots of blocks 0..j (global anc indices)."""
     rng = _fresh_rng()
     B, N, Hq, Hkv, hd, D = 2, 45, 4, 2, 16, 4
@@ -64,18 +67,19 @@ def test_query_slice_against_a_longer_key_prefix_bf16():
     lo, hi = 20, 45
     qm, km = meta.slice(lo, hi), meta
     q, k, v = _qkv(rng, B, hi - lo, N, Hq, Hkv, hd, jnp.bfloat16)
-    got = tree_attention_pallas(q, k, v, qm, km, block_q=16, block_k=16, interpret=True)
+    got = tree_attention_pallas(q, k, v, qm, km, block_q=16, block_k=16, interpret=True, tiled=tiled)
     want = tree_attention(q, k, v, qm, km)
     # the same kernel computation on exactly rounded inputs in f32: what bf16 may lose is input rounding
     np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), rtol=2e-2, atol=2e-2)
     gk = jax.grad(lambda k: jnp.sum(tree_attention_pallas(q, k, v, qm, km, block_q=16, block_k=16,
-                                                          interpret=True).astype(jnp.float32)))(k)
+                                                          interpret=True, tiled=tiled).astype(jnp.float32)))(k)
     gr = jax.grad(lambda k: jnp.sum(tree_attention(q, k, v, qm, km).astype(jnp.float32)))(k)
     assert gk.dtype == jnp.bfloat16
     np.testing.assert_allclose(np.asarray(gk, np.float32), np.asarray(gr, np.float32), rtol=5e-2, atol=5e-2)
 
 
-def test_nodes_that_see_few_keys_and_skipped_blocks():
+@pytest.mark.parametrize("tiled", [False, True], ids=["looped", "tiled"])
+def test_nodes_that_see_few_keys_and_skipped_blocks(tiled):
     """A node hung at its request's first trunk slot sees exactly two keys; with skipping on or off
     the result is the same, and every output element (poisoned with NaN first) is written."""
     rng = _fresh_rng()
@@ -89,12 +93,13 @@ def test_nodes_that_see_few_keys_and_skipped_blocks():
     assert (seen[hung_at_first] == 2).all()
     q, k, v = _qkv(rng, 1, 64, 64, 2, 2, 8, jnp.float32)
     outs = [tree_attention_pallas(q, k, v, meta, meta, block_q=8, block_k=8, interpret=True, skip_empty=s,
-                                  _poison=True) for s in (True, False)]
+                                  tiled=tiled, _poison=True) for s in (True, False)]
     assert not np.isnan(np.asarray(outs[0])).any()
     np.testing.assert_allclose(outs[0], outs[1], rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(outs[0], tree_attention(q, k, v, meta, meta), rtol=1e-5, atol=1e-5)
     g = jax.grad(lambda q, k, v: jnp.sum(tree_attention_pallas(q, k, v, meta, meta, block_q=8, block_k=8,
-                                                               interpret=True, _poison=True)), (0, 1, 2))(q, k, v)
+                                                               interpret=True, tiled=tiled, _poison=True)),
+                 (0, 1, 2))(q, k, v)
     assert not any(np.isnan(np.asarray(x)).any() for x in g)
 
 
@@ -111,27 +116,31 @@ def test_poison_check_can_fail():
     assert np.isnan(np.asarray(o)).all()
 
 
-@pytest.mark.parametrize("platform,block", [("cuda", 64), ("tpu", 128)])
-def test_kernels_lower_for_gpu_and_tpu(platform, block, monkeypatch):
-    """Forward and backward lower to Triton (GPU) and Mosaic (TPU) from this CPU machine (compiling
-    and running them needs the device: `aurora-jax bench attention` there)."""
-    from aurora_jax import pallas_attention as pa
-    if platform == "cuda":  # what _compiler_params picks when the default backend is a GPU
-        from jax.experimental.pallas import triton as plgpu
-        monkeypatch.setattr(pa, "_compiler_params", lambda: plgpu.CompilerParams(num_warps=4, num_stages=2))
+@pytest.mark.parametrize("lowering,platform,call", [("cuda", "gpu", "__gpu$xla.gpu.triton"),
+                                                    ("tpu", "tpu", "tpu_custom_call")])
+def test_kernels_lower_for_gpu_and_tpu(lowering, platform, call):
+    """Forward and backward lower to Triton (GPU) and Mosaic (TPU) from this CPU machine, with the
+    kernel's settings taken from the platform lowered for: the module holds the real kernel calls,
+    not the interpreter's loop (compiling and running them needs the device: `bench attention`)."""
     meta = random_meta(np.random.default_rng(0), 2, 200, 5)
     q, k = jnp.zeros((2, 200, 8, 64), jnp.bfloat16), jnp.zeros((2, 200, 2, 64), jnp.bfloat16)
-    f = lambda q, k, v: jnp.sum(tree_attention_pallas(q, k, v, meta, meta, interpret=False, block_q=block,  # noqa
-                                                      block_k=block).astype(jnp.float32))
-    text = jax.jit(jax.grad(f, argnums=(0, 1, 2))).trace(q, k, k).lower(lowering_platforms=(platform,)).as_text()
+    attention = select_attention("auto", platform)
+    f = lambda q, k, v: jnp.sum(attention(q, k, v, meta, meta).astype(jnp.float32))  # noqa: E731
+    text = jax.jit(jax.grad(f, argnums=(0, 1, 2))).trace(q, k, k).lower(lowering_platforms=(lowering,)).as_text()
+    assert text.count(call) >= 3, f"expected the fwd, dq and dkv kernels as {call}"
     for name in ("tree_attention_fwd", "tree_attention_dq", "tree_attention_dkv"):
         assert name in text, name
+    if platform == "tpu":  # blocks of 128 lanes: 200 slots pad to 256
+        assert "256x64xbf16" in text
 
 
 def test_select_attention():
     assert select_attention("reference") is tree_attention
-    assert select_attention("pallas") is tree_attention_pallas
-    assert select_attention("auto") is (tree_attention if jax.default_backend() == "cpu" else tree_attention_pallas)
+    assert select_attention("pallas", "cpu").keywords == {"platform": "cpu"}
+    assert select_attention("auto", "tpu").keywords == {"platform": "tpu"}
+    assert select_attention("auto", "cpu") is tree_attention
+    if jax.default_backend() == "cpu":  # the default platform is this host's
+        assert select_attention("auto") is tree_attention
     with pytest.raises(ValueError, match="attention must be one of"):
         select_attention("flash")
 

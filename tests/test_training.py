@@ -49,8 +49,9 @@ def _batches(n, seed=0, traces=8, second_choice=False):
     return out
 
 
-def _learner(devices=1, fsdp=False, reject_weight=0.1, lr=3e-3):
-    return Learner(Eagle3Draft(CFG, rngs=nnx.Rngs(0)), ObjectiveConfig(ttt_length=D, reject_weight=reject_weight),
+def _learner(devices=1, fsdp=False, reject_weight=0.1, lr=3e-3, attention="auto"):
+    return Learner(Eagle3Draft(CFG, rngs=nnx.Rngs(0)),
+                   ObjectiveConfig(ttt_length=D, reject_weight=reject_weight, attention=attention),
                    OptimConfig(lr=lr, warmup_steps=10), make_mesh(MeshConfig(data=devices)), fsdp=fsdp)
 
 
@@ -109,11 +110,13 @@ def test_checkpoint_restore_is_bit_identical_and_continues_the_same_curve(tmp_pa
     assert curve_a == curve_b
 
 
-@pytest.mark.parametrize("fsdp", [False, True])
-def test_step_on_8_forced_cpu_devices_matches_one_device(fsdp):
+@pytest.mark.parametrize("fsdp,attention", [(False, "auto"), (True, "auto"), (True, "pallas")])
+def test_step_on_8_forced_cpu_devices_matches_one_device(fsdp, attention):
+    """Data-parallel and FSDP steps equal the one-device step; with the Pallas kernel (interpreted
+    here) each device runs it on its own rows, inside the step's shard_map (`train.sharded_attention`)."""
     assert len(jax.devices()) >= 8, "conftest forces 8 host devices"
     batches = _batches(3, seed=3)
-    one, eight = _learner(devices=1), _learner(devices=8, fsdp=fsdp)
+    one, eight = _learner(devices=1), _learner(devices=8, fsdp=fsdp, attention=attention)
     for b in batches:
         m1, m8 = one.train_step(b), eight.train_step(b)
         np.testing.assert_allclose(float(m1["loss"]), float(m8["loss"]), rtol=1e-5)
