@@ -171,78 +171,71 @@ def _walk_visible(qseg_ref, qatt_ref, qanc_ref, kseg_ref, ktpos_ref, depth: int,
                     ktpos_ref[0, :], k_block * bk + lax.iota(jnp.int32, bk))
 
 
-def _step_if_visible(cfg: KernelConfig, vis, update) -> None:
+def _tiled_walk(cfg: KernelConfig, vis, init, update, finish) -> None:
+    """The shape of every tiled kernel: scratch set up at the walk's first block, updated by each
+    block some query can see, written out at its last block."""
+    step, last = pl.program_id(3), pl.num_programs(3) - 1
+    pl.when(step == 0)(init)
     if cfg.skip_empty:
         pl.when(_any(vis))(update)
     else:
         update()
+    pl.when(step == last)(finish)
 
 
 def _fwd_tiled_kernel(qseg_ref, qatt_ref, qanc_ref, kseg_ref, ktpos_ref, q_ref, k_ref, v_ref, o_ref, lse_ref,
                       acc_ref, m_ref, l_ref, *, cfg: KernelConfig, depth: int):
-    j, last = pl.program_id(3), pl.num_programs(3) - 1
-
-    @pl.when(j == 0)
-    def _():
+    def init():
         acc_ref[...] = jnp.zeros(acc_ref.shape, jnp.float32)
         m_ref[...] = jnp.full(m_ref.shape, NEG, jnp.float32)
         l_ref[...] = jnp.zeros(l_ref.shape, jnp.float32)
-
-    vis = _walk_visible(qseg_ref, qatt_ref, qanc_ref, kseg_ref, ktpos_ref, depth, cfg.block_k, j)
 
     def update():
         acc, m, l = _fwd_block(q_ref[...], k_ref[...], v_ref[...], vis, (acc_ref[...], m_ref[0, :], l_ref[0, :]),
                                cfg.scale)
         acc_ref[...], m_ref[...], l_ref[...] = acc, m[None, :], l[None, :]
-    _step_if_visible(cfg, vis, update)
 
-    @pl.when(j == last)
-    def _():
+    def finish():
         o, lse = _fwd_finish(acc_ref[...], m_ref[0, :], l_ref[0, :])
         o_ref[...] = o.astype(o_ref.dtype)
         lse_ref[...] = lse[None, :]
 
+    vis = _walk_visible(qseg_ref, qatt_ref, qanc_ref, kseg_ref, ktpos_ref, depth, cfg.block_k, pl.program_id(3))
+    _tiled_walk(cfg, vis, init, update, finish)
+
 
 def _dq_tiled_kernel(qseg_ref, qatt_ref, qanc_ref, kseg_ref, ktpos_ref, q_ref, k_ref, v_ref, do_ref, lse_ref,
                      delta_ref, dq_ref, acc_ref, *, cfg: KernelConfig, depth: int):
-    j, last = pl.program_id(3), pl.num_programs(3) - 1
-
-    @pl.when(j == 0)
-    def _():
+    def init():
         acc_ref[...] = jnp.zeros(acc_ref.shape, jnp.float32)
-
-    vis = _walk_visible(qseg_ref, qatt_ref, qanc_ref, kseg_ref, ktpos_ref, depth, cfg.block_k, j)
 
     def update():
         acc_ref[...] = _dq_block(q_ref[...], k_ref[...], v_ref[...], do_ref[...], lse_ref[0, :], delta_ref[0, :],
                                  vis, acc_ref[...], cfg.scale)
-    _step_if_visible(cfg, vis, update)
 
-    @pl.when(j == last)
-    def _():
+    def finish():
         dq_ref[...] = (acc_ref[...] * cfg.scale).astype(dq_ref.dtype)
+
+    vis = _walk_visible(qseg_ref, qatt_ref, qanc_ref, kseg_ref, ktpos_ref, depth, cfg.block_k, pl.program_id(3))
+    _tiled_walk(cfg, vis, init, update, finish)
 
 
 def _dkv_tiled_kernel(qseg_ref, qatt_ref, qanc_ref, kseg_ref, ktpos_ref, q_ref, k_ref, v_ref, do_ref, lse_ref,
                       delta_ref, dk_ref, dv_ref, dk_acc, dv_acc, *, cfg: KernelConfig, depth: int):
-    i, last = pl.program_id(3), pl.num_programs(3) - 1
-
-    @pl.when(i == 0)
-    def _():
+    def init():
         dk_acc[...] = jnp.zeros(dk_acc.shape, jnp.float32)
         dv_acc[...] = jnp.zeros(dv_acc.shape, jnp.float32)
-
-    vis = _walk_visible(qseg_ref, qatt_ref, qanc_ref, kseg_ref, ktpos_ref, depth, cfg.block_k, pl.program_id(2))
 
     def update():
         dk_acc[...], dv_acc[...] = _dkv_block(q_ref[...], k_ref[...], v_ref[...], do_ref[...], lse_ref[0, :],
                                               delta_ref[0, :], vis, (dk_acc[...], dv_acc[...]), cfg.scale)
-    _step_if_visible(cfg, vis, update)
 
-    @pl.when(i == last)
-    def _():
+    def finish():
         dk_ref[...] = (dk_acc[...] * cfg.scale).astype(dk_ref.dtype)
         dv_ref[...] = dv_acc[...].astype(dv_ref.dtype)
+
+    vis = _walk_visible(qseg_ref, qatt_ref, qanc_ref, kseg_ref, ktpos_ref, depth, cfg.block_k, pl.program_id(2))
+    _tiled_walk(cfg, vis, init, update, finish)
 
 
 # ------------------------------------------------------------------ calls on padded inputs
