@@ -2,8 +2,9 @@
 
 `export-hf` restores the draft from an orbax checkpoint (the config saved with it says its shape),
 maps it through `bridge.eagle3` and writes `config.json` + `model.safetensors`, loadable by SGLang
-as `--speculative-draft-model-path`. `embed_tokens` is written only if the trainer had the target's
-real embedding (otherwise SGLang should use the target's own). No torch: safetensors via numpy.
+as `--speculative-draft-model-path`. `embed_tokens` is written only if the trainer had a real one
+(the target's, or an imported draft's), read again from that source since a frozen tensor is not
+checkpointed; otherwise SGLang uses the target's own. No torch: safetensors via numpy.
 """
 
 from __future__ import annotations
@@ -50,6 +51,13 @@ def restore_for_export(ckpt_dir: str | Path, step: int | None = None) -> tuple[T
     learner.restore(state)
     if vocab is not None:
         learner.set_buffers(**vocab)
+    if meta.get("has_embedding"):  # frozen, so not in the checkpoint: read again from where training read it
+        from aurora_jax.loop import frozen_embedding
+        embedding = frozen_embedding(cfg)
+        if embedding is None:
+            raise FileNotFoundError(f"{ckpt_dir}/{step}: trained with the target's embedding, but neither "
+                                    f"loop.init_from nor loop.embedding of its saved config holds one now")
+        learner.set_buffers(embed_tokens=embedding)
     return cfg, learner, meta
 
 

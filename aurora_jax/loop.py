@@ -44,6 +44,17 @@ def load_embedding(path: str, key: str) -> np.ndarray:
     return read_tensor(path, key)
 
 
+def frozen_embedding(cfg: TrainerConfig) -> np.ndarray | None:
+    """The draft's frozen token embedding as `Trainer` sets it up: an `init_from` draft's own
+    `embed_tokens` if it has one, else `loop.embedding` (the target's), else None (a random one,
+    never exported). It is in no checkpoint (it never changes), so export reads it from here."""
+    if cfg.loop.init_from:
+        _, sd = load_hf(cfg.loop.init_from)
+        if "embed_tokens.weight" in sd:
+            return np.asarray(sd["embed_tokens.weight"])
+    return load_embedding(cfg.loop.embedding, cfg.loop.embedding_key) if cfg.loop.embedding else None
+
+
 class Trainer:
     def __init__(self, cfg: TrainerConfig, publish: PublishHook | None = None, resume: bool = False):
         self.cfg, self.publish = cfg, publish

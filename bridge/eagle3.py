@@ -161,14 +161,15 @@ class DraftConfig:
 
     def differences(self, other: "DraftConfig") -> dict[str, tuple]:
         """{field: (self's, other's)} for every field that makes the two drafts compute differently
-        (any shape, RoPE, norm eps; dtypes aside). Weights moved between them must find none."""
+        (any shape, RoPE, norm eps; dtypes aside) or that their config.json must carry alike (the
+        context length). Weights moved between them must find none."""
         def fields(c: DraftConfig) -> dict:
             return dict(hidden_size=c.hidden_size, num_attention_heads=c.num_attention_heads,
                         num_key_value_heads=c.num_key_value_heads, head_dim=c.hd,
                         intermediate_size=c.intermediate_size, vocab_size=c.vocab_size, draft_vocab_size=c.vd,
                         target_hidden_size=c.ht, rope_theta=float(c.rope_theta),
                         rope_scaling=c.rope_scaling.to_hf() if c.rope_scaling else None,
-                        rms_norm_eps=float(c.rms_norm_eps))
+                        rms_norm_eps=float(c.rms_norm_eps), max_position_embeddings=c.max_position_embeddings)
         a, b = fields(self), fields(other)
         return {k: (a[k], b[k]) for k in a if a[k] != b[k]}
 

@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 from flax import nnx
 
 from aurora_jax.batching import BatchConfig
@@ -19,6 +20,7 @@ from aurora_jax.model import DraftConfig
 from aurora_jax.objective import ObjectiveConfig
 from aurora_jax.train import MeshConfig
 from aurora_jax.validate import TraceLimits
+from bridge.eagle3 import LayoutError
 from bridge.synthetic import toy_target_trace
 from serving.trace_client import TraceClient, TraceClientConfig
 
@@ -201,7 +203,7 @@ def test_day0_sglang_draft_dir_from_prompt_counts(tmp_path):
     assert sglang_day0(demo, tmp_path, [sys.executable, "-m", "aurora_jax.cli"]) == [f"loop.init_from={out}"]
     counts = np.load(tmp_path / "vocab_counts.npy")
     tok = AutoTokenizer.from_pretrained("models/demo-target", local_files_only=True)
-    prompts = [_json.loads(line)["prompt"] for line in open("models/demo-target/prompts/code.jsonl") if line.strip()]
+    prompts = [json.loads(line)["prompt"] for line in open("models/demo-target/prompts/code.jsonl") if line.strip()]
     assert counts.shape == (4096,) and counts.sum() == sum(len(tok(p, add_special_tokens=False)["input_ids"])
                                                           for p in prompts)
     overrides.append(f"loop.vocab_counts={tmp_path / 'vocab_counts.npy'}")
@@ -218,3 +220,45 @@ def test_day0_sglang_draft_dir_from_prompt_counts(tmp_path):
         assert cfg.model.differences(hf_cfg) == {}
     finally:
         t.close()
+
+
+def test_export_writes_the_embedding_it_trained_with_and_every_config_field(tmp_path):
+    """A frozen embedding is in no checkpoint: export reads it again from where training read it (an
+    imported draft's own `embed_tokens`, or `loop.embedding`), never a fresh random one. Every other
+    tensor is the trained one, and config.json keeps every field of the import (the context length
+    too, which `init_from` compares)."""
+    from aurora_jax.export import export_hf
+    from aurora_jax.model import Eagle3Draft, flat_variables
+    from bridge.eagle3 import load_hf, save_hf, to_torch_layout
+
+    model_cfg = dataclasses.replace(_cfg(tmp_path).model, max_position_embeddings=131072)
+    rng = np.random.default_rng(7)
+    imported = Eagle3Draft(model_cfg, rngs=nnx.Rngs(3))
+    imported.set_embedding(rng.standard_normal((V, model_cfg.hidden_size)).astype(np.float32))
+    src = save_hf(tmp_path / "imported", model_cfg,
+                  to_torch_layout({k: np.asarray(v) for k, v in flat_variables(imported).items()}), "float32")
+    npy = tmp_path / "target_embedding.npy"
+    np.save(npy, rng.standard_normal((V, model_cfg.hidden_size)).astype(np.float32))
+    for name, loop, want_embedding in (("from-import", dict(init_from=str(src)), load_hf(src)[1]["embed_tokens.weight"]),
+                                       ("from-target", dict(embedding=str(npy)), np.load(npy))):
+        cfg = _cfg(tmp_path / name, max_steps=2, sync_every=0, traces_per_step=4, **loop)
+        cfg.model = model_cfg
+        trainer = Trainer(cfg)
+        try:
+            _push(trainer.start_ingest(), _traces(8))
+            trainer.run()
+        finally:
+            trainer.close()
+        out = export_hf(str(tmp_path / name / "ckpt"), str(tmp_path / name / "hf"), torch_dtype="float32")
+        _, sd = load_hf(out)
+        assert np.array_equal(sd["embed_tokens.weight"], want_embedding), name
+        trained = to_torch_layout({k: v for k, v in trainer.learner.host_params().items() if k != "embed_tokens"})
+        assert sd.keys() - {"embed_tokens.weight"} == trained.keys()
+        for k in trained:
+            assert np.array_equal(sd[k], trained[k]), (name, k)
+        config = json.loads((out / "config.json").read_text())
+        assert config == json.loads((src / "config.json").read_text()), name
+
+    cfg = _cfg(tmp_path / "mismatch", max_steps=1, init_from=str(src))  # model.* says 8192
+    with pytest.raises(LayoutError, match="max_position_embeddings"):
+        Trainer(cfg)
