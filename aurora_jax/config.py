@@ -53,6 +53,8 @@ def resolve_secret(value: str) -> str:
         name = value[4:]
         if name not in os.environ:
             raise ValueError(f"secret refers to ${name}, which is not set")
+        if not os.environ[name].strip():  # an empty token would turn auth off while the config asks for it
+            raise ValueError(f"secret refers to ${name}, which is empty")
         return os.environ[name]
     return value
 

@@ -29,6 +29,12 @@ log = logging.getLogger(__name__)
 
 OK = grpc.StatusCode.OK.value[0]
 INVALID_ARGUMENT = grpc.StatusCode.INVALID_ARGUMENT.value[0]
+MAX_ID, MAX_MESSAGE = 256, 4096  # characters of a request id / error message echoed in acks and logs
+
+
+def short_id(rid: str) -> str:
+    """A request id as acks and logs show it: whole when sane, else cut, with its length said."""
+    return rid if len(rid) <= MAX_ID else f"{rid[:MAX_ID]}...({len(rid)} chars)"
 RESOURCE_EXHAUSTED = grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]
 
 
@@ -43,6 +49,7 @@ class IngestServicer:
         if not retry_after_ms:  # backpressure is counted by the buffer, not as a rejection
             with self._lock:
                 self.rejected += 1
+        rid, msg = short_id(rid), msg[:MAX_MESSAGE]  # an ack must never outgrow the stream's send limit
         log.warning("trace %r rejected: %s", rid, msg)
         return pb.PushAck(request_id=rid, code=code, message=msg, retry_after_ms=retry_after_ms)
 
@@ -54,7 +61,7 @@ class IngestServicer:
                 raise TraceError("request_id", f"{trace.request_id!r} does not match its chunks' {rid!r}")
             validate(trace, self.limits)
         except TraceError as e:
-            return self._reject(rid, INVALID_ARGUMENT, f"request {rid!r}: {e}")
+            return self._reject(rid, INVALID_ARGUMENT, f"request {short_id(rid)!r}: {e}")
         return payload, trace
 
     def store(self, payload, trace: Trace) -> pb.PushAck:
@@ -163,7 +170,7 @@ class IngestServer:
     def __init__(self, cfg: IngestConfig, limits: TraceLimits, buffer: ReplayBuffer):
         self.cfg, self.limits, self.buffer = cfg, limits, buffer
         self.servicer = IngestServicer(buffer, limits)
-        token = resolve_secret(cfg.auth_token)
+        self._token = token = resolve_secret(cfg.auth_token)
         self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=cfg.max_workers, thread_name_prefix="ingest"),
                                    options=server_options(limits),
                                    interceptors=[BearerAuth(token)] if token else [])
@@ -185,7 +192,7 @@ class IngestServer:
     def start(self) -> "IngestServer":
         self._server.start()
         log.info("TraceIngest listening on %s (%s, auth %s)", self.address,
-                 "TLS" if self.cfg.tls_cert else "plaintext", "on" if self.cfg.auth_token else "off")
+                 "TLS" if self.cfg.tls_cert else "plaintext", "on" if self._token else "off")
         return self
 
     def stop(self, grace: float | None = 1.0) -> None:

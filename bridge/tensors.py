@@ -63,6 +63,9 @@ def to_wire(array: np.ndarray, out: pb.Tensor | None = None) -> pb.Tensor:
     return t
 
 
+MAX_DIMS, MAX_DIM = 8, 2**31 - 1  # any trace tensor fits; past them numpy cannot even build the view
+
+
 def from_wire(t: pb.Tensor, data: bytes | memoryview | None = None, *, field: str) -> np.ndarray:
     """Decode a wire Tensor, checking dtype, shape and byte count. Read-only view of the bytes.
 
@@ -72,8 +75,10 @@ def from_wire(t: pb.Tensor, data: bytes | memoryview | None = None, *, field: st
     if dtype is None:
         raise TraceError(field, f"unknown or unspecified dtype code {t.dtype}")
     shape = tuple(t.shape)
-    if any(d < 0 for d in shape):
-        raise TraceError(field, f"negative dimension in shape {list(shape)}")
+    if len(shape) > MAX_DIMS:
+        raise TraceError(field, f"{len(shape)} dimensions, at most {MAX_DIMS}")
+    if any(d < 0 or d > MAX_DIM for d in shape):
+        raise TraceError(field, f"dimension outside [0, {MAX_DIM}] in shape {list(shape)}")
     n = math.prod(shape)
     expected = n * dtype.itemsize
     data = t.data if data is None else data

@@ -94,6 +94,10 @@ MALFORMED = {
     "missing hidden": (lambda m: m.ClearField("aux_hidden"), r"aux_hidden: missing"),
     "rejected-node target without nodes": (lambda m: m.steps[0].ClearField("target_nodes"), r"steps\[0\]\.target_nodes: missing"),
     "request id differs from chunks": (lambda m: setattr(m, "request_id", "other"), r"request_id: 'other' does not match"),
+    "a shape numpy cannot build": (lambda m: (m.tokens.shape.__setitem__(slice(None), [0, 2**62]), setattr(m.tokens, "data", b"")),
+                                   r"tokens: dimension outside \[0, 2147483647\] in shape \[0, 4611686018427387904\]"),
+    "65 dimensions": (lambda m: (m.tokens.shape.__setitem__(slice(None), [1] * 65), setattr(m.tokens, "data", b"\0" * 4)),
+                      r"tokens: 65 dimensions, at most 8"),
 }
 
 
@@ -109,18 +113,27 @@ def test_malformed_traces_get_status_naming_field_and_lose_nothing(server_factor
         assert re.search(pattern, ack.message), f"{name}: {ack.message}"
     ack = push_payload(server.address, "junk", b"\x0a\xff\xff\xff\xff")
     assert ack.code == INVALID_ARGUMENT and "payload: not a serialized RequestTrace" in ack.message
-    # A bad trace in the middle of a stream does not stop the good ones around it.
-    rid, bad = _mutate(MALFORMED["NaN hidden state"][0])(0)
-    t1, t2 = make_trace(51), make_trace(52)
-    acks = push_raw(server.address, [*chunk_messages(t1.request_id, [encode(t1)], 4096),
-                                     *chunk_messages(rid, [bad], 4096),
-                                     *chunk_messages(t2.request_id, [encode(t2)], 4096)])
-    assert [a.code for a in acks] == [OK, INVALID_ARGUMENT, OK]
+    # A bad trace in the middle of a stream does not stop the good ones around it: a NaN, a shape
+    # numpy cannot build, and a bad trace with a 1.1 MB request id (its ack must stay small).
+    around = []
+    for k, name in enumerate(["NaN hidden state", "a shape numpy cannot build", "NaN hidden state"]):
+        rid, bad = _mutate(MALFORMED[name][0])(k)
+        if k == 2:
+            m = pb.RequestTrace.FromString(bad)
+            m.request_id = rid = "x" * 1_100_000
+            bad = m.SerializeToString()
+        t1, t2 = make_trace(51 + 2 * k), make_trace(52 + 2 * k)
+        acks = push_raw(server.address, [*chunk_messages(t1.request_id, [encode(t1)], 4096),
+                                         *chunk_messages(rid, [bad], 4096),
+                                         *chunk_messages(t2.request_id, [encode(t2)], 4096)])
+        assert [a.code for a in acks] == [OK, INVALID_ARGUMENT, OK], name
+        assert len(acks[1].request_id) < 300 and len(acks[1].message) < 5000
+        around += [t1, t2]
     got = {e.trace.request_id: e.trace for e in server.buffer.entries()}
-    assert set(got) == {t.request_id for t in good + [t1, t2]}
-    for t in good + [t1, t2]:
+    assert set(got) == {t.request_id for t in good + around}
+    for t in good + around:
         assert_traces_equal(got[t.request_id], t)
-    assert server.servicer.rejected == len(MALFORMED) + 2
+    assert server.servicer.rejected == len(MALFORMED) + 4
 
 
 def test_size_limits(server_factory):
@@ -159,6 +172,17 @@ def test_backpressure_then_client_retries(server_factory):
     s = client.stats()
     assert s["acked"] == 8 and s["backpressured"] > 0 and s["dropped"] == 0 and s["rejected"] == 0
     client.close()
+
+
+def test_an_empty_secret_is_a_start_up_error_not_auth_off(server_factory, monkeypatch):
+    from aurora_jax.config import WeightSyncConfig
+    from aurora_jax.weight_sync import WeightSyncServer
+
+    monkeypatch.setenv("AURORA_TEST_TOKEN", "")
+    with pytest.raises(ValueError, match=r"\$AURORA_TEST_TOKEN, which is empty"):
+        server_factory(ingest=dict(address="127.0.0.1:0", auth_token="env:AURORA_TEST_TOKEN"))
+    with pytest.raises(ValueError, match=r"\$AURORA_TEST_TOKEN, which is empty"):
+        WeightSyncServer(WeightSyncConfig(address="127.0.0.1:0", auth_token="env:AURORA_TEST_TOKEN"))
 
 
 def test_auth(server_factory, monkeypatch):
