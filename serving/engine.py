@@ -19,6 +19,7 @@ import torch
 
 from bridge.eagle3 import DraftConfig, check_draft_fits_target, draft_fields_from_target, load_hf, rope_theta_from_hf
 from serving.eagle3 import Eagle3Draft
+from serving.http import HttpLimits
 from serving.spec_decode import EagleDrafter, Request, SpecConfig, SpecDecoder
 from serving.target import Target, TargetConfig
 from serving.trace_client import TraceClient, TraceClientConfig
@@ -55,6 +56,7 @@ class EngineConfig:
     host: str = "127.0.0.1"
     port: int = 8000
     model_name: str = "aurora-target"
+    http: HttpLimits = dataclasses.field(default_factory=HttpLimits)
 
 
 def _day0_config(target: Target, draft_vocab_size: int) -> DraftConfig:
@@ -112,6 +114,7 @@ class Engine:
     def __init__(self, cfg: EngineConfig, target: Target | None = None, tokenizer=None):
         self.cfg = cfg
         self.target = target or Target(cfg.target)
+        self.max_context = int(getattr(self.target.model.config, "max_position_embeddings", 0) or 0)
         self.tokenizer = tokenizer
         if self.tokenizer is None and cfg.target.path:
             from transformers import AutoTokenizer

@@ -1,207 +1,278 @@
-"""OpenAI-compatible HTTP front end of the embedded engine (stdlib `http.server`, threaded).
+"""OpenAI-compatible HTTP front end of a serving engine (the embedded one or the SGLang sidecar's).
 
-Routes: POST /v1/completions, POST /v1/chat/completions (both with `"stream": true` as server-sent
-events ending in `data: [DONE]`), GET /v1/models, GET /health, GET /metrics (Prometheus text).
-Bad requests get a 400 with an OpenAI-style `{"error": {"message": ...}}` body.
+On the ecosystem's standard stack, as SGLang and vLLM serve theirs: FastAPI routes with pydantic
+models of the OpenAI request schema, uvicorn as the server (HTTP parsing, keep-alive, backlog), and
+`prometheus_client` for /metrics. Routes: POST /v1/completions, POST /v1/chat/completions (both with
+`"stream": true` as server-sent events ending in `data: [DONE]`), GET /v1/models, GET /health, GET
+/metrics. Every refusal is an OpenAI-style `{"error": {"message", "type", "param", "code"}}` with
+its status: 400 for a request that cannot be served as sent (schema, a prompt past the context),
+404 for an unknown model or route, 413 for a body over the limit, 429 past the concurrency limit.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import threading
 import time
 import uuid
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Iterator
 
-from serving.engine import Engine
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr
 
 log = logging.getLogger(__name__)
 
 
-class BadRequest(ValueError):
-    pass
+@dataclasses.dataclass
+class HttpLimits:
+    """Resource bounds of the HTTP front (config `http.*`); each refusal is said in its error body."""
+
+    max_body_bytes: int = 8 << 20  # 413 past it
+    max_concurrent: int = 64  # requests being generated at once; 429 past it
+    max_prompt_tokens: int = 0  # 0 = the target's context length (prompt + max_tokens must fit it)
 
 
-def _chat_prompt(tok, messages) -> str:
-    if not isinstance(messages, list) or not messages or not all(
-            isinstance(m, dict) and isinstance(m.get("content"), str) and m.get("role") for m in messages):
-        raise BadRequest("'messages' must be a non-empty list of {role, content} objects")
+class _Params(BaseModel):
+    """Sampling fields both routes share (OpenAI names); unknown fields are ignored, as OpenAI does."""
+
+    model_config = ConfigDict(extra="ignore")
+    model: StrictStr | None = None
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float = Field(0.0, ge=0.0, le=10.0, allow_inf_nan=False)
+    seed: int | None = Field(None, ge=0, lt=2**63)
+    stream: StrictBool = False
+    speculative: StrictBool = True  # false: this request is decoded target-only (a side-by-side's baseline)
+    domain: str = ""  # workload label, carried into the trace
+
+
+class CompletionRequest(_Params):
+    prompt: StrictStr | list[StrictStr]
+
+
+class ChatMessage(BaseModel):
+    role: StrictStr = Field(min_length=1)
+    content: StrictStr
+
+
+class ChatCompletionRequest(_Params):
+    messages: list[ChatMessage] = Field(min_length=1)
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, kind: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None):
+        super().__init__(message)
+        self.status, self.body = status, dict(error=dict(message=message, type=kind, param=param, code=code))
+
+
+def _chat_prompt(tok, messages: list[ChatMessage]) -> str:
+    msgs = [m.model_dump() for m in messages]
     if getattr(tok, "chat_template", None):
-        return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    return "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
+        return tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+    return "".join(f"{m['role']}: {m['content']}\n" for m in msgs) + "assistant:"
 
 
-def prometheus(m: dict) -> str:
-    t = m.get("traces", {})
-    rows = [
-        ("aurora_requests_total", "counter", "finished requests", m["requests"]),
-        ("aurora_requests_running", "gauge", "requests being decoded", m["running"]),
-        ("aurora_prompt_tokens_total", "counter", "prompt tokens of finished requests", m["prompt_tokens"]),
-        ("aurora_output_tokens_total", "counter", "generated tokens of finished requests", m["output_tokens"]),
-        ("aurora_target_forwards_total", "counter", "target forward passes", m["target_forwards"]),
-        ("aurora_accept_length", "gauge", "tokens emitted per target forward", m["accept_length"]),
-        ("aurora_decode_tokens_per_second", "gauge", "output tokens per second of decoding",
-         m["output_tokens"] / max(m["decode_seconds"], 1e-9)),
-        ("aurora_request_throughput_tokens_per_second", "gauge",
-         "mean per-request (input + output tokens) / latency",
-         (m["prompt_tokens"] + m["output_tokens"]) / max(m["request_seconds"], 1e-9)),
-        ("aurora_batch_size_mean", "gauge", "requests per fused target forward (decode rounds)", m["mean_batch"]),
-        ("aurora_draft_version", "gauge", "draft version serving", m["draft_version"]),
-        ("aurora_draft_swaps_total", "counter", "hot-swaps applied", m["swaps"]),
-        ("aurora_draft_swap_ms", "gauge", "duration of the last hot-swap", m["last_swap_ms"]),
-        ("aurora_draft_versions_received_total", "counter", "WeightSync versions accepted", m.get("versions_received", 0)),
-        ("aurora_draft_versions_refused_total", "counter",
-         "WeightSync versions refused (corrupt, or trained for another draft; see /health)", m.get("versions_refused", 0)),
-        ("aurora_traces_sent_total", "counter", "traces acknowledged by the trainer", t.get("acked", 0)),
-        ("aurora_traces_dropped_total", "counter", "traces dropped (trainer unreachable or queue full)",
-         t.get("dropped", 0)),
-        ("aurora_errors_total", "counter", "rejected requests", m["errors"]),
-    ]
-    return "".join(f"# HELP {n} {h}\n# TYPE {n} {k}\n{n} {float(v):g}\n" for n, k, h, v in rows)
+# name, kind, help, value from the engine's snapshot
+_METRICS = [
+    ("aurora_requests", "counter", "finished requests", lambda m: m["requests"]),
+    ("aurora_requests_running", "gauge", "requests being decoded", lambda m: m["running"]),
+    ("aurora_prompt_tokens", "counter", "prompt tokens of finished requests", lambda m: m["prompt_tokens"]),
+    ("aurora_output_tokens", "counter", "generated tokens of finished requests", lambda m: m["output_tokens"]),
+    ("aurora_target_forwards", "counter", "target forward passes", lambda m: m["target_forwards"]),
+    ("aurora_accept_length", "gauge", "tokens emitted per target forward", lambda m: m["accept_length"]),
+    ("aurora_decode_tokens_per_second", "gauge", "output tokens per second of decoding",
+     lambda m: m["output_tokens"] / max(m["decode_seconds"], 1e-9)),
+    ("aurora_request_throughput_tokens_per_second", "gauge", "mean per-request (input + output tokens) / latency",
+     lambda m: (m["prompt_tokens"] + m["output_tokens"]) / max(m["request_seconds"], 1e-9)),
+    ("aurora_batch_size_mean", "gauge", "requests per fused target forward (decode rounds)", lambda m: m["mean_batch"]),
+    ("aurora_draft_version", "gauge", "draft version serving", lambda m: m["draft_version"]),
+    ("aurora_draft_swaps", "counter", "hot-swaps applied", lambda m: m["swaps"]),
+    ("aurora_draft_swap_ms", "gauge", "duration of the last hot-swap", lambda m: m["last_swap_ms"]),
+    ("aurora_draft_versions_received", "counter", "WeightSync versions accepted", lambda m: m.get("versions_received", 0)),
+    ("aurora_draft_versions_refused", "counter",
+     "WeightSync versions refused (corrupt, or trained for another draft; see /health)",
+     lambda m: m.get("versions_refused", 0)),
+    ("aurora_traces_sent", "counter", "traces acknowledged by the trainer", lambda m: m.get("traces", {}).get("acked", 0)),
+    ("aurora_traces_dropped", "counter", "traces dropped (trainer unreachable or queue full)",
+     lambda m: m.get("traces", {}).get("dropped", 0)),
+    ("aurora_errors", "counter", "requests the engine failed", lambda m: m["errors"]),
+]
 
 
-def make_handler(engine: Engine, model_name: str):
-    tok = engine.tokenizer
+def _registry(engine):
+    """A prometheus_client registry whose one collector reads the engine's counters at each scrape."""
+    from prometheus_client import CollectorRegistry
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-    class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
+    class EngineCollector:
+        def collect(self):
+            m = engine.snapshot()
+            for name, kind, help_, value in _METRICS:
+                family = CounterMetricFamily if kind == "counter" else GaugeMetricFamily
+                yield family(name, help_, value=float(value(m)))
 
-        def log_message(self, fmt, *args):  # route access logs through logging
-            log.debug("%s %s", self.address_string(), fmt % args)
+    registry = CollectorRegistry()
+    registry.register(EngineCollector())
+    return registry
 
-        def _send(self, code: int, body, ctype="application/json"):
-            data = body if isinstance(body, bytes) else (json.dumps(body) if not isinstance(body, str) else body).encode()
-            self.send_response(code)
-            self.send_header("Content-Type", ctype)
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
 
-        def do_GET(self):
-            if self.path == "/health":
-                m = engine.snapshot()
-                self._send(200, dict(status="ok", draft_version=engine.draft_version,
-                                     versions_refused=m.get("versions_refused", 0),
-                                     last_refusal=m.get("last_refusal", "")))
-            elif self.path == "/metrics":
-                self._send(200, prometheus(engine.snapshot()), "text/plain; version=0.0.4")
-            elif self.path == "/v1/models":
-                self._send(200, dict(object="list", data=[dict(id=model_name, object="model", owned_by="aurora")]))
-            else:
-                self._send(404, dict(error=dict(message=f"no route {self.path}", type="not_found")))
+def make_app(engine, limits: HttpLimits | None = None):
+    from fastapi import FastAPI, Request
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse, Response, StreamingResponse
+    from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+    from starlette.exceptions import HTTPException as StarletteHTTPException
 
-        def do_POST(self):
-            try:
-                n = int(self.headers.get("Content-Length", 0))
-                if n > 8 << 20:
-                    raise BadRequest("request body over 8 MiB")
-                try:
-                    body = json.loads(self.rfile.read(n) or b"{}")
-                except json.JSONDecodeError as e:
-                    raise BadRequest(f"body is not JSON: {e}") from None
-                if not isinstance(body, dict):
-                    raise BadRequest("body must be a JSON object")
-                if self.path == "/v1/completions":
-                    prompt = body.get("prompt")
-                    if isinstance(prompt, list) and len(prompt) == 1:
-                        prompt = prompt[0]
-                    if not isinstance(prompt, str) or not prompt:
-                        raise BadRequest("'prompt' must be a non-empty string")
-                    self._generate(body, prompt, chat=False)
-                elif self.path == "/v1/chat/completions":
-                    self._generate(body, _chat_prompt(tok, body.get("messages")), chat=True)
-                else:
-                    self._send(404, dict(error=dict(message=f"no route {self.path}", type="not_found")))
-            except BadRequest as e:
-                self._send(400, dict(error=dict(message=str(e), type="invalid_request_error")))
+    limits = limits or getattr(engine.cfg, "http", None) or HttpLimits()
+    tok, name = engine.tokenizer, engine.cfg.model_name
+    context = limits.max_prompt_tokens or getattr(engine, "max_context", 0)
+    registry = _registry(engine)
+    slots = threading.BoundedSemaphore(limits.max_concurrent)
+    app = FastAPI(title="aurora-jax serving", docs_url=None, redoc_url=None, openapi_url=None)
 
-        def _params(self, body):
-            def num(key, default, kind, lo, hi):
-                v = body.get(key, default)
-                if v is None:
-                    return default
-                if isinstance(v, bool) or not isinstance(v, (int, float)) or (kind is int and v != int(v)):
-                    raise BadRequest(f"'{key}' must be a number")
-                if not lo <= v <= hi:
-                    raise BadRequest(f"'{key}'={v} outside [{lo}, {hi}]")
-                return kind(v)
-            return dict(max_new_tokens=num("max_tokens", engine.cfg.max_new_tokens, int, 1, engine.cfg.max_new_tokens),
-                        temperature=num("temperature", 0.0, float, 0.0, 10.0),
-                        seed=body.get("seed") if isinstance(body.get("seed"), int) else None,
-                        speculative=self._flag(body, "speculative", True))
+    @app.exception_handler(ApiError)
+    async def _api_error(request, e: ApiError):
+        return JSONResponse(e.body, status_code=e.status)
 
-        def _flag(self, body, key, default):
-            v = body.get(key, default)
-            if not isinstance(v, bool):
-                raise BadRequest(f"'{key}' must be true or false")
-            return v
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request, e: RequestValidationError):
+        first = e.errors()[0]
+        where = ".".join(str(x) for x in first.get("loc", ()) if x != "body")
+        msg = f"{where}: {first.get('msg')}" if where else str(first.get("msg"))
+        return JSONResponse(ApiError(400, msg, param=where or None).body, status_code=400)
 
-        def _generate(self, body, prompt: str, chat: bool):
-            params = self._params(body)
-            ids = tok(prompt)["input_ids"]
-            h = engine.submit(ids, eos=tok.eos_token_id, domain=str(body.get("domain", "")), **params)
-            rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
-            created = int(time.time())
-            obj = "chat.completion" if chat else "text_completion"
-            if body.get("stream"):
-                self.send_response(200)
-                self.send_header("Content-Type", "text/event-stream")
-                self.send_header("Cache-Control", "no-cache")
-                self.send_header("Connection", "close")
-                self.end_headers()
-                self.close_connection = True
-                emitted: list[int] = []
-                text_so_far = ""
-                while True:
-                    ev = h.events.get()
-                    if isinstance(ev, dict):
-                        break
-                    emitted += ev
-                    text = tok.decode(emitted, skip_special_tokens=True)
-                    delta, text_so_far = text[len(text_so_far):], text
-                    chunk = dict(id=rid, object=obj + ".chunk", created=created, model=engine.cfg.model_name,
-                                 choices=[dict(index=0, finish_reason=None,
-                                               **(dict(delta=dict(content=delta)) if chat else dict(text=delta)))])
-                    self.wfile.write(f"data: {json.dumps(chunk)}\n\n".encode())
-                    self.wfile.flush()
-                final = dict(id=rid, object=obj + ".chunk", created=created, model=engine.cfg.model_name,
-                             choices=[dict(index=0, finish_reason=ev.get("finish_reason", "stop"),
-                                           **(dict(delta={}) if chat else dict(text="")))])
-                self.wfile.write(f"data: {json.dumps(final)}\n\ndata: [DONE]\n\n".encode())
-                self.wfile.flush()
-                return
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request, e: StarletteHTTPException):
+        kind = "not_found" if e.status_code == 404 else "invalid_request_error"
+        message = f"no route {request.url.path}" if e.status_code == 404 else str(e.detail)
+        return JSONResponse(ApiError(e.status_code, message, kind).body, status_code=e.status_code)
+
+    @app.middleware("http")
+    async def _body_limit(request: Request, call_next):
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limits.max_body_bytes:
+            return JSONResponse(ApiError(413, f"request body of {declared} bytes is over the "
+                                              f"{limits.max_body_bytes}-byte limit").body, status_code=413)
+        return await call_next(request)
+
+    @app.get("/health")
+    def health():
+        m = engine.snapshot()
+        return dict(status="ok", draft_version=engine.draft_version, versions_refused=m.get("versions_refused", 0),
+                    last_refusal=m.get("last_refusal", ""))
+
+    @app.get("/metrics")
+    def metrics():
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/models")
+    def models():
+        return dict(object="list", data=[dict(id=name, object="model", owned_by="aurora")])
+
+    @app.post("/v1/completions")
+    def completions(req: CompletionRequest):
+        prompt = req.prompt if isinstance(req.prompt, str) else (req.prompt[0] if len(req.prompt) == 1 else None)
+        if not prompt:
+            raise ApiError(400, "prompt: a non-empty string (or a list of exactly one)", param="prompt")
+        return _generate(req, prompt, chat=False)
+
+    @app.post("/v1/chat/completions")
+    def chat_completions(req: ChatCompletionRequest):
+        return _generate(req, _chat_prompt(tok, req.messages), chat=True)
+
+    def _generate(req: _Params, prompt: str, chat: bool):
+        if req.model not in (None, name):
+            raise ApiError(404, f"The model `{req.model}` does not exist; this server serves `{name}`",
+                           param="model", code="model_not_found")
+        max_new = engine.cfg.max_new_tokens
+        n = req.max_tokens or max_new
+        if n > max_new:
+            raise ApiError(400, f"max_tokens: {n} is over this server's limit of {max_new}", param="max_tokens")
+        ids = tok(prompt)["input_ids"]
+        if context and len(ids) + n > context:
+            raise ApiError(400, f"This model's maximum context length is {context} tokens. However, you requested "
+                                f"{len(ids) + n} tokens ({len(ids)} in the prompt, {n} for the completion).",
+                           param="prompt", code="context_length_exceeded")
+        if not slots.acquire(blocking=False):
+            raise ApiError(429, f"over {limits.max_concurrent} concurrent requests; retry later",
+                           kind="rate_limit_error")
+        try:
+            h = engine.submit(ids, max_new_tokens=n, temperature=req.temperature, seed=req.seed,
+                              eos=tok.eos_token_id, domain=req.domain, speculative=req.speculative)
+        except BaseException:
+            slots.release()
+            raise
+        head = dict(id=f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}", created=int(time.time()),
+                    model=name, object="chat.completion" if chat else "text_completion")
+        if req.stream:
+            return StreamingResponse(_stream(h, head, chat), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache"})
+        try:
             while not isinstance(ev := h.events.get(), dict):
                 pass
-            if "error" in ev:
-                raise BadRequest(ev["error"])
-            text = tok.decode(ev["output"], skip_special_tokens=True)
-            choice = dict(index=0, finish_reason=ev["finish_reason"],
-                          **(dict(message=dict(role="assistant", content=text)) if chat else dict(text=text)))
-            usage = dict(prompt_tokens=ev["prompt_tokens"], completion_tokens=len(ev["output"]),
-                         total_tokens=ev["prompt_tokens"] + len(ev["output"]))
-            self._send(200, dict(id=rid, object=obj, created=created, model=engine.cfg.model_name, choices=[choice],
-                                 usage=usage, aurora=dict(draft_version=ev["draft_version"],
-                                                          target_forwards=ev["target_forwards"],
-                                                          request_id=ev["request_id"])))
+        finally:
+            slots.release()
+        if "error" in ev:
+            raise ApiError(400, ev["error"])
+        text = tok.decode(ev["output"], skip_special_tokens=True)
+        choice = dict(index=0, finish_reason=ev["finish_reason"],
+                      **(dict(message=dict(role="assistant", content=text)) if chat else dict(text=text)))
+        usage = dict(prompt_tokens=ev["prompt_tokens"], completion_tokens=len(ev["output"]),
+                     total_tokens=ev["prompt_tokens"] + len(ev["output"]))
+        return dict(**head, choices=[choice], usage=usage,
+                    aurora=dict(draft_version=ev["draft_version"], target_forwards=ev["target_forwards"],
+                                request_id=ev["request_id"]))
 
-    return Handler
+    def _stream(h, head: dict, chat: bool) -> Iterator[str]:
+        """Server-sent events: a chunk per decoded step, then the finish (or the engine's error)."""
+        head = dict(head, object=head["object"] + ".chunk")
+        piece = lambda text: dict(delta=dict(content=text)) if chat else dict(text=text)  # noqa: E731
+        emitted, so_far = [], ""
+        try:
+            while not isinstance(ev := h.events.get(), dict):
+                emitted += ev
+                text = tok.decode(emitted, skip_special_tokens=True)
+                delta, so_far = text[len(so_far):], text
+                yield f"data: {json.dumps(dict(head, choices=[dict(index=0, finish_reason=None, **piece(delta))]))}\n\n"
+        finally:
+            slots.release()
+        if "error" in ev:  # the stream has started (200): the error travels as an event, as OpenAI's does
+            yield f"data: {json.dumps(ApiError(500, ev['error'], kind='server_error').body)}\n\n"
+        else:
+            done = dict(index=0, finish_reason=ev.get("finish_reason", "stop"), **(dict(delta={}) if chat else
+                                                                                   dict(text="")))
+            yield f"data: {json.dumps(dict(head, choices=[done]))}\n\n"
+        yield "data: [DONE]\n\n"
+
+    return app
 
 
 class HttpServer:
-    def __init__(self, engine: Engine, host: str = "127.0.0.1", port: int = 8000):
+    """uvicorn serving `make_app(engine)` from a background thread (port 0: any free port)."""
+
+    def __init__(self, engine, host: str = "127.0.0.1", port: int = 8000, limits: HttpLimits | None = None):
+        import uvicorn
+
         self.engine = engine
-        self.httpd = ThreadingHTTPServer((host, port), make_handler(engine, engine.cfg.model_name))
-        self.httpd.daemon_threads = True
-        self.port = self.httpd.server_address[1]
-        self.url = f"http://{host}:{self.port}"
-        self._thread = threading.Thread(target=self.httpd.serve_forever, name="http", daemon=True)
+        config = uvicorn.Config(make_app(engine, limits), host=host, port=port, log_level="warning",
+                                access_log=False, backlog=2048, timeout_graceful_shutdown=5)
+        self._server = uvicorn.Server(config)
+        self._thread = threading.Thread(target=self._server.run, name="http", daemon=True)
+        self.host, self.port, self.url = host, port, ""
 
     def start(self) -> "HttpServer":
         self._thread.start()
+        t0 = time.monotonic()
+        while not self._server.started:
+            if not self._thread.is_alive() or time.monotonic() - t0 > 30:
+                raise RuntimeError(f"HTTP server did not start on {self.host}:{self.port}")
+            time.sleep(0.01)
+        self.port = self._server.servers[0].sockets[0].getsockname()[1]
+        self.url = f"http://{self.host}:{self.port}"
         log.info("serving OpenAI-compatible API on %s", self.url)
         return self
 
     def stop(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
+        self._server.should_exit = True
+        self._thread.join(timeout=10)

@@ -39,6 +39,7 @@ class LoadConfig:
     timeout_s: float = 300.0
     split: str = "train"  # train | heldout | all: which records of the prompt files (no `split` = train)
     speculative: bool = True  # false: ask the embedded engine to decode target-only (the side-by-side baseline)
+    model: str = ""  # the `model` field sent ("" = none: the server's only model)
 
     def __post_init__(self):
         if self.shape not in ("mixed", "ordered", "shift"):
@@ -81,8 +82,8 @@ def schedule(cfg: LoadConfig) -> list[dict]:
 
 
 def _one(cfg: LoadConfig, i: int, req: dict) -> dict:
-    body = dict(model="aurora", max_tokens=cfg.max_tokens, temperature=cfg.temperature, domain=req["domain"],
-                seed=cfg.seed + i)
+    body = dict(max_tokens=cfg.max_tokens, temperature=cfg.temperature, domain=req["domain"], seed=cfg.seed + i,
+                **(dict(model=cfg.model) if cfg.model else {}))
     if not cfg.speculative:
         body["speculative"] = False
     if req.get("chat"):  # through the target's chat template
@@ -95,8 +96,14 @@ def _one(cfg: LoadConfig, i: int, req: dict) -> dict:
     try:
         with urllib.request.urlopen(r, timeout=cfg.timeout_s) as resp:
             out = json.loads(resp.read())
-    except (urllib.error.URLError, TimeoutError) as e:
-        return dict(index=i, domain=req["domain"], error=str(e), latency_s=time.perf_counter() - t0)
+    except urllib.error.HTTPError as e:  # the server's own words (OpenAI-style error body), not just the status
+        try:
+            why = json.loads(e.read())["error"]["message"]
+        except (ValueError, KeyError, TypeError):
+            why = e.reason
+        return dict(index=i, domain=req["domain"], error=f"HTTP {e.code}: {why}", latency_s=time.perf_counter() - t0)
+    except (urllib.error.URLError, TimeoutError, OSError) as e:
+        return dict(index=i, domain=req["domain"], error=f"{cfg.endpoint}: {e}", latency_s=time.perf_counter() - t0)
     dt = time.perf_counter() - t0
     usage, ext = out.get("usage", {}), out.get("aurora", {})
     choice = (out.get("choices") or [{}])[0]
@@ -191,6 +198,8 @@ def main(argv: list[str] | None = None) -> int:
     recs = run_load(cfg)
     ok = [r for r in recs if "error" not in r]
     acc = [r["accept_length"] for r in ok if r.get("accept_length")]
+    for r in [r for r in recs if "error" in r][:3]:
+        print(f"request {r['index']} failed: {r['error']}", file=sys.stderr)
     print(f"{len(ok)}/{len(recs)} requests ok; mean accept length {sum(acc) / max(len(acc), 1):.2f}; "
           f"mean latency {sum(r['latency_s'] for r in ok) / max(len(ok), 1):.2f}s")
     if a.out:

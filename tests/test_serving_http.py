@@ -50,9 +50,10 @@ def _get(url):
         return r.read().decode()
 
 
-def _engine(model_dir, traces: TraceClientConfig, mode="untrained"):
+def _engine(model_dir, traces: TraceClientConfig | None, mode="untrained"):
     cfg = EngineConfig(target=TargetConfig(path=str(model_dir), topk=4), draft=DraftSource(mode=mode),
-                       spec=SpecConfig(topk=2, num_steps=3, num_draft_tokens=4), traces=traces, max_new_tokens=24)
+                       spec=SpecConfig(topk=2, num_steps=3, num_draft_tokens=4), traces=traces or TraceClientConfig(),
+                       export_traces=traces is not None, max_new_tokens=24)
     engine = Engine(cfg)
     return engine, HttpServer(engine, port=0).start()
 
@@ -63,7 +64,7 @@ def test_openai_style_requests_streaming_metrics_and_traces(model_dir, server_fa
     try:
         assert json.loads(_get(http.url + "/health"))["status"] == "ok"
         code, body, _ = _post(http.url + "/v1/completions",
-                              dict(model="x", prompt="the quick brown", max_tokens=12, temperature=0))
+                              dict(model="aurora-target", prompt="the quick brown", max_tokens=12, temperature=0))
         r = json.loads(body)
         assert code == 200 and r["object"] == "text_completion" and r["usage"]["completion_tokens"] <= 12
         assert isinstance(r["choices"][0]["text"], str) and r["choices"][0]["finish_reason"] in ("stop", "length")
@@ -82,7 +83,7 @@ def test_openai_style_requests_streaming_metrics_and_traces(model_dir, server_fa
         assert plain["aurora"]["target_forwards"] == plain["usage"]["completion_tokens"]
 
         code, body, ctype = _post(http.url + "/v1/chat/completions", dict(
-            model="x", stream=True, max_tokens=10, messages=[dict(role="user", content="hello world")]))
+            model="aurora-target", stream=True, max_tokens=10, messages=[dict(role="user", content="hello world")]))
         assert code == 200 and ctype.startswith("text/event-stream")
         events = [line[6:] for line in body.splitlines() if line.startswith("data: ")]
         assert events[-1] == "[DONE]" and len(events) >= 3
@@ -97,18 +98,18 @@ def test_openai_style_requests_streaming_metrics_and_traces(model_dir, server_fa
                                  ["hello", "online training", "the lazy dog", "tiny model"]))
         assert all(c == 200 for c, _, _ in outs)
 
-        for bad, why in [(dict(prompt=""), "'prompt' must be a non-empty string"),
-                         (dict(prompt="x", max_tokens=0), "'max_tokens'=0 outside"),
-                         (dict(prompt="x", temperature="hot"), "'temperature' must be a number"),
-                         (dict(prompt="x", speculative="no"), "'speculative' must be true or false")]:
+        for bad, why in [(dict(prompt=""), "prompt: a non-empty string"),
+                         (dict(prompt="x", max_tokens=0), "max_tokens: Input should be greater than or equal to 1"),
+                         (dict(prompt="x", temperature="hot"), "temperature: Input should be a valid number"),
+                         (dict(prompt="x", speculative="no"), "speculative: Input should be a valid boolean")]:
             with pytest.raises(urllib.error.HTTPError) as e:
                 _post(http.url + "/v1/completions", bad)
             assert e.value.code == 400 and why in json.loads(e.value.read())["error"]["message"]
 
         engine.client.flush(30)
         metrics = _get(http.url + "/metrics")
-        assert "aurora_requests_total 7" in metrics and "aurora_draft_version 0" in metrics
-        assert "aurora_traces_sent_total 7" in metrics and "aurora_accept_length" in metrics
+        assert "aurora_requests_total 7.0" in metrics and "aurora_draft_version 0.0" in metrics
+        assert "aurora_traces_sent_total 7.0" in metrics and "aurora_accept_length" in metrics
         traces = ingest.buffer.entries()
         assert len(traces) == 7 and all(e.trace.tokens.size > e.trace.prompt_len for e in traces)
         assert sum(len(e.trace.steps) for e in traces) > 0
@@ -130,7 +131,7 @@ def test_trainer_offline_requests_still_served_and_drops_counted(model_dir):
         assert time.perf_counter() - t0 < 30
         metrics = _get(http.url + "/metrics")
         dropped = float(next(l.split()[1] for l in metrics.splitlines() if l.startswith("aurora_traces_dropped_total")))
-        assert dropped >= 1 and "aurora_traces_sent_total 0" in metrics
+        assert dropped >= 1 and "aurora_traces_sent_total 0.0" in metrics
     finally:
         http.stop()
         engine.close()
@@ -152,3 +153,92 @@ def test_serve_command_loads_its_config(model_dir):
     from bridge.config import load_config
     cfg = load_config(EngineConfig, "configs/serve-cpu.yaml", [f"target.path={model_dir}", "draft.mode=none"])
     assert cfg.spec.topk == 4 and cfg.draft.mode == "none" and cfg.traces.address.endswith(":50051")
+
+
+def _raw(port: int, data: bytes, timeout: float = 10) -> tuple[int, dict | str]:
+    """One raw HTTP exchange (for what a well-behaved client library would never send)."""
+    data = data.replace(b"Host: x\r\n", b"Host: x\r\nConnection: close\r\n", 1)
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as c:
+        c.sendall(data)
+        reply = b""
+        while chunk := c.recv(65536):
+            reply += chunk
+    head, _, body = reply.partition(b"\r\n\r\n")
+    status = int(head.split()[1]) if head else 0
+    try:
+        return status, json.loads(body)
+    except ValueError:
+        return status, body.decode(errors="replace")
+
+
+def test_abusive_requests_get_a_clear_4xx_and_the_server_keeps_serving(model_dir):
+    """What a fuzzer or an attacker sends: each gets an OpenAI-style error with the right status
+    before any decoding work, and a normal request still succeeds after all of them."""
+    engine, http = _engine(model_dir, None, mode="none")
+    url = http.url + "/v1/completions"
+    try:
+        context = engine.max_context  # 256 for this tiny model
+        for body, code, why in [
+                (dict(prompt="the lazy dog " * 200, max_tokens=8), 400, f"maximum context length is {context} tokens"),
+                (dict(prompt="x", model="gpt-4"), 404, "The model `gpt-4` does not exist"),
+                (dict(prompt="x", max_tokens=10_000), 400, "max_tokens: 10000 is over this server's limit"),
+                (dict(prompt="x", seed=2**70), 400, "seed: Input should be less than"),
+                (dict(messages=[]), 400, "messages: List should have at least 1 item")]:
+            route = "/v1/chat/completions" if "messages" in body else "/v1/completions"
+            with pytest.raises(urllib.error.HTTPError) as e:
+                _post(http.url + route, body)
+            err = json.loads(e.value.read())["error"]
+            assert e.value.code == code and why in err["message"], (body, err)
+        port = http.port
+        post = lambda body, extra="": (f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"  # noqa
+                                       f"{extra}Content-Length: {len(body)}\r\n\r\n").encode() + body
+        for raw, code in [(post(b'{"prompt": "\xff\xfe"}'), 400),  # not UTF-8
+                          (post(b'{"prompt": "x", "max_tokens": NaN}'), 400),
+                          (post(b'{"prompt": "x", "max_tokens": Infinity}'), 400),
+                          (post(b"[1, 2]"), 400),
+                          (b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\n\r\n{}", 400),
+                          (b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: -5\r\n\r\n{}", 400),
+                          (b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 9437184\r\n\r\n", 413),
+                          (b"GET /nowhere HTTP/1.1\r\nHost: x\r\n\r\n", 404)]:
+            status, body = _raw(port, raw)
+            assert status == code, (raw[:80], status, body)
+        # chunked transfer encoding is HTTP/1.1: one answer, and a valid one
+        chunked = b'{"prompt": "hello", "max_tokens": 4}'
+        status, body = _raw(port, b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                                  b"Transfer-Encoding: chunked\r\n\r\n" + f"{len(chunked):x}".encode() + b"\r\n"
+                                  + chunked + b"\r\n0\r\n\r\n")
+        assert status == 200 and body["usage"]["completion_tokens"] <= 4
+        # 20 simultaneous connections: all answered (no resets from a small listen backlog)
+        import concurrent.futures as cf
+        with cf.ThreadPoolExecutor(20) as pool:
+            outs = list(pool.map(lambda i: _post(url, dict(prompt=f"hello {i}", max_tokens=2))[0], range(20)))
+        assert outs == [200] * 20
+        code, body, _ = _post(url, dict(prompt="online training", max_tokens=4))
+        assert code == 200 and json.loads(body)["usage"]["completion_tokens"] >= 1
+    finally:
+        http.stop()
+        engine.close()
+
+
+def test_an_engine_error_in_a_stream_is_an_error_event_not_a_clean_stop(model_dir):
+    engine, http = _engine(model_dir, None, mode="none")
+    try:
+        real_submit = engine.submit
+
+        def failing_submit(*a, **kw):
+            h = real_submit(*a, **kw)
+            h.events = __import__("queue").Queue()
+            h.events.put({"error": "engine failed: boom"})
+            return h
+        engine.submit = failing_submit
+        code, body, _ = _post(http.url + "/v1/completions", dict(prompt="hello", max_tokens=4, stream=True))
+        events = [line[6:] for line in body.splitlines() if line.startswith("data: ")]
+        assert code == 200 and events[-1] == "[DONE]"
+        err = json.loads(events[-2])["error"]
+        assert err["type"] == "server_error" and "boom" in err["message"]
+        with pytest.raises(urllib.error.HTTPError) as e:
+            _post(http.url + "/v1/completions", dict(prompt="hello", max_tokens=4))
+        assert e.value.code == 400 and "boom" in json.loads(e.value.read())["error"]["message"]
+    finally:
+        http.stop()
+        engine.close()

@@ -24,6 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from serving.engine import Handle
+from serving.http import HttpLimits
 from serving.sglang.traces import (SGLangTraceError, StepRecord, served_version, step_from_record, target_forwards,
                                    trace_from_generate)
 from serving.trace_client import TraceClient, TraceClientConfig
@@ -48,6 +49,7 @@ class SidecarConfig:
     host: str = "127.0.0.1"
     port: int = 8000
     model_name: str = "aurora-target"
+    http: HttpLimits = dataclasses.field(default_factory=HttpLimits)  # max_prompt_tokens: 0 = SGLang checks it
 
 
 class TreeSink:
