@@ -23,13 +23,13 @@ class IngestConfig:
     auth_token: str = ""  # bearer token required from clients; "env:NAME" reads $NAME; "" = no auth
     tls_cert: str = ""  # PEM paths; both set = TLS on
     tls_key: str = ""
-    max_workers: int = 16  # concurrent streams served
+    max_streams: int = 16  # Push streams open at once (one per serving host); past it RESOURCE_EXHAUSTED
 
     def __post_init__(self):
         if bool(self.tls_cert) != bool(self.tls_key):
             raise ValueError("tls_cert and tls_key must be set together")
-        if self.max_workers <= 0:
-            raise ValueError("max_workers must be positive")
+        if self.max_streams <= 0:
+            raise ValueError("max_streams must be positive")
 
 
 @dataclasses.dataclass
@@ -39,12 +39,13 @@ class WeightSyncConfig:
     tls_cert: str = ""
     tls_key: str = ""
     max_chunk_bytes: int = 2 << 20
+    max_subscribers: int = 16  # serving hosts subscribed at once; past it RESOURCE_EXHAUSTED
 
     def __post_init__(self):
         if bool(self.tls_cert) != bool(self.tls_key):
             raise ValueError("tls_cert and tls_key must be set together")
-        if self.max_chunk_bytes <= 0:
-            raise ValueError("max_chunk_bytes must be positive")
+        if self.max_chunk_bytes <= 0 or self.max_subscribers <= 0:
+            raise ValueError("max_chunk_bytes and max_subscribers must be positive")
 
 
 def resolve_secret(value: str) -> str:

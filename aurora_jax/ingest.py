@@ -32,6 +32,36 @@ INVALID_ARGUMENT = grpc.StatusCode.INVALID_ARGUMENT.value[0]
 MAX_ID, MAX_MESSAGE = 256, 4096  # characters of a request id / error message echoed in acks and logs
 
 
+class StreamSlots:
+    """Long-lived streams (Push, Subscribe) each hold a server thread; past `limit` open ones a new
+    stream is refused with RESOURCE_EXHAUSTED, so that a few threads stay free for Health/Stats and
+    a flood of idle streams cannot stall the server. Size the thread pool with `pool_size`."""
+
+    SPARE = 4  # threads beyond the streams: unary calls (Health, Stats) always find one
+
+    def __init__(self, limit: int, what: str):
+        self.limit, self.what, self.open = limit, what, 0
+        self._lock = threading.Lock()
+
+    @property
+    def pool_size(self) -> int:
+        return self.limit + self.SPARE
+
+    def enter(self, context) -> None:
+        with self._lock:
+            if self.open >= self.limit:
+                full = True
+            else:
+                full, self.open = False, self.open + 1
+        if full:
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{self.limit} {self.what} already open (the configured "
+                                                              f"limit); retry later")
+
+    def leave(self) -> None:
+        with self._lock:
+            self.open -= 1
+
+
 def short_id(rid: str) -> str:
     """A request id as acks and logs show it: whole when sane, else cut, with its length said."""
     return rid if len(rid) <= MAX_ID else f"{rid[:MAX_ID]}...({len(rid)} chars)"
@@ -39,9 +69,10 @@ RESOURCE_EXHAUSTED = grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]
 
 
 class IngestServicer:
-    def __init__(self, buffer: ReplayBuffer, limits: TraceLimits):
+    def __init__(self, buffer: ReplayBuffer, limits: TraceLimits, max_streams: int = 16):
         self.buffer = buffer
         self.limits = limits
+        self.streams = StreamSlots(max_streams, "Push streams")
         self._lock = threading.Lock()
         self.rejected = 0
 
@@ -99,11 +130,15 @@ class IngestServicer:
     def Push(self, request_iterator, context):
         # Two halves so that receiving and validating trace N+1 overlaps spooling trace N
         # (file writes release the GIL); acks still leave in arrival order.
-        ready: queue.Queue = queue.Queue(maxsize=2)
-        threading.Thread(target=self._read, args=(request_iterator, ready), daemon=True,
-                         name="ingest-read").start()
-        while (item := ready.get()) is not None:
-            yield item if isinstance(item, pb.PushAck) else self.store(*item)
+        self.streams.enter(context)
+        try:
+            ready: queue.Queue = queue.Queue(maxsize=2)
+            threading.Thread(target=self._read, args=(request_iterator, ready), daemon=True,
+                             name="ingest-read").start()
+            while (item := ready.get()) is not None:
+                yield item if isinstance(item, pb.PushAck) else self.store(*item)
+        finally:
+            self.streams.leave()
 
     def Health(self, request, context):
         return pb.HealthReply(serving=True, version=__version__)
@@ -169,9 +204,10 @@ class IngestServer:
 
     def __init__(self, cfg: IngestConfig, limits: TraceLimits, buffer: ReplayBuffer):
         self.cfg, self.limits, self.buffer = cfg, limits, buffer
-        self.servicer = IngestServicer(buffer, limits)
+        self.servicer = IngestServicer(buffer, limits, cfg.max_streams)
         self._token = token = resolve_secret(cfg.auth_token)
-        self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=cfg.max_workers, thread_name_prefix="ingest"),
+        self._server = grpc.server(futures.ThreadPoolExecutor(self.servicer.streams.pool_size,
+                                                              thread_name_prefix="ingest"),
                                    options=server_options(limits),
                                    interceptors=[BearerAuth(token)] if token else [])
         self._server.add_generic_rpc_handlers((self._handlers(),))

@@ -19,7 +19,7 @@ import numpy as np
 from flax import nnx
 
 from aurora_jax.config import WeightSyncConfig, resolve_secret
-from aurora_jax.ingest import BearerAuth, bind
+from aurora_jax.ingest import BearerAuth, StreamSlots, bind
 from aurora_jax.model import flat_state
 from bridge.eagle3 import DraftConfig, to_torch_layout
 from bridge.proto import aurora_pb2 as pb
@@ -39,7 +39,8 @@ class WeightSyncServer:
         self.subscribers = 0
         token = resolve_secret(cfg.auth_token)
         limit = cfg.max_chunk_bytes + (64 << 10)
-        self._server = grpc.server(futures.ThreadPoolExecutor(16, thread_name_prefix="weights"),
+        self.slots = StreamSlots(cfg.max_subscribers, "WeightSync subscribers")
+        self._server = grpc.server(futures.ThreadPoolExecutor(self.slots.pool_size, thread_name_prefix="weights"),
                                    options=[("grpc.max_send_message_length", limit), ("grpc.so_reuseport", 0)],
                                    interceptors=[BearerAuth(token, open_methods=())] if token else [])
         self._server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, {
@@ -64,6 +65,13 @@ class WeightSyncServer:
         return self._latest[0]
 
     def _subscribe(self, request, context):
+        self.slots.enter(context)
+        try:
+            yield from self._stream(request, context)
+        finally:
+            self.slots.leave()
+
+    def _stream(self, request, context):
         have = request.have_version
         with self._cond:
             self.subscribers += 1

@@ -111,8 +111,8 @@ def test_tls_pair_required():
 def test_override_text_kept_for_string_keys():
     cfg = load_config(TrainerConfig, "configs/trainer.yaml", ["ingest.auth_token=0123", "ingest.address=localhost:1:30"])
     assert cfg.ingest.auth_token == "0123" and cfg.ingest.address == "localhost:1:30"
-    with pytest.raises(ConfigError, match="key 'ingest.max_workers' expects an integer, got 'many'"):
-        load_config(TrainerConfig, "configs/trainer.yaml", ["ingest.max_workers=many"])
+    with pytest.raises(ConfigError, match="key 'ingest.max_streams' expects an integer, got 'many'"):
+        load_config(TrainerConfig, "configs/trainer.yaml", ["ingest.max_streams=many"])
 
 
 def test_draft_config_derived_from_the_target(tmp_path):

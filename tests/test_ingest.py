@@ -19,7 +19,7 @@ from bridge.tensors import to_wire
 from bridge.chunks import chunk_messages
 from bridge.traces import encode, to_proto
 from serving.trace_client import TraceClient, TraceClientConfig
-from tests.conftest import VOCAB, make_trace, push_payload, push_raw, push_trace
+from tests.conftest import VOCAB, make_trace, push_payload, push_raw, push_trace, wait_for
 from tests.test_wire import assert_traces_equal
 
 
@@ -283,3 +283,62 @@ def test_port_in_use_is_a_clear_error(server_factory):
     server = server_factory()
     with pytest.raises(OSError, match=f"ingest.address: cannot bind 127.0.0.1:{server.port}"):
         server_factory(ingest=dict(address=f"127.0.0.1:{server.port}"))
+
+
+def test_idle_streams_past_the_limit_are_refused_and_health_keeps_answering(server_factory):
+    """Serving hosts that open streams and send nothing hold server threads: past `max_streams`
+    (`max_subscribers` for WeightSync) a new one is refused with RESOURCE_EXHAUSTED, and Health
+    still answers at once."""
+    import threading
+
+    from aurora_jax.config import WeightSyncConfig
+    from aurora_jax.weight_sync import WeightSyncServer
+    from tests.conftest import PUSH_METHOD
+
+    server = server_factory(ingest=dict(address="127.0.0.1:0", max_streams=3))
+    release = threading.Event()
+
+    def idle():
+        release.wait(30)
+        return
+        yield  # a request iterator that sends nothing until released
+
+    channels = [grpc.insecure_channel(server.address) for _ in range(4)]
+    open_push = lambda ch: ch.stream_stream(PUSH_METHOD, response_deserializer=pb.PushAck.FromString)(  # noqa: E731
+        idle(), timeout=30)
+    calls = [open_push(ch) for ch in channels[:3]]
+    try:
+        assert wait_for(lambda: server.servicer.streams.open == 3)
+        with pytest.raises(grpc.RpcError) as e:
+            list(open_push(channels[3]))
+        assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "3 Push streams already open" in e.value.details()
+        t0 = time.perf_counter()
+        assert pb_grpc.TraceIngestStub(channels[3]).Health(pb.HealthRequest(), timeout=5).serving
+        assert time.perf_counter() - t0 < 1.0
+    finally:
+        release.set()
+        for c in calls:
+            c.cancel()
+        for ch in channels:
+            ch.close()
+    assert wait_for(lambda: server.servicer.streams.open == 0)
+    assert push_trace(server.address, make_trace(0)).code == OK  # a freed slot serves again
+
+    weights = WeightSyncServer(WeightSyncConfig(address="127.0.0.1:0", max_subscribers=2)).start()
+    subscribe = lambda ch: ch.unary_stream("/aurora.v1.WeightSync/Subscribe",  # noqa: E731
+                                           request_serializer=pb.SubscribeRequest.SerializeToString,
+                                           response_deserializer=pb.WeightChunk.FromString)(
+        pb.SubscribeRequest(subscriber="x"), timeout=30)
+    channels = [grpc.insecure_channel(weights.address) for _ in range(3)]
+    try:
+        streams = [subscribe(ch) for ch in channels[:2]]
+        assert wait_for(lambda: weights.slots.open == 2)
+        with pytest.raises(grpc.RpcError) as e:
+            next(subscribe(channels[2]))
+        assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "WeightSync subscribers" in e.value.details()
+        for s in streams:
+            s.cancel()
+    finally:
+        for ch in channels:
+            ch.close()
+        weights.stop(0)
