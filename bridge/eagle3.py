@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -349,6 +350,9 @@ def save_hf(out_dir: str | Path, cfg: DraftConfig, sd: dict[str, np.ndarray], to
                                        else v) for k, v in sd.items()}
     tmp = out / "model.safetensors.tmp"
     save_file(tensors, str(tmp), metadata={"format": "pt"})
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o666 & ~umask)  # the safetensors writer makes its file private (0600); a model dir is not
     tmp.replace(out / "model.safetensors")
     (out / "config.json").write_text(json.dumps(cfg.to_hf(torch_dtype), indent=2) + "\n")
     return out

@@ -96,6 +96,8 @@ _METRICS = [
     ("aurora_traces_sent", "counter", "traces acknowledged by the trainer", lambda m: m.get("traces", {}).get("acked", 0)),
     ("aurora_traces_dropped", "counter", "traces dropped (trainer unreachable or queue full)",
      lambda m: m.get("traces", {}).get("dropped", 0)),
+    ("aurora_traces_rejected", "counter", "traces the trainer refused (by field: aurora_traces_rejected_by_field)",
+     lambda m: m.get("traces", {}).get("rejected", 0)),
     ("aurora_errors", "counter", "requests the engine failed", lambda m: m["errors"]),
 ]
 
@@ -111,6 +113,11 @@ def _registry(engine):
             for name, kind, help_, value in _METRICS:
                 family = CounterMetricFamily if kind == "counter" else GaugeMetricFamily
                 yield family(name, help_, value=float(value(m)))
+            by_field = CounterMetricFamily("aurora_traces_rejected_by_field", "traces the trainer refused, by the "
+                                           "field its refusal named", labels=["field"])
+            for field, n in sorted(m.get("traces", {}).get("rejected_by", {}).items()):
+                by_field.add_metric([field], float(n))
+            yield by_field
 
     registry = CollectorRegistry()
     registry.register(EngineCollector())

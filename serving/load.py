@@ -4,7 +4,7 @@ Prompts come from domain files (`<prompts>/<domain>.jsonl`: `prompt`, optional `
 as a chat message, optional `split`: train | heldout). Stream shapes:
   mixed    domains interleaved at random
   ordered  all of the first domain, then the next, ...
-  shift    the first domain until request `--shift-at`, then only the second (an abrupt change)
+  shift    the first domain until request `shift_at=N`, then only the second (an abrupt change)
 Each request records latency, tokens and, from the embedded engine's `aurora` extension, the
 draft_version and target forwards (so acceptance length per request). Plain stdlib: no torch, no JAX.
 """

@@ -13,6 +13,7 @@ import collections
 import dataclasses
 import logging
 import random
+import re
 import threading
 from pathlib import Path
 
@@ -22,11 +23,13 @@ from bridge.proto import aurora_pb2 as pb
 from bridge.proto import aurora_pb2_grpc as pb_grpc
 from bridge.chunks import PUSH_METHOD, chunk_messages, max_message_bytes
 from bridge.traces import Trace, encode_parts
+from serving.ratelimit import EveryWindow
 
 log = logging.getLogger(__name__)
 
 _OK = grpc.StatusCode.OK.value[0]
 _RESOURCE_EXHAUSTED = grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]
+_REFUSED_FIELD = re.compile(r"(?:request '.*?': )?([\w.\[\]]+): ")  # ingest names the field first
 
 
 @dataclasses.dataclass
@@ -74,6 +77,8 @@ class TraceClient:
         self._inflight = 0
         self._stop = threading.Event()
         self._counts = dict(submitted=0, acked=0, rejected=0, dropped=0, retries=0, backpressured=0)
+        self.rejected_by: dict[str, int] = {}  # the trace field the trainer named in its refusal
+        self._failures = EveryWindow(log)
         self.last_error = ""
         self._threads = [threading.Thread(target=self._run, name=f"trace-client-{i}", daemon=True)
                          for i in range(cfg.streams)]
@@ -89,9 +94,9 @@ class TraceClient:
             self._trim()
             self._cond.notify()
 
-    def stats(self) -> dict[str, int]:
+    def stats(self) -> dict:
         with self._cond:
-            return dict(self._counts, queued=len(self._queue) + self._inflight)
+            return dict(self._counts, queued=len(self._queue) + self._inflight, rejected_by=dict(self.rejected_by))
 
     def flush(self, timeout: float = 30.0) -> bool:
         """Wait until every queued trace was acked, rejected or dropped. True if that happened."""
@@ -135,12 +140,13 @@ class TraceClient:
             try:
                 retry_after = self._send(batch, pending)
                 backoff = self.cfg.backoff_initial_s
+                self._failures.reset()
             except grpc.RpcError as e:
                 retry_after = backoff
                 backoff = min(2 * backoff, self.cfg.backoff_max_s)
                 self.last_error = f"{e.code().name}: {e.details()}"
-                log.warning("trace export to %s failed (%s); retrying %d traces in %.2fs",
-                            self.cfg.address, self.last_error, len(batch), retry_after)
+                self._failures.warning("trace export to %s failed (%s); retrying %d traces in %.2fs",
+                                       self.cfg.address, self.last_error, len(batch), retry_after)
             left = list(pending.values())
             with self._cond:
                 if left:
@@ -172,6 +178,10 @@ class TraceClient:
                 retry_after = max(retry_after, ack.retry_after_ms / 1000)
             else:
                 self._count("rejected")
+                field = _REFUSED_FIELD.match(ack.message)
+                with self._cond:
+                    key = field.group(1) if field else "other"
+                    self.rejected_by[key] = self.rejected_by.get(key, 0) + 1
                 pending.pop(ack.request_id, None)
                 self.last_error = ack.message
                 log.error("trainer rejected trace %s: %s", ack.request_id, ack.message)

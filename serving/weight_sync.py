@@ -26,6 +26,7 @@ import torch
 from bridge.eagle3 import DraftConfig, LayoutError
 from bridge.proto import aurora_pb2 as pb
 from bridge.weights import SUBSCRIBE_METHOD, VersionAssembler, WeightError
+from serving.ratelimit import EveryWindow
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +63,7 @@ class WeightSubscriber:
         self.received = 0
         self.rejected = 0
         self.last_error = ""
+        self._failures = EveryWindow(log)
         self._stop = threading.Event()
         self._call = None
         self._thread = threading.Thread(target=self._run, name="weight-subscriber", daemon=True)
@@ -90,6 +92,7 @@ class WeightSubscriber:
                     asm = VersionAssembler(self.cfg.max_version_bytes)
                     for chunk in self._call:
                         backoff = self.cfg.backoff_s
+                        self._failures.reset()
                         try:
                             done = asm.add(chunk)
                         except WeightError as e:
@@ -103,8 +106,8 @@ class WeightSubscriber:
                 if self._stop.is_set():
                     return
                 self.last_error = f"{e.code().name}: {e.details()}"
-                log.warning("weight subscription to %s failed (%s); retrying in %.1fs", self.cfg.address,
-                            self.last_error, backoff)
+                self._failures.warning("weight subscription to %s failed (%s); retrying in %.1fs", self.cfg.address,
+                                       self.last_error, backoff)
             self._stop.wait(backoff)
             backoff = min(backoff * 2, self.cfg.backoff_max_s)
 

@@ -242,3 +242,32 @@ def test_an_engine_error_in_a_stream_is_an_error_event_not_a_clean_stop(model_di
     finally:
         http.stop()
         engine.close()
+
+
+def test_refused_traces_are_counted_by_field_and_repeated_failures_logged_once_a_window(model_dir, server_factory,
+                                                                                       caplog):
+    import logging
+
+    from serving.ratelimit import EveryWindow
+
+    ingest = server_factory(limits=dict(vocab_size=50), model=dict(vocab_size=50, target_hidden_size=32))
+    engine, http = _engine(model_dir, TraceClientConfig(address=ingest.address, batch_size=1), mode="none")
+    try:
+        assert _post(http.url + "/v1/completions", dict(prompt="the quick brown fox", max_tokens=4))[0] == 200
+        engine.client.flush(30)
+        metrics = _get(http.url + "/metrics")
+        assert 'aurora_traces_rejected_by_field_total{field="tokens"} 1.0' in metrics  # token ids >= 50
+        assert "aurora_traces_rejected_total 1.0" in metrics
+    finally:
+        http.stop()
+        engine.close()
+
+    log = logging.getLogger("test.ratelimit")
+    limited = EveryWindow(log, window_s=0.2)
+    with caplog.at_level(logging.WARNING, logger="test.ratelimit"):
+        for _ in range(10):
+            limited.warning("trainer down: %s", "refused")
+        time.sleep(0.25)
+        limited.warning("trainer down: %s", "refused")
+    lines = [r.getMessage() for r in caplog.records if r.name == "test.ratelimit"]
+    assert lines == ["trainer down: refused", "trainer down: refused (9 more since the last such line)"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import subprocess
 import sys
 
@@ -256,6 +257,9 @@ def test_export_writes_the_embedding_it_trained_with_and_every_config_field(tmp_
         assert sd.keys() - {"embed_tokens.weight"} == trained.keys()
         for k in trained:
             assert np.array_equal(sd[k], trained[k]), (name, k)
+        umask = os.umask(0)
+        os.umask(umask)
+        assert (out / "model.safetensors").stat().st_mode & 0o777 == 0o666 & ~umask  # not private to its writer
         config = json.loads((out / "config.json").read_text())
         assert config == json.loads((src / "config.json").read_text()), name
 
