@@ -35,12 +35,14 @@ def flat_from_learner(learner: Learner, with_embedding: bool) -> dict[str, np.nd
 def restore_for_export(ckpt_dir: str | Path, step: int | None = None) -> tuple[TrainerConfig, Learner, dict]:
     """(config, learner holding the checkpoint's state and vocab, meta) on one host device."""
     ckpt_dir = Path(ckpt_dir).absolute()
+    from absl import logging as absl_logging
+    absl_logging.set_verbosity(absl_logging.ERROR)  # orbax narrates read-only managers and unregistered items
     with ocp.CheckpointManager(ckpt_dir, options=ocp.CheckpointManagerOptions(read_only=True)) as mgr:
         step = mgr.latest_step() if step is None else step
         if step is None:
             raise FileNotFoundError(f"{ckpt_dir}: no checkpoint")
         meta = mgr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
-    cfg = from_dict(TrainerConfig, meta["config"], f"{ckpt_dir}/{step} (saved config)")
+    cfg = from_dict(TrainerConfig, meta["config"], f"{ckpt_dir}/{step} (saved config)", known_only=True)
     learner = Learner(Eagle3Draft(cfg.model, rngs=nnx.Rngs(0)), cfg.objective, cfg.optim, make_mesh(MeshConfig(data=1)))
     from aurora_jax.checkpoint import CheckpointConfig, Checkpointer
     ck = Checkpointer(CheckpointConfig(dir=str(ckpt_dir)))
@@ -53,7 +55,13 @@ def restore_for_export(ckpt_dir: str | Path, step: int | None = None) -> tuple[T
         learner.set_buffers(**vocab)
     if meta.get("has_embedding"):  # frozen, so not in the checkpoint: read again from where training read it
         from aurora_jax.loop import frozen_embedding
-        embedding = frozen_embedding(cfg)
+        try:
+            embedding = frozen_embedding(cfg)
+        except OSError as e:
+            raise FileNotFoundError(f"{ckpt_dir}/{step}: the embedding it trained with is not readable from here "
+                                    f"(saved loop.init_from={cfg.loop.init_from!r}, loop.embedding="
+                                    f"{cfg.loop.embedding!r}; relative paths are from the trainer's directory): "
+                                    f"{e}") from None
         if embedding is None:
             raise FileNotFoundError(f"{ckpt_dir}/{step}: trained with the target's embedding, but neither "
                                     f"loop.init_from nor loop.embedding of its saved config holds one now")

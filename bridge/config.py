@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import logging
 import math
 import re
 import types
@@ -17,6 +18,8 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar, Union
 
 import yaml
+
+log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
@@ -94,11 +97,28 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[st
     return _build(cls, raw, "", origin, source)
 
 
-def from_dict(cls: type[T], raw: dict, source: str) -> T:
-    """Build `cls` from a plain dict (e.g. a config saved with a checkpoint); errors name `source`."""
+def from_dict(cls: type[T], raw: dict, source: str, known_only: bool = False) -> T:
+    """Build `cls` from a plain dict (e.g. a config saved with a checkpoint); errors name `source`.
+    `known_only`: keys this version no longer has are dropped with a warning instead of refused
+    (a config an older version saved; a user's file is always checked strictly)."""
+    if known_only:
+        raw = _known(cls, raw, "", source)
     origin: dict[str, str] = {}
     _record_origin(raw, "", source, origin)
     return _build(cls, raw, "", origin, source)
+
+
+def _known(cls: type, raw: Any, prefix: str, source: str) -> Any:
+    if not (dataclasses.is_dataclass(cls) and isinstance(raw, dict)):
+        return raw
+    hints, out = typing.get_type_hints(cls), {}
+    names = {f.name for f in dataclasses.fields(cls)}
+    for k, v in raw.items():
+        if k in names:
+            out[k] = _known(hints[k], v, f"{prefix}{k}.", source)
+        else:
+            log.warning("%s: key '%s%s' is not known to this version; ignored", source, prefix, k)
+    return out
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
