@@ -15,20 +15,22 @@ import pytest
 
 from aurora_jax.aot import libtpu_available, run_child
 
-pytestmark = pytest.mark.skipif(not libtpu_available() and not os.environ.get("CI"),
-                                reason="libtpu is not installed in .venv/tpu-aot (the install step brings it; "
-                                       "under CI this test never skips)")
+pytestmark = [pytest.mark.skipif(not libtpu_available() and not os.environ.get("CI"),
+                                 reason="libtpu is not installed in .venv/tpu-aot (the install step brings it; "
+                                        "under CI this test never skips)"),
+              pytest.mark.timeout(900)]  # the fixture's compiles (two 8B steps) take ~5 minutes on 2 cores
 
-# (config, topology, chips, mesh, activation dtype): 1 chip and a whole host, data-parallel and FSDP,
-# f32 and bf16, v5e and v6e, the demo's shapes and an 8B draft's (Llama-3.1-8B, rows of 2048 + 512
-# slots, TTT 5) on the host it needs: with f32 Adam state it does not fit one 16 GiB v5e chip (32.7 GB
-# of temporaries), it does fit 8 with FSDP. An 8B compile takes minutes on 2 cores, so the other
-# cells of the full matrix (README, `aurora-jax aot-compile`) are not in the suite.
+# (config, topology, chips, mesh, activation dtype): every shipped trainer config, every TPU generation,
+# 1 chip and a whole host, data-parallel and FSDP, f32 and bf16. The 8B drafts (rows of 2048 + 512
+# slots, TTT 5) sit on the hosts they need: with f32 Adam state Llama-3.1-8B's does not fit one 16 GiB
+# v5e chip (32.7 GB of temporaries) and fits 8 with FSDP (13.9 GiB each). An 8B compile takes minutes
+# on 2 cores, so the rest of the full product (README, `aurora-jax aot-compile`) is not in the suite.
 STEP_CELLS = [
     ("configs/demo-trainer.yaml", "v5e:2x4", 1, "dp", "float32"),
-    ("configs/demo-trainer.yaml", "v5e:2x4", 8, "dp", "float32"),
+    ("configs/demo-trainer.yaml", "v5p:2x2x1", 4, "dp", "float32"),
     ("configs/demo-trainer.yaml", "v6e:2x4", 8, "fsdp", "bfloat16"),
     ("configs/llama3.1-8b-trainer.yaml", "v5e:2x4", 8, "fsdp", "bfloat16"),
+    ("configs/qwen3-8b-trainer.yaml", "v6e:2x4", 8, "fsdp", "bfloat16"),
 ]
 # kernels alone (v5p, and longer rows) at the 8B configs' longest TTT step (N = 2048 + 512 slots over
 # 5 * N keys) and at N = 8192: the looped form holds a head's whole K/V in VMEM and cannot compile;
