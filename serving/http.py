@@ -125,7 +125,7 @@ def _registry(engine):
 
 
 def make_app(engine, limits: HttpLimits | None = None):
-    from fastapi import FastAPI, Request
+    from fastapi import FastAPI
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse, Response, StreamingResponse
     from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -154,14 +154,6 @@ def make_app(engine, limits: HttpLimits | None = None):
         kind = "not_found" if e.status_code == 404 else "invalid_request_error"
         message = f"no route {request.url.path}" if e.status_code == 404 else str(e.detail)
         return JSONResponse(ApiError(e.status_code, message, kind).body, status_code=e.status_code)
-
-    @app.middleware("http")
-    async def _body_limit(request: Request, call_next):
-        declared = request.headers.get("content-length")
-        if declared is not None and declared.isdigit() and int(declared) > limits.max_body_bytes:
-            return JSONResponse(ApiError(413, f"request body of {declared} bytes is over the "
-                                              f"{limits.max_body_bytes}-byte limit").body, status_code=413)
-        return await call_next(request)
 
     @app.get("/health")
     def health():
@@ -252,7 +244,51 @@ def make_app(engine, limits: HttpLimits | None = None):
             yield f"data: {json.dumps(dict(head, choices=[done]))}\n\n"
         yield "data: [DONE]\n\n"
 
-    return app
+    return BodyLimit(app, limits.max_body_bytes)
+
+
+class BodyLimit:
+    """ASGI wrapper: a request body over `limit` bytes gets a 413 before the app sees it, whether it
+    declares its length or arrives chunked (the body is read up to the limit, then handed on)."""
+
+    DRAIN = 4  # an oversized body is read on up to this many limits before the 413 (then the connection closes)
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope["headers"]).get(b"content-length", b"")
+        size, body, more = int(declared) if declared.isdigit() else 0, [], True
+        while more and size <= self.limit:
+            msg = await receive()
+            if msg["type"] != "http.request":  # the client left: let the app see it
+                return await self.app(scope, _replay([msg], receive), send)
+            body.append(msg)
+            size = max(size, sum(len(m.get("body", b"")) for m in body))
+            more = msg.get("more_body", False)
+        if size > self.limit:
+            drained = 0  # read (and drop) what a client is still sending, up to a bound, so that it gets
+            while body and more and drained < self.DRAIN * self.limit:  # the 413, not a reset connection
+                msg = await receive()
+                drained += len(msg.get("body", b""))
+                more = msg.get("type") == "http.request" and msg.get("more_body", False)
+            message = f"request body of {size}{'+' if more or drained else ''} bytes is over the {self.limit}-byte limit"
+            data = json.dumps(ApiError(413, message).body).encode()
+            await send(dict(type="http.response.start", status=413,
+                            headers=[(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode()),
+                                     (b"connection", b"close")]))
+            return await send(dict(type="http.response.body", body=data))
+        return await self.app(scope, _replay(body, receive), send)
+
+
+def _replay(messages: list, receive):
+    queue = list(messages)
+
+    async def replayed():
+        return queue.pop(0) if queue else await receive()
+    return replayed
 
 
 class HttpServer:

@@ -208,6 +208,11 @@ def test_abusive_requests_get_a_clear_4xx_and_the_server_keeps_serving(model_dir
                                   b"Transfer-Encoding: chunked\r\n\r\n" + f"{len(chunked):x}".encode() + b"\r\n"
                                   + chunked + b"\r\n0\r\n\r\n")
         assert status == 200 and body["usage"]["completion_tokens"] <= 4
+        big = b'{"prompt": "' + b"x" * (9 << 20) + b'"}'  # 9 MiB, chunked: no length to refuse it by
+        status, body = _raw(port, b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                                  b"Transfer-Encoding: chunked\r\n\r\n" + f"{len(big):x}".encode() + b"\r\n"
+                                  + big + b"\r\n0\r\n\r\n")
+        assert status == 413 and "over the 8388608-byte limit" in body["error"]["message"], (status, body)
         # 20 simultaneous connections: all answered (no resets from a small listen backlog)
         import concurrent.futures as cf
         with cf.ThreadPoolExecutor(20) as pool:
