@@ -379,11 +379,11 @@ def attention_vmem_bytes(nq: int, nk: int, hd: int, dtype: str, depth: int, plat
     operand block double-buffered (Pallas pipelining), plus scratch (in-kernel temporaries such as
     the [b, b] scores are not counted). Looped kernels hold a head's whole walked axis, so this grows
     with nq/nk; tiled ones do not."""
-    b = block or (128 if platform == "tpu" else 64)
+    b = block or _default_block(platform)
     tiled = platform == "tpu" if tiled is None else tiled
     e = jnp.dtype(dtype).itemsize
     D = _pow2(depth)
-    wq, wk = (b, b) if tiled else (_pow2_blocks(nq, b), _pow2_blocks(nk, b))
+    wq, wk = (b, b) if tiled else (_blocking(nq, b)[1], _blocking(nk, b)[1])
     rows = lambda n, d=0: 4 * n * (2 + d)  # noqa: E731  seg + attach (+ anc) or seg + tpos, int32
     blocks = dict(fwd=rows(b, D) + rows(wk) + 2 * e * b * hd + 2 * e * wk * hd + 4 * b,
                   dq=rows(b, D) + rows(wk) + 3 * e * b * hd + 2 * e * wk * hd + 8 * b,
@@ -392,9 +392,14 @@ def attention_vmem_bytes(nq: int, nk: int, hd: int, dtype: str, depth: int, plat
     return max(2 * blocks[k] + scratch[k] for k in blocks)
 
 
-def _pow2_blocks(n: int, b: int) -> int:
-    b = min(b, _pow2(n))
-    return -(-n // b) * b
+def _default_block(platform: str) -> int:
+    return 128 if platform == "tpu" else 64  # Mosaic tiles lanes by 128
+
+
+def _blocking(n: int, block: int) -> tuple[int, int]:
+    """(block size, padded length) for n slots: the block shrinks to the power-of-two length when shorter."""
+    b = min(block, _pow2(n))
+    return b, -(-n // b) * b
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
@@ -451,9 +456,8 @@ def tree_attention_pallas(q, k, v, q_meta: TreeMeta, k_meta: TreeMeta, *, scale:
     Nk = k.shape[1]
     if Hq % k.shape[2]:
         raise ValueError(f"query heads {Hq} not a multiple of kv heads {k.shape[2]}")
-    block = 128 if platform == "tpu" else 64  # Mosaic tiles lanes by 128
-    bq, bk = min(block_q or block, _pow2(Nq)), min(block_k or block, _pow2(Nk))
-    nq, nk = -(-Nq // bq) * bq, -(-Nk // bk) * bk
+    block = _default_block(platform)
+    (bq, nq), (bk, nk) = _blocking(Nq, block_q or block), _blocking(Nk, block_k or block)
     D = _pow2(q_meta.anc.shape[-1])
     pad_meta = lambda m, n: TreeMeta(_pad_to(m.seg, 1, n, -1), _pad_to(m.tpos, 1, n, -1),  # noqa: E731
                                      _pad_to(m.attach, 1, n, -1), _pad_to(_pad_to(m.anc, 1, n, -1), 2, D, -1))
