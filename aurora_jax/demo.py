@@ -20,9 +20,9 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
+import httpx
 import yaml
 
 from bridge.config import to_dict
@@ -227,10 +227,8 @@ def run_demo(cfg: DemoConfig) -> int:
                 r["index"] += len(records)
                 records.append(r)
         alive()
-        with urllib.request.urlopen(url + "/metrics", timeout=30) as r:
-            metrics = r.read().decode()
-        with urllib.request.urlopen(url + "/health", timeout=30) as r:
-            health = json.loads(r.read())
+        metrics = httpx.get(url + "/metrics", timeout=30).raise_for_status().text
+        health = httpx.get(url + "/health", timeout=30).raise_for_status().json()
         sbs = []
         if cfg.side_by_side_requests and not sglang:
             if trainer is not None:

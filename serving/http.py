@@ -291,20 +291,19 @@ def _replay(messages: list, receive):
     return replayed
 
 
-class HttpServer:
-    """uvicorn serving `make_app(engine)` from a background thread (port 0: any free port)."""
+class AppServer:
+    """uvicorn serving an ASGI app from a background thread (port 0: any free port)."""
 
-    def __init__(self, engine, host: str = "127.0.0.1", port: int = 8000, limits: HttpLimits | None = None):
+    def __init__(self, app, host: str = "127.0.0.1", port: int = 0, name: str = "http"):
         import uvicorn
 
-        self.engine = engine
-        config = uvicorn.Config(make_app(engine, limits), host=host, port=port, log_level="warning",
-                                access_log=False, backlog=2048, timeout_graceful_shutdown=5)
+        config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False, backlog=2048,
+                                timeout_graceful_shutdown=5)
         self._server = uvicorn.Server(config)
-        self._thread = threading.Thread(target=self._server.run, name="http", daemon=True)
+        self._thread = threading.Thread(target=self._server.run, name=name, daemon=True)
         self.host, self.port, self.url = host, port, ""
 
-    def start(self) -> "HttpServer":
+    def start(self):
         self._thread.start()
         t0 = time.monotonic()
         while not self._server.started:
@@ -313,9 +312,32 @@ class HttpServer:
             time.sleep(0.01)
         self.port = self._server.servers[0].sockets[0].getsockname()[1]
         self.url = f"http://{self.host}:{self.port}"
-        log.info("serving OpenAI-compatible API on %s", self.url)
         return self
 
     def stop(self) -> None:
         self._server.should_exit = True
         self._thread.join(timeout=10)
+
+
+class HttpServer(AppServer):
+    """The OpenAI-compatible front of `engine` (see module doc)."""
+
+    def __init__(self, engine, host: str = "127.0.0.1", port: int = 8000, limits: HttpLimits | None = None):
+        super().__init__(make_app(engine, limits), host, port)
+        self.engine = engine
+
+    def start(self) -> "HttpServer":
+        super().start()
+        log.info("serving OpenAI-compatible API on %s", self.url)
+        return self
+
+
+def error_text(response) -> str:
+    """A client's account of an error response (httpx): the server's own words (OpenAI's
+    `error.message`, SGLang's `message`), else the start of the body."""
+    try:
+        body = response.json()
+        words = body["error"]["message"] if isinstance(body.get("error"), dict) else body.get("message") or body
+    except (ValueError, AttributeError, KeyError, TypeError):
+        words = response.text[:300] or response.reason_phrase
+    return f"HTTP {response.status_code}: {words}"

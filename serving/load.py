@@ -6,7 +6,7 @@ as a chat message, optional `split`: train | heldout). Stream shapes:
   ordered  all of the first domain, then the next, ...
   shift    the first domain until request `shift_at=N`, then only the second (an abrupt change)
 Each request records latency, tokens and, from the embedded engine's `aurora` extension, the
-draft_version and target forwards (so acceptance length per request). Plain stdlib: no torch, no JAX.
+draft_version and target forwards (so acceptance length per request). httpx, no torch, no JAX.
 """
 
 from __future__ import annotations
@@ -19,9 +19,11 @@ import random
 import sys
 import threading
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
+
+import httpx
+
+from serving.http import error_text
 
 
 @dataclasses.dataclass
@@ -81,7 +83,7 @@ def schedule(cfg: LoadConfig) -> list[dict]:
     return out
 
 
-def _one(cfg: LoadConfig, i: int, req: dict) -> dict:
+def _one(cfg: LoadConfig, client: httpx.Client, i: int, req: dict) -> dict:
     body = dict(max_tokens=cfg.max_tokens, temperature=cfg.temperature, domain=req["domain"], seed=cfg.seed + i,
                 **(dict(model=cfg.model) if cfg.model else {}))
     if not cfg.speculative:
@@ -91,19 +93,13 @@ def _one(cfg: LoadConfig, i: int, req: dict) -> dict:
     else:
         body["prompt"], route = req["prompt"], "/v1/completions"
     t0 = time.perf_counter()
-    r = urllib.request.Request(cfg.endpoint.rstrip("/") + route, data=json.dumps(body).encode(),
-                               headers={"Content-Type": "application/json"})
     try:
-        with urllib.request.urlopen(r, timeout=cfg.timeout_s) as resp:
-            out = json.loads(resp.read())
-    except urllib.error.HTTPError as e:  # the server's own words (OpenAI-style error body), not just the status
-        try:
-            why = json.loads(e.read())["error"]["message"]
-        except (ValueError, KeyError, TypeError):
-            why = e.reason
-        return dict(index=i, domain=req["domain"], error=f"HTTP {e.code}: {why}", latency_s=time.perf_counter() - t0)
-    except (urllib.error.URLError, TimeoutError, OSError) as e:
-        return dict(index=i, domain=req["domain"], error=f"{cfg.endpoint}: {e}", latency_s=time.perf_counter() - t0)
+        resp = client.post(cfg.endpoint.rstrip("/") + route, json=body)
+    except httpx.HTTPError as e:
+        return dict(index=i, domain=req["domain"], error=f"{cfg.endpoint}: {e!r}", latency_s=time.perf_counter() - t0)
+    if resp.status_code != 200:  # the server's own words (OpenAI-style error body), not just the status
+        return dict(index=i, domain=req["domain"], error=error_text(resp), latency_s=time.perf_counter() - t0)
+    out = resp.json()
     dt = time.perf_counter() - t0
     usage, ext = out.get("usage", {}), out.get("aurora", {})
     choice = (out.get("choices") or [{}])[0]
@@ -126,8 +122,9 @@ def run_load(cfg: LoadConfig, progress: bool = True, on_result=None) -> list[dic
         bar = tqdm(total=len(reqs), desc="requests", unit="req", file=sys.stderr, dynamic_ncols=True)
     lock = threading.Lock()
     window: list[float] = []
-    with cf.ThreadPoolExecutor(cfg.concurrency) as pool:
-        futs = {pool.submit(_one, cfg, i, r): i for i, r in enumerate(reqs)}
+    limits = httpx.Limits(max_connections=cfg.concurrency, max_keepalive_connections=cfg.concurrency)
+    with httpx.Client(timeout=cfg.timeout_s, limits=limits) as client, cf.ThreadPoolExecutor(cfg.concurrency) as pool:
+        futs = {pool.submit(_one, cfg, client, i, r): i for i, r in enumerate(reqs)}
         for f in cf.as_completed(futs):
             rec = f.result()
             results[rec["index"]] = rec

@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 # Eight host CPU devices so the trainer's mesh tests can shard (must precede the first jax import).
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
@@ -15,6 +12,9 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_
 import grpc
 import numpy as np
 import pytest
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from starlette.concurrency import run_in_threadpool
 
 from aurora_jax.buffer import BufferConfig
 from aurora_jax.config import IngestConfig, TrainerConfig
@@ -25,6 +25,7 @@ from bridge.proto import aurora_pb2 as pb
 from bridge.chunks import PUSH_METHOD, chunk_messages
 from bridge.synthetic import random_trace
 from bridge.traces import encode
+from serving.http import AppServer
 
 VOCAB = 1000
 
@@ -91,24 +92,15 @@ class JsonHttpServer:
     the transport of the fakes that stand in for services that cannot run here (SGLang needs a GPU)."""
 
     def __init__(self, handle):
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *a):
-                pass
+        app = FastAPI()
 
-            def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                code, out = handle(self.path, body, self.headers)
-                data = json.dumps(out).encode()
-                self.send_response(code)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
+        @app.post("/{path:path}")
+        async def post(path: str, request: Request):
+            code, out = await run_in_threadpool(handle, "/" + path, await request.json(), request.headers)
+            return JSONResponse(out, status_code=code)
 
-        self.http = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.http.server_address[1]}"
-        threading.Thread(target=self.http.serve_forever, daemon=True).start()
+        self.http = AppServer(app, name="fake-server").start()
+        self.url = self.http.url
 
     def close(self) -> None:
-        self.http.shutdown()
-        self.http.server_close()
+        self.http.stop()

@@ -9,9 +9,8 @@ from __future__ import annotations
 import json
 import os
 import re
-import urllib.error
-import urllib.request
 
+import httpx
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
@@ -127,16 +126,11 @@ def http_front(model_dir):  # noqa: F811
 def test_random_request_bodies_get_a_json_answer_and_the_server_keeps_serving(http_front, body, route):
     if isinstance(body, dict) and isinstance(body.get("max_tokens"), int) and 1 <= body["max_tokens"]:
         body["max_tokens"] = min(body["max_tokens"], 3)  # keep decoding work small
-    req = urllib.request.Request(http_front.url + route, data=json.dumps(body).encode(),
-                                 headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=60) as r:
-            status, text = r.status, r.read().decode()
-    except urllib.error.HTTPError as e:
-        status, text = e.code, e.read().decode()
+    r = httpx.post(http_front.url + route, content=json.dumps(body), headers={"Content-Type": "application/json"},
+                   timeout=60)
+    status, text = r.status_code, r.text
     assert status in (200, 400, 404, 413, 422, 429), (status, text)
     if status != 200:
         err = json.loads(text)["error"]
         assert err["message"] and err["type"], err
-    with urllib.request.urlopen(http_front.url + "/health", timeout=10) as r:
-        assert json.loads(r.read())["status"] == "ok"
+    assert httpx.get(http_front.url + "/health", timeout=10).json()["status"] == "ok"

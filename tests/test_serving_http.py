@@ -5,9 +5,8 @@ from __future__ import annotations
 import json
 import socket
 import time
-import urllib.error
-import urllib.request
 
+import httpx
 import pytest
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
@@ -40,14 +39,12 @@ def model_dir(tmp_path_factory):
 
 
 def _post(url, body, timeout=60):
-    req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(req, timeout=timeout) as r:
-        return r.status, r.read().decode(), r.headers.get("Content-Type")
+    r = httpx.post(url, json=body, timeout=timeout)
+    return r.status_code, r.text, r.headers.get("Content-Type")
 
 
 def _get(url):
-    with urllib.request.urlopen(url, timeout=30) as r:
-        return r.read().decode()
+    return httpx.get(url, timeout=30).raise_for_status().text
 
 
 def _engine(model_dir, traces: TraceClientConfig | None, mode="untrained"):
@@ -102,9 +99,8 @@ def test_openai_style_requests_streaming_metrics_and_traces(model_dir, server_fa
                          (dict(prompt="x", max_tokens=0), "max_tokens: Input should be greater than or equal to 1"),
                          (dict(prompt="x", temperature="hot"), "temperature: Input should be a valid number"),
                          (dict(prompt="x", speculative="no"), "speculative: Input should be a valid boolean")]:
-            with pytest.raises(urllib.error.HTTPError) as e:
-                _post(http.url + "/v1/completions", bad)
-            assert e.value.code == 400 and why in json.loads(e.value.read())["error"]["message"]
+            code, text, _ = _post(http.url + "/v1/completions", bad)
+            assert code == 400 and why in json.loads(text)["error"]["message"]
 
         engine.client.flush(30)
         metrics = _get(http.url + "/metrics")
@@ -185,10 +181,9 @@ def test_abusive_requests_get_a_clear_4xx_and_the_server_keeps_serving(model_dir
                 (dict(prompt="x", seed=2**70), 400, "seed: Input should be less than"),
                 (dict(messages=[]), 400, "messages: List should have at least 1 item")]:
             route = "/v1/chat/completions" if "messages" in body else "/v1/completions"
-            with pytest.raises(urllib.error.HTTPError) as e:
-                _post(http.url + route, body)
-            err = json.loads(e.value.read())["error"]
-            assert e.value.code == code and why in err["message"], (body, err)
+            got, text, _ = _post(http.url + route, body)
+            err = json.loads(text)["error"]
+            assert got == code and why in err["message"], (body, err)
         port = http.port
         post = lambda body, extra="": (f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"  # noqa
                                        f"{extra}Content-Length: {len(body)}\r\n\r\n").encode() + body
@@ -241,9 +236,8 @@ def test_an_engine_error_in_a_stream_is_an_error_event_not_a_clean_stop(model_di
         assert code == 200 and events[-1] == "[DONE]"
         err = json.loads(events[-2])["error"]
         assert err["type"] == "server_error" and "boom" in err["message"]
-        with pytest.raises(urllib.error.HTTPError) as e:
-            _post(http.url + "/v1/completions", dict(prompt="hello", max_tokens=4))
-        assert e.value.code == 400 and "boom" in json.loads(e.value.read())["error"]["message"]
+        code, text, _ = _post(http.url + "/v1/completions", dict(prompt="hello", max_tokens=4))
+        assert code == 400 and "boom" in json.loads(text)["error"]["message"]
     finally:
         http.stop()
         engine.close()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 
+import httpx
 import numpy as np
 import pytest
 import torch
@@ -18,7 +19,7 @@ from aurora_jax.validate import TraceLimits, validate
 from bridge.traces import cut_steps
 from serving.http import HttpServer
 from serving.sglang.plugin import Sender, records_from_verify
-from serving.sglang.sidecar import SGLangEngine, SidecarConfig
+from serving.sglang.sidecar import SGLangEngine, SidecarConfig, TreeSink
 from serving.sglang.traces import SGLangTraceError, StepRecord, step_from_record, trace_from_generate
 from serving.spec_decode import EagleDrafter, SpecConfig, SpecDecoder
 from serving.trace_client import TraceClientConfig
@@ -118,6 +119,21 @@ def test_malformed_records_are_refused():
             step_from_record(StepRecord(**{**ok, **bad}))
 
 
+def test_tree_sink_refuses_bad_posts_and_keeps_serving():
+    sink = TreeSink("127.0.0.1:0", max_body_bytes=4096)
+    ok = dict(rid="r1", trunk_pos=3, tokens=[5, 6], next_token=[1, -1], next_sibling=[-1, -1], accepted=[0, 1])
+    try:
+        for body, code in [(b"not json", 400), (b'{"rid": "x"}', 400), (b'[{"rid": "x", "color": 1}]', 400),
+                           (b"[" + b"1," * 5000 + b"1]", 413)]:
+            r = httpx.post(sink.url, content=body, headers={"Content-Type": "application/json"}, timeout=10)
+            assert r.status_code == code, (body[:30], r.text)
+        assert sink.malformed == 3
+        assert httpx.post(sink.url, json=[ok], timeout=10).status_code == 204
+        assert [r.tokens for r in sink.take("r1", 1, wait_s=1)] == [[5, 6]] and sink.received == 1
+    finally:
+        sink.close()
+
+
 class FakeSGLang:
     """Fake SGLang server (SGLang needs a GPU): answers /generate as 0.5.23 would, from our engine,
     and, with a draft, posts each verify step's records through the plugin's real Sender first."""
@@ -159,7 +175,6 @@ class _Tok:
 
 @pytest.mark.parametrize("with_draft", [False, True])
 def test_sidecar_serves_openai_requests_and_exports_traces(target, server_factory, with_draft):
-    import urllib.request
     server = server_factory(limits=dict(vocab_size=V), model=dict(vocab_size=V, target_hidden_size=H))
     engine = SGLangEngine(SidecarConfig(topk=4, with_draft=with_draft, max_new_tokens=12,
                                         traces=TraceClientConfig(address=server.address)), tokenizer=_Tok())
@@ -168,10 +183,7 @@ def test_sidecar_serves_openai_requests_and_exports_traces(target, server_factor
     http = HttpServer(engine, "127.0.0.1", 0).start()
     try:
         for prompt in ("the quick", "online speculative"):
-            req = urllib.request.Request(http.url + "/v1/completions", data=json.dumps(
-                dict(prompt=prompt, max_tokens=12)).encode(), headers={"Content-Type": "application/json"})
-            with urllib.request.urlopen(req, timeout=60) as r:
-                out = json.loads(r.read())
+            out = httpx.post(http.url + "/v1/completions", json=dict(prompt=prompt, max_tokens=12), timeout=60).json()
             assert out["usage"]["completion_tokens"] == 12
         body = fake.bodies[0]  # what the sidecar asked SGLang for
         assert body["return_hidden_states"] is True and body["top_logprobs_num"] == 4
@@ -188,7 +200,7 @@ def test_sidecar_serves_openai_requests_and_exports_traces(target, server_factor
             assert len(got.steps) == (len(want_steps) if with_draft else 0)
             for a, b in zip(sorted(got.steps, key=lambda s: s.trunk_pos), want_steps):
                 assert a.trunk_pos == b.trunk_pos and tree_paths(a) == tree_paths(b)
-        metrics = urllib.request.urlopen(http.url + "/metrics", timeout=10).read().decode()
+        metrics = httpx.get(http.url + "/metrics", timeout=10).text
         assert "aurora_requests_total 2" in metrics
         assert engine.snapshot()["trace_errors"] == 0
     finally:

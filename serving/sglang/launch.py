@@ -18,7 +18,8 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.request
+
+import httpx
 
 from serving.sglang.sidecar import SINK_PATH, SidecarConfig
 from serving.sglang.weights import SGLangWeightsConfig
@@ -92,10 +93,9 @@ def _wait_healthy(url: str, proc: subprocess.Popen, timeout_s: float) -> None:
         if proc.poll() is not None:
             raise RuntimeError(f"SGLang exited with code {proc.returncode} during start-up (see its log above)")
         try:
-            with urllib.request.urlopen(url + "/health", timeout=5) as r:
-                if r.status == 200:
-                    return
-        except OSError:
+            if httpx.get(url + "/health", timeout=5).status_code == 200:
+                return
+        except httpx.HTTPError:
             pass
         time.sleep(2.0)
         log.info("waiting for SGLang at %s (%.0fs)", url, time.monotonic() - t0)

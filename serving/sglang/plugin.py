@@ -14,13 +14,12 @@ background thread, and dropped (counted) when the sidecar is slow, never blockin
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import queue
 import threading
-import urllib.request
 
+import httpx
 import torch
 
 from serving.sglang.traces import StepRecord
@@ -70,6 +69,7 @@ class Sender:
     def __init__(self, url: str, max_queue: int = 10000):
         self.url, self.q = url, queue.Queue(maxsize=max_queue)
         self.sent = self.dropped = 0
+        self._http = httpx.Client(timeout=5)  # one keep-alive connection to the sidecar
         threading.Thread(target=self._run, name="aurora-tree-sender", daemon=True).start()
 
     def put(self, records: list[StepRecord]) -> None:
@@ -87,12 +87,10 @@ class Sender:
                     batch.append(self.q.get_nowait())
                 except queue.Empty:
                     break
-            body = json.dumps([r.__dict__ for r in batch]).encode()
-            req = urllib.request.Request(self.url, data=body, headers={"Content-Type": "application/json"})
             try:
-                urllib.request.urlopen(req, timeout=5).read()
+                self._http.post(self.url, json=[r.__dict__ for r in batch]).raise_for_status()
                 self.sent += len(batch)
-            except OSError as e:
+            except httpx.HTTPError as e:
                 self.dropped += len(batch)
                 log.warning("aurora tree sink %s unreachable (%s); %d records dropped", self.url, e, len(batch))
 

@@ -13,18 +13,18 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import json
 import logging
 import threading
 import time
-import urllib.error
-import urllib.request
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import httpx
+from fastapi import FastAPI, Request, Response
+from fastapi.responses import JSONResponse
 
 from serving.engine import Handle
-from serving.http import HttpLimits
+from serving.http import AppServer, BodyLimit, HttpLimits, error_text
 from serving.sglang.traces import (SGLangTraceError, StepRecord, served_version, step_from_record, target_forwards,
                                    trace_from_generate)
 from serving.trace_client import TraceClient, TraceClientConfig
@@ -55,37 +55,27 @@ class SidecarConfig:
 class TreeSink:
     """Loopback HTTP endpoint the scheduler plugin posts StepRecord batches to; keyed by rid."""
 
-    def __init__(self, address: str, keep_s: float = 600.0):
+    def __init__(self, address: str, keep_s: float = 600.0, max_body_bytes: int = 64 << 20):
         host, port = address.rsplit(":", 1)
         self._steps: dict[str, list[StepRecord]] = collections.defaultdict(list)
         self._seen: dict[str, float] = {}
         self._cv = threading.Condition()
         self.received = self.malformed = 0
         self.keep_s = keep_s
-        sink = self
+        app = FastAPI(docs_url=None, redoc_url=None, openapi_url=None)
 
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *a):
-                pass
+        @app.post(SINK_PATH)
+        async def steps(request: Request):
+            try:
+                recs = [StepRecord(**r) for r in await request.json()]
+            except (ValueError, TypeError) as e:  # not JSON, not a list of records, unknown or missing fields
+                self.malformed += 1
+                return JSONResponse(dict(message=f"bad step records: {e}"), status_code=400)
+            self.add(recs)
+            return Response(status_code=204)
 
-            def do_POST(self):
-                if self.path != SINK_PATH:
-                    self.send_error(404)
-                    return
-                try:
-                    body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))))
-                    recs = [StepRecord(**r) for r in body]
-                except (ValueError, TypeError) as e:
-                    sink.malformed += 1
-                    self.send_error(400, f"bad step records: {e}")
-                    return
-                sink.add(recs)
-                self.send_response(204)
-                self.end_headers()
-
-        self.http = ThreadingHTTPServer((host, int(port)), Handler)
-        self.url = f"http://{host}:{self.http.server_address[1]}{SINK_PATH}"
-        threading.Thread(target=self.http.serve_forever, name="aurora-tree-sink", daemon=True).start()
+        self.http = AppServer(BodyLimit(app, max_body_bytes), host, int(port), name="aurora-tree-sink").start()
+        self.url = self.http.url + SINK_PATH
 
     def add(self, recs: list[StepRecord]) -> None:
         now = time.monotonic()
@@ -108,8 +98,7 @@ class TreeSink:
             return self._steps.pop(rid, [])
 
     def close(self) -> None:
-        self.http.shutdown()
-        self.http.server_close()
+        self.http.stop()
 
 
 class SGLangEngine:
@@ -125,6 +114,8 @@ class SGLangEngine:
         self.sink = sink or (TreeSink(cfg.tree_sink) if cfg.with_draft else None)
         self.client = TraceClient(cfg.traces)
         self._pool = ThreadPoolExecutor(cfg.max_running, thread_name_prefix="sglang-req")
+        self._http = httpx.Client(timeout=cfg.timeout_s, limits=httpx.Limits(max_connections=cfg.max_running),
+                                  headers={"Authorization": f"Bearer {cfg.api_key}"} if cfg.api_key else {})
         self._lock = threading.Lock()
         self.last_weight_version = 0
         self.metrics = dict(requests=0, running=0, prompt_tokens=0, output_tokens=0, target_forwards=0,
@@ -144,17 +135,13 @@ class SGLangEngine:
                     logprob_start_len=0, top_logprobs_num=self.cfg.topk, return_hidden_states=True)
 
     def _generate(self, body: dict) -> dict:
-        req = urllib.request.Request(self.cfg.sglang_url.rstrip("/") + "/generate", data=json.dumps(body).encode(),
-                                     headers={"Content-Type": "application/json"})
-        if self.cfg.api_key:
-            req.add_header("Authorization", f"Bearer {self.cfg.api_key}")
         try:
-            with urllib.request.urlopen(req, timeout=self.cfg.timeout_s) as r:
-                return json.loads(r.read())
-        except urllib.error.HTTPError as e:
-            raise RuntimeError(f"SGLang /generate answered HTTP {e.code}: {e.read().decode(errors='replace')[:300]}")
-        except (urllib.error.URLError, OSError) as e:
-            raise RuntimeError(f"SGLang at {self.cfg.sglang_url} unreachable: {e}")
+            r = self._http.post(self.cfg.sglang_url.rstrip("/") + "/generate", json=body)
+        except httpx.HTTPError as e:
+            raise RuntimeError(f"SGLang at {self.cfg.sglang_url} unreachable: {e!r}") from None
+        if r.status_code != 200:
+            raise RuntimeError(f"SGLang /generate answered {error_text(r)}")
+        return r.json()
 
     def submit(self, prompt: list[int], max_new_tokens: int | None = None, temperature: float = 0.0,
                seed: int | None = None, eos: int | None = None, domain: str = "", speculative: bool = True) -> Handle:
@@ -238,6 +225,7 @@ class SGLangEngine:
 
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
+        self._http.close()
         if self.sink is not None:
             self.sink.close()
         self.client.close(timeout=2.0)

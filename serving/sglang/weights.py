@@ -20,16 +20,16 @@ from __future__ import annotations
 import base64
 import dataclasses
 import io
-import json
 import logging
 import time
-import urllib.error
-import urllib.request
 
+import httpx
 import torch
 from multiprocessing.reduction import ForkingPickler
 
 import torch.multiprocessing  # noqa: F401  (registers torch tensor reductions with ForkingPickler)
+
+from serving.http import error_text
 
 log = logging.getLogger(__name__)
 
@@ -67,22 +67,14 @@ class SGLangWeightUpdater:
         self.last_ms = 0.0
 
     def _post(self, route: str, body: dict) -> dict:
-        req = urllib.request.Request(self.cfg.url.rstrip("/") + route, data=json.dumps(body).encode(),
-                                     headers={"Content-Type": "application/json"}, method="POST")
-        if self.cfg.api_key:
-            req.add_header("Authorization", f"Bearer {self.cfg.api_key}")
+        headers = {"Authorization": f"Bearer {self.cfg.api_key}"} if self.cfg.api_key else {}
         try:
-            with urllib.request.urlopen(req, timeout=self.cfg.timeout_s) as r:
-                out = json.loads(r.read() or b"{}")
-        except urllib.error.HTTPError as e:
-            detail = e.read().decode(errors="replace")[:500]
-            try:
-                detail = json.loads(detail).get("message", detail)
-            except (ValueError, AttributeError):
-                pass
-            raise SGLangUpdateError(f"SGLang {route} answered HTTP {e.code}: {detail}") from None
-        except (urllib.error.URLError, OSError) as e:
-            raise SGLangUpdateError(f"SGLang {route} at {self.cfg.url} unreachable: {e}") from None
+            r = httpx.post(self.cfg.url.rstrip("/") + route, json=body, headers=headers, timeout=self.cfg.timeout_s)
+        except httpx.HTTPError as e:
+            raise SGLangUpdateError(f"SGLang {route} at {self.cfg.url} unreachable: {e!r}") from None
+        if r.status_code != 200:
+            raise SGLangUpdateError(f"SGLang {route} answered {error_text(r)}")
+        out = r.json() if r.content else {}
         if not out.get("success", False):
             raise SGLangUpdateError(f"SGLang {route} failed: {out.get('message', out)}")
         return out
