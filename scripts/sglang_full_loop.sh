@@ -7,5 +7,12 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 model="${1:-llama3.1-8b}"; shift || true
-python -c "import sglang, torch; assert torch.cuda.is_available(), 'no GPU'; print('sglang', sglang.__version__)"
+# The pinned release (the adapter is checked against it), and a GPU. sglang-launch sets what traces need
+# in SGLang's environment (SGLANG_RETURN_ORIGINAL_LOGPROB=1) and flags (configs/<model>-sglang.yaml).
+python -c "
+import sglang, torch
+from serving.sglang import pinned
+assert torch.cuda.is_available(), 'no GPU'
+assert sglang.__version__ == pinned.VERSION, f'sglang {sglang.__version__} installed; the adapter is pinned to {pinned.VERSION}'
+print('sglang', sglang.__version__)"
 exec aurora-jax demo --config "configs/${model}-sglang-demo.yaml" "$@"

@@ -98,6 +98,9 @@ _METRICS = [
      lambda m: m.get("traces", {}).get("dropped", 0)),
     ("aurora_traces_rejected", "counter", "traces the trainer refused (by field: aurora_traces_rejected_by_field)",
      lambda m: m.get("traces", {}).get("rejected", 0)),
+    ("aurora_traces_not_made", "counter", "finished requests no trace was made of (SGLang sidecar: a response "
+     "that does not convert, or output logprobs scaled by the temperature; see its log)",
+     lambda m: m.get("trace_errors", 0) + m.get("traces_skipped", 0)),
     ("aurora_errors", "counter", "requests the engine failed", lambda m: m["errors"]),
 ]
 

@@ -20,7 +20,8 @@ from bridge.traces import cut_steps
 from serving.http import HttpServer
 from serving.sglang.plugin import Sender, records_from_verify
 from serving.sglang.sidecar import SGLangEngine, SidecarConfig, TreeSink
-from serving.sglang.traces import SGLangTraceError, StepRecord, step_from_record, trace_from_generate
+from serving.sglang.traces import (SGLangTraceError, StepRecord, served_version, step_from_record,
+                                   trace_from_generate)
 from serving.spec_decode import EagleDrafter, SpecConfig, SpecDecoder
 from serving.trace_client import TraceClientConfig
 from tests.conftest import JsonHttpServer, wait_for
@@ -54,11 +55,21 @@ def test_generate_response_converts_to_the_engines_trace(target):
 
 
 def test_prefix_cached_prompt_rows_start_the_trace_later(target):
+    """Leading rows missing: a cached prefix, or the earlier chunks of a chunked prefill (only the last
+    chunk stores rows); either way the response has the last rows only."""
     want = _truth(target, PROMPTS[1], 8, drafted=False)
     got, cut = trace_from_generate(PROMPTS[1], generate_response(want, "b", cached=4), request_id="b", topk=4)
     assert cut == 4 and got.prompt_len == len(PROMPTS[1]) - 4
     _same_rows(got, want, want.num_tokens - 1, start=4)
     validate(got, TraceLimits(vocab_size=V, target_hidden_size=H))
+
+
+def test_a_request_spanning_versions_is_labelled_with_the_oldest(target):
+    want = _truth(target, PROMPTS[1], 10, drafted=False)
+    resp = generate_response(want, "s", weight_version="4")
+    resp["meta_info"]["weight_versions"] = [dict(version="3", start=0, end=4), dict(version="4", start=4, end=10)]
+    got, _ = trace_from_generate(PROMPTS[1], resp, request_id="s", topk=4)
+    assert got.draft_version == 3 and served_version(resp["meta_info"]) == 4
 
 
 def test_missing_fields_get_a_clear_error(target):
@@ -91,10 +102,12 @@ def test_recorded_verify_objects_convert_to_the_engines_trees(target):
             assert got.trunk_pos == t.steps[k].trunk_pos and tree_paths(got) == tree_paths(t.steps[k])
             # rejected nodes carry the target's top-k from the verify logits row of their block index
             logp = torch.log_softmax(call[2].next_token_logits, -1)
-            for node, ids in zip(got.target_nodes, got.target_ids):
+            for node, ids, lps in zip(got.target_nodes, got.target_ids, got.target_logprobs):
                 local = next(int(b[4][j]) for j in range(len(b[4]))
                              if tree_paths_key(t.steps[k], j) == tree_paths_key(got, int(node)))
-                assert ids.tolist() == torch.topk(logp[i * len(b[0]) + local], 4).indices.tolist()
+                want = torch.topk(logp[i * len(b[0]) + local], 4)
+                assert ids.tolist() == want.indices.tolist()
+                np.testing.assert_allclose(lps, want.values.numpy(), rtol=0, atol=1e-5)
             records[t.request_id].append(rec)
     assert all(records.values())
 
@@ -209,6 +222,26 @@ def test_sidecar_serves_openai_requests_and_exports_traces(target, server_factor
         fake.close()
 
 
+def test_sidecar_makes_no_trace_from_temperature_scaled_logprobs(target, server_factory):
+    """Without SGLANG_RETURN_ORIGINAL_LOGPROB, SGLang's output logprobs at T != 0, 1 are of logits / T."""
+    server = server_factory(limits=dict(vocab_size=V), model=dict(vocab_size=V, target_hidden_size=H))
+    for original, traced in [(False, 0), (True, 1)]:
+        engine = SGLangEngine(SidecarConfig(topk=4, max_new_tokens=6, original_logprobs=original,
+                                            traces=TraceClientConfig(address=server.address)), tokenizer=_Tok())
+        fake = FakeSGLang(target)
+        engine.cfg.sglang_url = fake.url
+        try:
+            before = len(server.buffer.entries())
+            for t in (0.0, 0.7):
+                assert "error" not in engine.complete(PROMPTS[0], max_new_tokens=6, temperature=t)
+            engine.client.flush(20)
+            assert len(server.buffer.entries()) - before == 1 + traced
+            assert engine.snapshot()["traces_skipped"] == 1 - traced
+        finally:
+            engine.close()
+            fake.close()
+
+
 @pytest.mark.parametrize("config", ["configs/llama3.1-8b-sglang.yaml", "configs/qwen3-8b-sglang.yaml"])
 @pytest.mark.parametrize("mode", ["draft", "no-draft"])
 def test_launch_command_uses_only_pinned_flags(config, mode):
@@ -217,13 +250,25 @@ def test_launch_command_uses_only_pinned_flags(config, mode):
     from serving.sglang import pinned
     from serving.sglang.launch import SGLangLaunchConfig, sglang_command
     cfg = load_config(SGLangLaunchConfig, config, [f"sglang.mode={mode}", "sglang.api_key=k", "sglang.admin_api_key=a",
-                                                   "sglang.disable_radix_cache=true"])
+                                                   "sglang.disable_radix_cache=true", "sglang.chunked_prefill_size=16384"])
     cmd = sglang_command(cfg)
     assert cmd[1:3] == ["-m", "sglang.launch_server"]
     flags = {a[2:].replace("-", "_") for a in cmd if a.startswith("--")}
     assert flags <= set(pinned.SERVER_ARGS), flags - set(pinned.SERVER_ARGS)
     assert ("speculative_draft_model_path" in flags) == (mode == "draft")
     assert ("enable_return_aux_hidden_states" in flags) == (mode == "no-draft")
+
+
+@pytest.mark.parametrize("mode", ["draft", "no-draft"])
+def test_launch_sets_the_environment_traces_need(mode, capsys):
+    """Output logprobs at temperature != 0, 1 are the raw distribution only with this variable set."""
+    from bridge.config import load_config
+    from serving.sglang.launch import SGLangLaunchConfig, run
+    cfg = load_config(SGLangLaunchConfig, "configs/llama3.1-8b-sglang.yaml", [f"sglang.mode={mode}"])
+    assert run(cfg, dry_run=True) == 0
+    line = capsys.readouterr().out
+    assert line.startswith("SGLANG_RETURN_ORIGINAL_LOGPROB=1 ") and "sglang.launch_server" in line
+    assert ("AURORA_TREE_SINK=" in line) == (mode == "draft")
 
 
 def test_launch_config_errors_are_clear():

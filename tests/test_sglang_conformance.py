@@ -105,6 +105,18 @@ def test_request_and_object_fields_exist(source):
         literal = ast.unparse(_fields(io, cls)["selector"].annotation)
         for v in pinned.SELECTOR_VALUES:
             assert repr(v) in literal, (cls, literal)
+    assert repr(pinned.PAUSE_MODE) in ast.unparse(_fields(io, "PauseGenerationReqInput")["mode"].annotation)
+
+
+def test_payload_globals_are_in_the_unpickling_allow_list(source):
+    """Every global the test fake admits (our payloads' and torch's reductions') is one SGLang's
+    SafeUnpickler admits: the fake cannot accept a payload SGLang would block."""
+    cls = _classes(source("srt/utils/common.py"))["SafeUnpickler"]
+    allowed = next(ast.literal_eval(n.value) for n in cls.body if isinstance(n, ast.Assign)
+                   and any(getattr(t, "id", "") == "ALLOWED_GLOBALS" for t in n.targets))
+    assert len(allowed) > 50
+    missing = [g for g in pinned.UNPICKLE_ALLOWED if g not in allowed]
+    assert not missing, f"not in sglang {pinned.VERSION}'s SafeUnpickler.ALLOWED_GLOBALS: {missing}"
 
 
 def test_launch_flags_exist(source):

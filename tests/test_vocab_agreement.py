@@ -122,3 +122,8 @@ def test_a_draft_for_another_target_is_refused_by_name(tmp_path, capsys):
     launch.sglang = dataclasses.replace(launch.sglang, draft_path=str(good))
     assert sglang_run(launch, dry_run=True) == 0
     assert f"--speculative-draft-model-path {good}" in capsys.readouterr().out
+    # the map SGLang will cache at start, which the updater holds every version to
+    from bridge.eagle3 import load_hf
+    from serving.sglang.launch import served_vocab
+    np.testing.assert_array_equal(served_vocab(str(good))["d2t"], load_hf(good)[1]["d2t"])
+    assert served_vocab(str(tmp_path / "absent")) == {}

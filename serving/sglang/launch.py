@@ -27,6 +27,10 @@ from serving.weight_sync import WeightSubscriberConfig
 
 log = logging.getLogger(__name__)
 
+# SGLang divides output logprobs by the temperature unless this is set (layers/sampler.py, greedy batches
+# aside): a trace's targets must be the raw distribution at every position, as at prompt and tree nodes.
+SERVER_ENV = {"SGLANG_RETURN_ORIGINAL_LOGPROB": "1"}
+
 
 @dataclasses.dataclass
 class SGLangServerConfig:
@@ -42,8 +46,10 @@ class SGLangServerConfig:
     num_draft_tokens: int = 8
     mem_fraction_static: float = 0.0  # 0 = SGLang's default
     disable_radix_cache: bool = False  # cached prompt rows carry no hidden states (traces start later)
+    chunked_prefill_size: int = 0  # 0 = SGLang's; only a prompt's last chunk returns hidden-state rows, so
+    #                                a prompt longer than this loses its early rows (traces start later)
     api_key: str = ""
-    admin_api_key: str = ""  # required by SGLang for weight updates when api_key is set
+    admin_api_key: str = ""  # optional: when unset, the weight-update and pause routes take api_key (utils/auth.py)
     extra_args: list[str] = dataclasses.field(default_factory=list)
     startup_timeout_s: float = 1800.0
 
@@ -80,6 +86,8 @@ def sglang_command(cfg: SGLangLaunchConfig) -> list[str]:
         cmd += ["--mem-fraction-static", str(s.mem_fraction_static)]
     if s.disable_radix_cache:
         cmd += ["--disable-radix-cache"]
+    if s.chunked_prefill_size:
+        cmd += ["--chunked-prefill-size", str(s.chunked_prefill_size)]
     if s.api_key:
         cmd += ["--api-key", s.api_key]
     if s.admin_api_key:
@@ -108,6 +116,17 @@ def _draft_config(path: str):
     return load_hf_config(path) if os.path.isfile(os.path.join(path, "config.json")) else None
 
 
+def served_vocab(draft_path: str) -> dict:
+    """The vocabulary map SGLang reads from the draft at start (`hot_token_id`, from d2t); {} when the
+    draft has none (full vocabulary) or is not a local directory."""
+    from bridge.eagle3 import read_tensor, weights_file
+
+    try:
+        return {"d2t": read_tensor(weights_file(draft_path, "d2t"), "d2t")}
+    except (KeyError, OSError):
+        return {}
+
+
 def check_draft(s: SGLangServerConfig) -> None:
     """Before SGLang starts: a local draft directory must fit a local target (vocabulary, fc width);
     a hub id on either side is left to SGLang on its host."""
@@ -127,9 +146,9 @@ def run(cfg: SGLangLaunchConfig, dry_run: bool = False) -> int:
     s = cfg.sglang
     url = f"http://{s.host}:{s.port}"
     sink = TreeSink(cfg.sidecar.tree_sink) if s.mode == "draft" and not dry_run else None
-    env = {}
+    env = dict(SERVER_ENV)
     if s.mode == "draft":  # tells the scheduler plugin where the sidecar's tree sink is
-        env = dict(AURORA_TREE_SINK=sink.url if sink else f"http://{cfg.sidecar.tree_sink}{SINK_PATH}",
+        env.update(AURORA_TREE_SINK=sink.url if sink else f"http://{cfg.sidecar.tree_sink}{SINK_PATH}",
                    AURORA_TREE_TOPK=str(cfg.tree_topk))
     cmd = sglang_command(cfg)
     check_draft(s)
@@ -141,11 +160,12 @@ def run(cfg: SGLangLaunchConfig, dry_run: bool = False) -> int:
     try:
         _wait_healthy(url, proc, s.startup_timeout_s)
         sidecar = dataclasses.replace(cfg.sidecar, sglang_url=url, api_key=s.api_key, with_draft=s.mode == "draft",
-                                      tokenizer=cfg.sidecar.tokenizer or s.model_path)
+                                      tokenizer=cfg.sidecar.tokenizer or s.model_path, original_logprobs=True)
         updater = None
         if s.mode == "draft" and cfg.subscribe_weights:
             updater = SGLangWeightUpdater(dataclasses.replace(cfg.updater, url=url, tp_size=s.tp_size,
-                                                              api_key=s.admin_api_key or s.api_key))
+                                                              api_key=s.admin_api_key or s.api_key),
+                                          served_vocab=served_vocab(s.draft_path))
         engine = SGLangEngine(sidecar, updater=updater, sink=sink)  # the sink SGLang's plugin was told about
         if updater is not None:  # versions trained for another draft than s.draft_path's are refused
             sub = WeightSubscriber(cfg.weights, updater, draft_config=_draft_config(s.draft_path)).start()

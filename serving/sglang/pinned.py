@@ -14,6 +14,8 @@ ROUTES = {
     "/begin_weight_update": ("POST", "BeginWeightUpdateReqInput"),
     "/update_weights_from_tensor": ("POST", "UpdateWeightsFromTensorReqInput"),
     "/end_weight_update": ("POST", "EndWeightUpdateReqInput"),
+    "/pause_generation": ("POST", "PauseGenerationReqInput"),
+    "/continue_generation": ("POST", "ContinueGenerationReqInput"),
     "/health": ("GET", None),
 }
 
@@ -23,6 +25,8 @@ FIELDS = {
     "UpdateWeightsFromTensorReqInput": ("srt/managers/io_struct.py", (
         "serialized_named_tensors", "load_format", "flush_cache", "weight_version", "selector")),
     "EndWeightUpdateReqInput": ("srt/managers/io_struct.py", ()),
+    "PauseGenerationReqInput": ("srt/managers/io_struct.py", ("mode",)),
+    "ContinueGenerationReqInput": ("srt/managers/io_struct.py", ()),
     "GenerateReqInput": ("srt/managers/io_struct.py", (
         "input_ids", "sampling_params", "rid", "stream", "return_logprob", "logprob_start_len",
         "top_logprobs_num", "return_hidden_states")),
@@ -35,8 +39,26 @@ FIELDS = {
     "LogitsProcessorOutput": ("srt/layers/logits_processor.py", ("next_token_logits",)),
 }
 
+# SGLang's allow-list unpickler for weight payloads (utils/common.py, SafeUnpickler.ALLOWED_GLOBALS):
+# the entries our by-value payloads (CPU) and torch's CUDA/shared-memory reductions use. The test fake
+# unpickles with exactly these, in a separate process, as SGLang's scheduler does; torch.storage.
+# _load_from_bytes is not in the list: SafeUnpickler.find_class maps it to a weights_only torch.load.
+UNPICKLE_ALLOWED = (
+    ("collections", "OrderedDict"),
+    ("torch._utils", "_rebuild_tensor_v2"),
+    ("torch", "Tensor"), ("torch", "Size"), ("torch", "bfloat16"), ("torch", "float32"), ("torch", "float16"),
+    ("torch", "int64"),
+    ("torch.storage", "UntypedStorage"),
+    ("torch.multiprocessing.reductions", "rebuild_tensor"),
+    ("torch.multiprocessing.reductions", "rebuild_typed_storage"),
+    ("torch.multiprocessing.reductions", "rebuild_storage_fd"),
+    ("torch.multiprocessing.reductions", "rebuild_cuda_tensor"),
+    ("multiprocessing.resource_sharer", "DupFd"),
+)
+
 # Literal values we pass for typed fields.
 SELECTOR_VALUES = ("draft",)
+PAUSE_MODE = "in_place"  # PauseGenerationReqInput.mode: requests stay resident with their KV cache
 
 # Launch flags (`python -m sglang.launch_server --flag-name`): server-arg field -> file declaring it.
 SERVER_ARGS = {
@@ -56,6 +78,7 @@ SERVER_ARGS = {
     "enable_return_hidden_states": "srt/arg_groups/fields/exec_.py",
     "disable_radix_cache": "srt/arg_groups/fields/memory.py",
     "mem_fraction_static": "srt/arg_groups/fields/schedule.py",
+    "chunked_prefill_size": "srt/arg_groups/fields/schedule.py",
 }
 LAUNCH_MODULE = "launch_server.py"
 
@@ -101,4 +124,33 @@ SOURCE_FACTS = (
     ("srt/managers/tokenizer_manager.py", "", "'weight_version': self.config_value('weight_version')"),
     ("srt/managers/scheduler_components/batch_result_processor.py", "", "req.hidden_states.extend("),
     ("srt/managers/schedule_batch.py", "FINISH_LENGTH.to_json", "'type': 'length'"),
+    # output logprobs are divided by the temperature unless this env var is set (the launcher sets it;
+    # greedy batches are exempt): traces must hold the raw distribution
+    ("srt/environ.py", "", "SGLANG_RETURN_ORIGINAL_LOGPROB = EnvBool(False)"),
+    ("srt/layers/sampler.py", "Sampler.forward", "log_softmax(logprob_logits / sampling_info.temperatures"),
+    ("srt/layers/logprob_processor.py", "", "envs.SGLANG_RETURN_ORIGINAL_LOGPROB.get()"),
+    # every /generate holds the model-update reader lock for its life; weight-update calls take the
+    # writer lock unless generation is paused (why the updater swaps inside a pause)
+    ("srt/managers/tokenizer_manager.py", "TokenizerManager.generate_request",
+     "async with self.model_update_lock.reader_lock:"),
+    ("srt/managers/tokenizer_control_mixin.py", "TokenizerControlMixin._weight_update_session_call",
+     "async with self.model_update_lock.writer_lock:"),
+    ("srt/managers/tokenizer_control_mixin.py", "TokenizerControlMixin._weight_update_session_call",
+     "if is_paused:"),
+    ("srt/entrypoints/http_server.py", "pause_generation", "'status': 'ok'"),
+    ("srt/entrypoints/http_server.py", "continue_generation", "'status': 'ok'"),
+    ("srt/utils/weight_versions.py", "add_weight_versions_to_meta_info", "meta_info['weight_versions']"),
+    # chunked prefill: only the chunk that completes the prompt stores its hidden-state rows
+    ("srt/managers/scheduler_components/batch_result_processor.py",
+     "SchedulerBatchResultProcessor.process_batch_result_prefill", "(req.inflight_middle_chunks <= 0)"),
+    ("srt/managers/scheduler_components/batch_result_processor.py",
+     "SchedulerBatchResultProcessor.process_batch_result_prefill", "store=should_commit_output"),
+    # the draft's vocabulary map is read once (hot_token_id) and its embedding is the target's tensor
+    ("srt/speculative/eagle_worker_v2.py", "EagleDraftWorker.init_lm_head",
+     "self.hot_token_id = self.draft_runner.model.hot_token_id.to(embed.device)"),
+    ("srt/speculative/eagle_worker_v2.py", "EagleDraftWorker.init_lm_head", "self.draft_runner.model.set_embed(embed)"),
+    # payloads: CUDA devices named by UUID are mapped to the local index; _load_from_bytes is allowed
+    ("srt/utils/patch_torch.py", "_device_from_maybe_uuid", "get_device_properties(device).uuid) == device_maybe_uuid"),
+    ("srt/utils/patch_torch.py", "", "_REDUCE_TENSOR_ARG_DEVICE_INDEX = 6"),
+    ("srt/utils/common.py", "SafeUnpickler.find_class", "('torch.storage', '_load_from_bytes')"),
 )

@@ -7,9 +7,12 @@ AFTER hook from its hook registry (sglang/srt/plugins/hook_registry.py) on
 step calls to accept tokens (eagle_worker_common.py: run_eagle_verify). No SGLang file is patched.
 
 It is inert unless `AURORA_TREE_SINK` (the sidecar's `http://host:port/aurora/steps`) is set, and
-only TP rank 0 sends. Each verify step costs one device->host copy of the small tree tensors (and
-of the top-k of the target logits when `AURORA_TREE_TOPK` > 0); records are posted in batches by a
-background thread, and dropped (counted) when the sidecar is slow, never blocking the scheduler.
+only TP rank 0 sends. Each verify step costs one device->host copy of the small tree tensors (with
+the top-k ids of the target logits when `AURORA_TREE_TOPK` > 0, plus one of their logprobs: a top-k
+and a logsumexp over the logits, no full log-softmax); records are posted in batches by a background
+thread, and dropped (counted) when the sidecar is slow, never blocking the scheduler. With DP
+attention only TP rank 0 of the first group sends, so other groups' trees are not recorded (their
+traces still carry the target's rows and distributions, without trees).
 """
 
 from __future__ import annotations
@@ -41,19 +44,26 @@ def records_from_verify(verify_input, batch, logits_output, result, topk: int = 
     bs = len(batch.reqs)
     if bs == 0:
         return []
-    tokens = verify_input.draft_token.view(bs, n).cpu().tolist()
-    nxt = verify_input.retrieve_next_token.view(bs, n).cpu().tolist()
-    sib = verify_input.retrieve_next_sibling.view(bs, n).cpu().tolist()
-    acc_idx = accept_index.view(bs, -1).cpu().tolist()
-    acc_len = accept_lens.view(bs).cpu().tolist()
+    depth = accept_index.numel() // bs
+    parts = [verify_input.draft_token.view(bs, n), verify_input.retrieve_next_token.view(bs, n),
+             verify_input.retrieve_next_sibling.view(bs, n), accept_index.view(bs, depth), accept_lens.view(bs, 1)]
+    top_lp = None
+    if topk > 0 and logits_output is not None and logits_output.next_token_logits is not None:
+        # top-k of the logits, normalised by one logsumexp: no [bs*n, V] log-softmax is materialised
+        logits = logits_output.next_token_logits[: bs * n]
+        top = torch.topk(logits, topk, dim=-1)
+        top_lp = top.values.float() - torch.logsumexp(logits.float(), dim=-1, keepdim=True)
+        parts.append(top.indices.view(bs, n * topk))
+    # one device->host copy of every integer tensor (plus one of the top-k logprobs)
+    ints = torch.cat([p.to(torch.int64) for p in parts], dim=1).cpu()
+    widths = [p.shape[1] for p in parts]
+    cols = torch.split(ints, widths, dim=1)
+    tokens, nxt, sib, acc_idx = (c.tolist() for c in cols[:4])
+    acc_len = cols[4].view(bs).tolist()
+    top_ids = cols[5].view(bs, n, topk).tolist() if top_lp is not None else None
+    top_lp = top_lp.view(bs, n, topk).cpu().tolist() if top_lp is not None else None
     seq = batch.seq_lens_cpu if getattr(batch, "seq_lens_cpu", None) is not None else batch.seq_lens.cpu()
     seq = seq.tolist()
-    top_ids = top_lp = None
-    if topk > 0 and logits_output is not None and logits_output.next_token_logits is not None:
-        lp = torch.log_softmax(logits_output.next_token_logits[: bs * n].float(), dim=-1)
-        top = torch.topk(lp, topk, dim=-1)
-        top_ids = top.indices.view(bs, n, topk).cpu().tolist()
-        top_lp = top.values.view(bs, n, topk).cpu().tolist()
     out = []
     for i, req in enumerate(batch.reqs):
         accepted = [g - i * n for g in acc_idx[i][: acc_len[i]]]

@@ -25,6 +25,7 @@ from fastapi.responses import JSONResponse
 
 from serving.engine import Handle
 from serving.http import AppServer, BodyLimit, HttpLimits, error_text
+from serving.ratelimit import EveryWindow
 from serving.sglang.traces import (SGLangTraceError, StepRecord, served_version, step_from_record, target_forwards,
                                    trace_from_generate)
 from serving.trace_client import TraceClient, TraceClientConfig
@@ -42,6 +43,9 @@ class SidecarConfig:
     with_draft: bool = False  # SGLang runs an EAGLE3 draft and our plugin posts verify trees
     tree_sink: str = "127.0.0.1:0"  # where the plugin posts trees (AURORA_TREE_SINK)
     tree_wait_s: float = 2.0  # how long a finished request waits for its last trees
+    # SGLang runs with SGLANG_RETURN_ORIGINAL_LOGPROB=1 (sglang-launch sets it). Without it, output
+    # logprobs at a temperature other than 0 or 1 are of logits / T, so such requests make no trace.
+    original_logprobs: bool = False
     traces: TraceClientConfig = dataclasses.field(default_factory=TraceClientConfig)
     max_running: int = 64  # concurrent /generate calls
     max_new_tokens: int = 256
@@ -118,8 +122,10 @@ class SGLangEngine:
                                   headers={"Authorization": f"Bearer {cfg.api_key}"} if cfg.api_key else {})
         self._lock = threading.Lock()
         self.last_weight_version = 0
+        self._skipped_log = EveryWindow(log)
         self.metrics = dict(requests=0, running=0, prompt_tokens=0, output_tokens=0, target_forwards=0,
-                            request_seconds=0.0, decode_seconds=0.0, errors=0, trace_errors=0, cut_tokens=0)
+                            request_seconds=0.0, decode_seconds=0.0, errors=0, trace_errors=0, traces_skipped=0,
+                            cut_tokens=0)
 
     @property
     def draft_version(self) -> int:
@@ -180,7 +186,14 @@ class SGLangEngine:
         forwards = target_forwards(meta, len(out))
         if (version := served_version(meta)) is not None:
             self.last_weight_version = version
-        self._export(prompt, resp, rid, domain, t_start)
+        if self.cfg.original_logprobs or temperature in (0.0, 1.0):
+            self._export(prompt, resp, rid, domain, t_start)
+        else:
+            with self._lock:
+                self.metrics["traces_skipped"] += 1
+            self._skipped_log.warning("no trace for requests at temperature %s: SGLang's output logprobs are then "
+                                   "scaled by it; run SGLang with SGLANG_RETURN_ORIGINAL_LOGPROB=1 (sglang-launch does) "
+                                   "and set sidecar.original_logprobs", temperature)
         finish = meta.get("finish_reason") or {}
         with self._lock:
             m = self.metrics

@@ -5,17 +5,23 @@ Two sources, joined by request id in the sidecar:
 1. The `/generate` response of a request sent with `return_hidden_states=True`, `return_logprob=True`,
    `logprob_start_len=0`, `top_logprobs_num=k` (shapes, all in sglang/srt/managers/):
    - `output_ids`: generated ids (tokenizer_manager.py:2665).
-   - `meta_info.hidden_states`: one entry per prefill chunk holding that chunk's rows (a 2-D list,
-     scheduler_components/batch_result_processor.py:659), then one row per decoded token
-     (a 1-D list each, :699). With `--enable-return-aux-hidden-states` (target only) or an EAGLE3
-     draft these rows are the concatenated aux hidden states [3H] (arg_groups/fields/exec_.py:129).
+   - `meta_info.hidden_states`: one 2-D entry with the rows of the prefill chunk that completed the
+     prompt (scheduler_components/batch_result_processor.py:659; earlier chunks of a chunked prefill
+     store nothing, :330-337 pass `store=should_commit_output`, false while middle chunks are in
+     flight), then one row per decoded token (a 1-D list each, :699). With
+     `--enable-return-aux-hidden-states` (target only) or an EAGLE3 draft these rows are the
+     concatenated aux hidden states [3H] (arg_groups/fields/exec_.py:129).
    - `meta_info.input_top_logprobs`: per prompt position, None for position 0, else a list of
      (logprob, token_id, text) (tokenizer_manager.py:3106, :3135); `output_top_logprobs` likewise per
      generated token: the distribution that token was drawn from.
-   - `meta_info.weight_version`: the weight version serving when the request ended (:2511).
+   - `meta_info.weight_version`: the weight version serving when the request ended (:2511), and
+     `meta_info.weight_versions`, the spans of output tokens each version served when a swap happened
+     while the request ran (utils/weight_versions.py): the trace is labelled with the oldest.
    The last generated token has no hidden state (it was never fed back), so the trace stops one
-   token short; with prefix caching the cached prompt rows have no hidden states either, so the
-   trace then starts where the rows do.
+   token short. Leading prompt rows are missing in two cases: a prompt longer than the chunked-
+   prefill size (only its last chunk's rows come back) and a prefix served from the radix cache
+   (never computed). The trace then starts where the rows do (`cut`, counted in the sidecar's
+   `cut_tokens`); `sglang.chunked_prefill_size` above the longest prompt avoids the first case.
 
 2. Verify-step records from the scheduler plugin (`plugin.py`): per request and verify step, the
    draft block of `EagleVerifyInput` (speculative/eagle_info.py:18-25: `draft_token` with the root
@@ -125,6 +131,14 @@ def served_version(meta: dict) -> int | None:
     return int(v) if v.isdigit() else None
 
 
+def trace_version(meta: dict) -> int:
+    """The draft version a trace is labelled with: the oldest that served any of its tokens (a swap
+    inside a request splits `weight_versions` into spans), so staleness is never understated."""
+    spans = [str(s.get("version", "")) for s in meta.get("weight_versions") or () if isinstance(s, dict)]
+    versions = [int(v) for v in spans if v.isdigit()]
+    return min(versions) if versions else (served_version(meta) or 0)
+
+
 def target_forwards(meta: dict, num_output: int) -> int:
     """Prefill + verify passes with a draft (`spec_verify_ct`); one forward per token without."""
     return 1 + int(meta["spec_verify_ct"]) if meta.get("spec_verify_ct") else num_output
@@ -165,7 +179,7 @@ def trace_from_generate(prompt_ids: list[int], response: dict, *, request_id: st
     shifted = [dataclasses.replace(s, trunk_pos=s.trunk_pos - cut) for s in steps if s.trunk_pos >= cut]
     trace = Trace(request_id=request_id, tokens=tokens, prompt_len=P - cut, aux_hidden=aux,
                   target_ids=ids, target_logprobs=lps, steps=cut_steps(shifted, L - cut),
-                  draft_version=served_version(meta) or 0, domain=domain,
+                  draft_version=trace_version(meta), domain=domain,
                   start_unix_s=start_unix_s, end_unix_s=end_unix_s,
                   target_forwards=target_forwards(meta, G))
     return trace, cut
