@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import jax
@@ -91,27 +92,61 @@ def _meta_from_parents(parents, attach):
     return TreeMeta(arr(np.zeros(N)), arr(tpos), arr(att), arr(anc))
 
 
+def _tree_inputs(cfg: DraftConfig, hidden_kind: str = "target"):
+    """6 trunk slots, then a tree hanging from trunk slot 4: nodes 6,7 children of the trunk, 8 <- 6, 9 <- 8."""
+    parents = [-2] * 6 + [-1, -1, 6, 8]
+    meta = _meta_from_parents(parents, attach=4)
+    N = len(parents)
+    rng = np.random.default_rng(2)
+    tokens = rng.integers(0, cfg.vocab_size, (1, N)).astype(np.int32)
+    width = 3 * cfg.ht if hidden_kind == "target" else cfg.hidden_size
+    hidden = rng.standard_normal((1, N, width)).astype(np.float32)
+    positions = np.asarray([[0, 1, 2, 3, 4, 5, 5, 5, 6, 7]], np.int32)
+    return tokens, hidden, positions, meta
+
+
+def _torch_forward(tm, tokens, hidden, positions, meta):
+    mask = torch.from_numpy(np.array(tree_mask(meta, meta)))
+    with torch.no_grad():
+        logits, h, _ = tm(torch.from_numpy(tokens).long(), torch.from_numpy(hidden), torch.from_numpy(positions).long(),
+                          mask)
+    return logits.float().numpy(), h.float().numpy()
+
+
+BF16_ATOL = 3e-2  # a bf16 Flax forward against the torch forward (in f32) of the same bf16 weights
+
+
+def assert_serves_like_flax(m: Eagle3Draft, served: dict, atol: float = 1e-4) -> None:
+    """What serving received (a torch state_dict in SGLang's layout), loaded into the torch draft,
+    computes the Flax model's forward on a tree: an oracle independent of the Flax->torch mapping
+    under test (comparing with `to_torch_layout`'s output would repeat its mistakes). The embedding,
+    which is never sent, is taken from the Flax model."""
+    cfg = m.cfg
+    tm = TorchDraft(dataclasses.replace(cfg, param_dtype="float32"))
+    sd = {k: (v.float() if v.is_floating_point() else v) for k, v in served.items()}
+    missing, unexpected = tm.load_state_dict(sd, strict=False)
+    assert not unexpected and set(missing) <= {"embed_tokens.weight", "d2t", "t2d"}, (missing, unexpected)
+    embed = np.asarray(flat_variables(m)["embed_tokens"]).astype(np.float32)
+    tm.embed_tokens.weight.data.copy_(torch.from_numpy(embed))
+    inputs = _tree_inputs(cfg)
+    logits, h = m(*(jnp.asarray(a) for a in inputs[:3]), inputs[3])
+    tl, th = _torch_forward(tm, *inputs)
+    np.testing.assert_allclose(th, np.asarray(h, np.float32), rtol=atol, atol=atol)
+    np.testing.assert_allclose(tl, np.asarray(logits, np.float32), rtol=atol, atol=atol)
+
+
 @pytest.mark.parametrize("hidden_kind", ["target", "draft"])
 def test_torch_reference_forward_matches_flax(hidden_kind):
     m = _flax(seed=1)
     tm = TorchDraft(CFG)
     tm.load_state_dict(to_torch(flat_variables(m))[0])
-    # 6 trunk slots, then a tree hanging from trunk slot 4: nodes 6,7 children of the trunk, 8 <- 6, 9 <- 8
-    parents = [-2] * 6 + [-1, -1, 6, 8]
-    meta = _meta_from_parents(parents, attach=4)
-    N = len(parents)
-    rng = np.random.default_rng(2)
-    tokens = rng.integers(0, CFG.vocab_size, (1, N)).astype(np.int32)
-    width = 3 * CFG.ht if hidden_kind == "target" else CFG.hidden_size
-    hidden = rng.standard_normal((1, N, width)).astype(np.float32)
-    positions = np.asarray([[0, 1, 2, 3, 4, 5, 5, 5, 6, 7]], np.int32)
+    tokens, hidden, positions, meta = _tree_inputs(CFG, hidden_kind)
     logits, h = m(jnp.asarray(tokens), jnp.asarray(hidden), jnp.asarray(positions), meta)
     mask = torch.from_numpy(np.array(tree_mask(meta, meta)))
     assert mask[0, 8].tolist() == [True] * 5 + [False] * 1 + [True, False, True, False]
-    with torch.no_grad():
-        tl, th, _ = tm(torch.from_numpy(tokens).long(), torch.from_numpy(hidden), torch.from_numpy(positions).long(), mask)
-    np.testing.assert_allclose(th.numpy(), np.asarray(h), rtol=1e-4, atol=1e-5)
-    np.testing.assert_allclose(tl.numpy(), np.asarray(logits), rtol=1e-4, atol=1e-4)
+    tl, th = _torch_forward(tm, tokens, hidden, positions, meta)
+    np.testing.assert_allclose(th, np.asarray(h), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(tl, np.asarray(logits), rtol=1e-4, atol=1e-4)
 
 
 def test_torch_forward_with_kv_cache_equals_one_pass():
@@ -144,10 +179,11 @@ def test_hf_export_then_import_is_identical(tmp_path):
         for k in sd:
             want = sd[k] if sd[k].dtype.kind in "ib" else sd[k].astype(ml_dtypes.bfloat16 if dtype == "bfloat16" else np.float32)
             assert sd2[k].dtype == want.dtype and np.array_equal(sd2[k], want), k
-    # torch's own safetensors reader sees the SGLang layout too
+    # torch's own safetensors reader sees the SGLang layout too, and what it reads computes the Flax forward
     from safetensors.torch import load_file
     t = load_file(str(tmp_path / "bfloat16" / "model.safetensors"))
     assert t["midlayer.self_attn.q_proj.weight"].dtype == torch.bfloat16 and t["d2t"].dtype == torch.int64
+    assert_serves_like_flax(m, load_file(str(tmp_path / "float32" / "model.safetensors")))
 
 
 def test_llama31_8b_shaped_sglang_state_dict_imports_without_missing_or_unexpected_keys():

@@ -151,3 +151,31 @@ def test_concurrent_writers_group_commit(tmp_path):
     assert 0 < len(calls) <= 80  # never more than one fsync per record
     buf.close()
     assert len(ReplayBuffer(cfg(tmp_path)).entries()) == 80
+
+
+def test_deferred_consumption_commits_with_each_checkpoint_and_replays_the_rest(tmp_path):
+    """The trainer's mode: marks reach consumed.log only when committed (with a checkpoint). Several
+    commits over small segments, then a crash: committed traces are gone, uncommitted ones replay."""
+    c = cfg(tmp_path, segment_bytes=20_000)
+    buf = ReplayBuffer(c, defer_consume=True)
+    seqs = [put(buf, make_trace(i)) for i in range(12)]
+    segments = lambda: len(list((tmp_path / "spool").glob("seg-*.log")))  # noqa: E731
+    n_segs = segments()
+    assert n_segs >= 3
+    for ckpt in (seqs[:4], seqs[4:8]):  # two checkpoints, each covering what was consumed before it
+        buf.consume(ckpt)
+        marks = buf.take_consumed()
+        assert sorted(m.seq for m in marks) == ckpt and buf.take_consumed() == []
+        buf.commit_consumed(marks)
+    assert segments() < n_segs  # fully committed segments are collected
+    buf.consume(seqs[8:10])  # consumed after the last checkpoint: not committed
+    assert [e.seq for e in buf.entries()] == seqs[10:]
+    buf.close()  # (a crash: the marks of seqs[8:10] were never committed)
+    buf2 = ReplayBuffer(c, defer_consume=True)
+    assert [e.seq for e in buf2.entries()] == seqs[8:]
+    buf2.consume(seqs[8:])
+    buf2.commit_consumed(buf2.take_consumed())
+    buf2.close()
+    buf3 = ReplayBuffer(c)
+    assert buf3.entries() == [] and put(buf3, make_trace(50)) == seqs[-1] + 1
+    buf3.close()

@@ -224,3 +224,34 @@ def test_vocab_pruning_maps_labels_into_the_draft_vocabulary():
     assert ids.size and ids.max() < 10
     loss, m = loss_fn(model, jax.tree.map(jnp.asarray, b), ObjectiveConfig(ttt_length=2))
     assert np.isfinite(float(loss))
+
+
+def test_unlikelihood_counts_exactly_the_rejected_tokens_not_the_padding():
+    """The reject term against numpy: mean over the traces' rejected nodes of -log(1 - q(token)) at
+    the slot that proposed it, on a batch whose negative lists are padded (rows with different counts)."""
+    rng = np.random.default_rng(7)
+    trs = [random_trace(rng, request_id=f"u{i}", num_tokens=20, prompt_len=4, hidden=HT, vocab=V, num_steps=n,
+                        tree_nodes=5) for i, n in enumerate((3, 1))]
+    def depth(s, k):
+        return 1 if s.parents[k] < 0 else 1 + depth(s, int(s.parents[k]))
+    D = 3  # TTT steps: nodes deeper than D are never proposed at a trained slot
+    n_rejected = sum(1 for t in trs for s in t.steps for k in range(len(s.tokens))
+                     if not s.accepted[k] and depth(s, k) <= D)
+    model = _model(3)
+    batch, _ = _pack(trs, 3, rows=2, lengths=(32,))
+    mask = np.asarray(batch.neg_mask)
+    assert mask.sum() == n_rejected and (mask == 0).any()  # every rejected node once, and padding
+    hs = _hidden(model, batch)  # [D, B, N, H] (checked against a per-node loop above)
+    _, B, N, _ = hs.shape
+    terms = []
+    for b in range(B):
+        for m in np.flatnonzero(mask[b]):
+            slot, tok = int(batch.neg_slot[b, m]), int(batch.neg_tok[b, m])
+            z = np.asarray(model.logits(jnp.asarray(hs[slot // N, b, slot % N])[None, None]), np.float64)[0, 0]
+            q = np.exp(z[tok] - z.max()) / np.exp(z - z.max()).sum()
+            terms.append(-np.log1p(-q))
+    w = 0.5
+    _, metrics = loss_fn(model, jax.tree.map(jnp.asarray, batch), ObjectiveConfig(ttt_length=3, reject_weight=w))
+    np.testing.assert_allclose(float(metrics["unlikelihood"]), np.mean(terms), rtol=1e-4)
+    np.testing.assert_allclose(float(metrics["loss"]) - float(metrics["kl"]), w * np.mean(terms), rtol=1e-3)
+    assert float(metrics["negatives"]) == n_rejected

@@ -98,6 +98,8 @@ MALFORMED = {
                                    r"tokens: dimension outside \[0, 2147483647\] in shape \[0, 4611686018427387904\]"),
     "65 dimensions": (lambda m: (m.tokens.shape.__setitem__(slice(None), [1] * 65), setattr(m.tokens, "data", b"\0" * 4)),
                       r"tokens: 65 dimensions, at most 8"),
+    "parent below -1": (_set(["steps", "1", "parents"], lambda s: np.full(s.parents.shape[0], -2, np.int32)),
+                        r"steps\[1\]\.parents: node 0 has parent -2; a parent must be -1 or an earlier node"),
 }
 
 
@@ -229,7 +231,7 @@ def test_trainer_down_client_never_blocks_and_counts_drops():
     for i in range(50):
         client.submit(make_trace(i))
     assert time.perf_counter() - t0 < 1.0  # submit is a queue append, whatever the trainer does
-    time.sleep(0.5)
+    assert wait_for(lambda: client.stats()["dropped"] >= 45 - 8 and client.stats()["retries"] > 0, timeout=10)
     s = client.stats()
     assert s["acked"] == 0 and s["dropped"] >= 45 - 8 and s["queued"] <= 5 + 8  # at most one batch in flight
     assert s["retries"] > 0 and "UNAVAILABLE" in client.last_error

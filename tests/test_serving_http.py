@@ -220,6 +220,32 @@ def test_abusive_requests_get_a_clear_4xx_and_the_server_keeps_serving(model_dir
         engine.close()
 
 
+def test_streamed_concurrent_and_solo_requests_give_the_same_text(model_dir):
+    """Greedy in float32: a request's text does not depend on streaming or on the requests batched
+    with it (the oracle is each prompt sent alone, not streamed)."""
+    import concurrent.futures as cf
+
+    engine, http = _engine(model_dir, None)
+    prompts = ["the quick brown", "online training keeps", "hello world, this", "speculative decoding"]
+    url = http.url + "/v1/completions"
+    body = lambda p, **kw: dict(prompt=p, max_tokens=16, temperature=0, **kw)  # noqa: E731
+    try:
+        solo = [json.loads(_post(url, body(p))[1])["choices"][0]["text"] for p in prompts]
+        with cf.ThreadPoolExecutor(len(prompts)) as pool:
+            together = [json.loads(r[1])["choices"][0]["text"] for r in pool.map(lambda p: _post(url, body(p)), prompts)]
+            streams = list(pool.map(lambda p: _post(url, body(p, stream=True))[1], prompts))
+        streamed = []
+        for text in streams:
+            events = [line[6:] for line in text.splitlines() if line.startswith("data: ")]
+            assert events[-1] == "[DONE]"
+            streamed.append("".join(json.loads(e)["choices"][0]["text"] for e in events[:-1]))
+        assert any(solo) and together == solo and streamed == solo
+        assert engine.snapshot()["mean_batch"] > 1  # the concurrent ones did share forwards
+    finally:
+        http.stop()
+        engine.close()
+
+
 def test_an_engine_error_in_a_stream_is_an_error_event_not_a_clean_stop(model_dir):
     engine, http = _engine(model_dir, None, mode="none")
     try:

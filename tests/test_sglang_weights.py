@@ -23,14 +23,15 @@ from multiprocessing.reduction import ForkingPickler
 import torch.multiprocessing  # noqa: F401  (registers tensor reductions)
 
 from aurora_jax.config import WeightSyncConfig
-from aurora_jax.model import Eagle3Draft, flat_variables
+from aurora_jax.model import Eagle3Draft
 from aurora_jax.weight_sync import WeightPublisher, WeightSyncServer
-from bridge.eagle3 import DraftConfig, to_torch_layout
+from bridge.eagle3 import DraftConfig
 from serving.eagle3 import Eagle3Draft as TorchDraft
 from serving.sglang.weights import SGLangUpdateError, SGLangWeightsConfig, SGLangWeightUpdater, serialize_named_tensors
 from serving.weight_sync import WeightSubscriber, WeightSubscriberConfig
 from tests.conftest import JsonHttpServer, wait_for
 from tests.sglang_unpickle import Decoder
+from tests.test_bridge import BF16_ATOL, assert_serves_like_flax
 
 CFG = DraftConfig(hidden_size=32, num_attention_heads=4, num_key_value_heads=2, intermediate_size=48,
                   vocab_size=60, target_hidden_size=16, param_dtype="bfloat16")
@@ -104,12 +105,6 @@ class FakeSGLangServer:
         self.decoder.close()
 
 
-def _want(model):
-    sd = to_torch_layout({k: np.asarray(a) for k, a in flat_variables(model).items()})
-    return {k: torch.from_numpy(np.array(v).view(np.int16)).view(torch.bfloat16) for k, v in sd.items()
-            if k not in ("embed_tokens.weight", "d2t", "t2d")}
-
-
 @pytest.fixture
 def trainer_side():
     server = WeightSyncServer(WeightSyncConfig(address="127.0.0.1:0", max_chunk_bytes=4096)).start()
@@ -127,9 +122,7 @@ def test_versions_from_the_trainer_land_in_the_sglang_draft(trainer_side):
             model = Eagle3Draft(CFG, rngs=nnx.Rngs(v))
             publish(v, nnx.state(model))
             assert wait_for(lambda: upd.version == v), sub.last_error
-            got = sgl.draft.state_dict()
-            for k, w in _want(model).items():
-                assert torch.equal(got[k], w), k
+            assert_serves_like_flax(model, sgl.draft.state_dict(), atol=BF16_ATOL)  # decoded in another process
         assert [p for p, _ in sgl.calls] == ["/pause_generation", "/begin_weight_update", "/update_weights_from_tensor",
                                              "/end_weight_update", "/continue_generation"] * 2
         pause, begin, update, end, cont = (b for _, b in sgl.calls[:5])
@@ -159,8 +152,7 @@ def test_a_failed_update_keeps_the_previous_draft_and_closes_the_session(trainer
         assert upd.version == 1 and sub.version == 1 and sgl.weight_version == "1"
         assert sgl.session is None and [p for p, _ in sgl.calls[-2:]] == ["/end_weight_update", "/continue_generation"]
         assert not sgl.paused  # neither the session nor the pause is left open
-        for k, w in _want(first).items():
-            assert torch.equal(sgl.draft.state_dict()[k], w), k
+        assert_serves_like_flax(first, sgl.draft.state_dict(), atol=BF16_ATOL)
         sgl.fail_update = False
         publish(3, nnx.state(Eagle3Draft(CFG, rngs=nnx.Rngs(3))))
         assert wait_for(lambda: upd.version == 3), sub.last_error

@@ -87,6 +87,30 @@ def test_eagle_tree_greedy_output_equals_target_only(target, topk, steps, ndt):
         assert 1 + sum(r.accept_lengths) >= 24 and r.target_forwards == len(r.accept_lengths) + 1  # + prefill
 
 
+class CraftedDrafter(OracleDrafter):
+    """Every round the same crafted tree around the target's next two greedy tokens t0, t1:
+        root ─ x  ─ t1     (x wrong: t1 sits under a rejected sibling, at the depth it is wanted)
+             └ t0 ─ y      (y wrong)
+    Greedy verification must accept t0 only (then emit t1 as the bonus), never x's child."""
+
+    def propose(self, tokens, aux, st):
+        t0, t1 = _greedy_reference(self.target, tokens, 2)
+        x, y = (t0 + 1) % V, (t1 + 1) % V
+        return [Node(x, -1, 1, -0.5), Node(t0, -1, 1, -1.0), Node(t1, 0, 2, -1.0), Node(y, 1, 2, -2.0)]
+
+
+def test_greedy_acceptance_follows_parents_not_depths(target):
+    dec = SpecDecoder(target, CraftedDrafter(target, 0, 0), SpecConfig(topk=2, num_steps=2, num_draft_tokens=4),
+                      topk=4)
+    for prompt in PROMPTS:
+        r = dec.generate(prompt, 17)
+        assert r.output == _greedy_reference(target, prompt, 17)
+        assert r.accept_lengths == [2] * 8  # t0 accepted, y rejected, t1 the bonus: every round
+        validate(r.trace, TraceLimits(vocab_size=V, target_hidden_size=H))
+        for s in r.trace.steps:
+            assert s.accepted.tolist() == [False, True, False, False]
+
+
 @pytest.mark.parametrize("depth,siblings", [(4, 2), (6, 0)])
 def test_long_accepted_paths_keep_the_cache_right(target, depth, siblings):
     spec = SpecConfig()
@@ -223,10 +247,33 @@ def test_batched_requests_decode_as_if_alone(target, drafted):
         dec.step_many(live)
     assert max(batches) == len(prompts) and dec.fused_requests == sum(batches)
     for i, (p, r) in enumerate(zip(prompts, reqs)):
-        res = dec.finish(r)
-        assert res.output == _greedy_reference(target, p, 16 + 4 * i)
+        alone = dec.start(p, 16 + 4 * i)  # the oracle: the same request decoded by itself
+        while not alone.done:
+            dec.step(alone)
+        for (k1, v1), (k2, v2) in zip(_cache_tensors(r.cache), _cache_tensors(alone.cache), strict=True):
+            torch.testing.assert_close(k1, k2, rtol=1e-5, atol=1e-5)  # its own KV entries, no padding
+            torch.testing.assert_close(v1, v2, rtol=1e-5, atol=1e-5)
+        res, solo = dec.finish(r), dec.finish(alone)
+        assert res.output == solo.output == _greedy_reference(target, p, 16 + 4 * i)
         validate(res.trace, TraceLimits(vocab_size=V, target_hidden_size=H))
         assert len(res.trace.steps) == (len(res.accept_lengths) if drafted else 0)
+        a, b = res.trace, solo.trace
+        np.testing.assert_array_equal(a.tokens, b.tokens)
+        np.testing.assert_allclose(a.aux_hidden, b.aux_hidden, rtol=1e-5, atol=1e-5)
+        np.testing.assert_array_equal(a.target_ids, b.target_ids)
+        np.testing.assert_allclose(a.target_logprobs, b.target_logprobs, rtol=1e-5, atol=1e-5)
+        assert len(a.steps) == len(b.steps)
+        for x, y in zip(a.steps, b.steps):
+            assert x.trunk_pos == y.trunk_pos
+            for f in ("tokens", "parents", "accepted", "target_nodes", "target_ids"):
+                np.testing.assert_array_equal(getattr(x, f), getattr(y, f), err_msg=f)
+
+
+def _cache_tensors(cache):
+    """(keys, values) per layer of a transformers DynamicCache, whichever its version's layout."""
+    if hasattr(cache, "layers"):
+        return [(layer.keys, layer.values) for layer in cache.layers]
+    return list(zip(cache.key_cache, cache.value_cache))
 
 
 def test_fused_drafting_matches_per_request_drafting(target):

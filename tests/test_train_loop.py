@@ -57,15 +57,16 @@ def _push(address, traces):
 def test_trainer_ingests_trains_publishes_and_checkpoints(tmp_path):
     published = []
     cfg = _cfg(tmp_path, max_steps=6, sync_every=2, traces_per_step=4, tensorboard_dir=str(tmp_path / "tb"))
-    trainer = Trainer(cfg, publish=lambda v, state: published.append((v, nnx.to_flat_state(state))))
+    trainer = Trainer(cfg, publish=lambda v, state: published.append((v, trainer.learner.step,
+                                                                      nnx.to_flat_state(state))))
     try:
         _push(trainer.start_ingest(), _traces(24))
         last = trainer.run()
     finally:
         trainer.close()
     assert last["step"] == 6 and trainer.version == 3
-    assert [v for v, _ in published] == [1, 2, 3]
-    names = {".".join(map(str, p)) for p, _ in published[-1][1]}
+    assert [(v, step) for v, step, _ in published] == [(1, 2), (2, 4), (3, 6)]  # after every 2nd step
+    names = {".".join(map(str, p)) for p, _ in published[-1][2]}
     assert {"fc.kernel", "midlayer.self_attn.q_proj.kernel", "lm_head.kernel", "d2t", "t2d", "embed_tokens"} <= names
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
@@ -77,7 +78,7 @@ def test_trainer_ingests_trains_publishes_and_checkpoints(tmp_path):
 
 
 def test_resume_restores_step_version_and_the_buffers_consumption_position(tmp_path):
-    cfg = _cfg(tmp_path, max_steps=3, sync_every=1, traces_per_step=4)
+    cfg = _cfg(tmp_path, max_steps=3, sync_every=2, traces_per_step=4)  # version != step
     a = Trainer(cfg)
     _push(a.start_ingest(), _traces(24))
     a.run()  # saves at step 3 (checkpoint.every=3): 12 traces consumed with it
@@ -90,13 +91,15 @@ def test_resume_restores_step_version_and_the_buffers_consumption_position(tmp_p
     a.buffer.close()
     a._metrics.close()
 
-    b = Trainer(_cfg(tmp_path, max_steps=6, sync_every=1, traces_per_step=4), resume=True)
+    published = []
+    b = Trainer(_cfg(tmp_path, max_steps=6, sync_every=2, traces_per_step=4), resume=True,
+                publish=lambda v, state: published.append((v, b.learner.step)))
     try:
-        assert b.learner.step == 3 and b.version == 3
+        assert b.learner.step == 3 and b.version == 1  # one version (after step 2) in the step-3 checkpoint
         left = {e.trace.request_id for e in b.buffer.entries()}
         assert len(left) == 12  # exactly what the step-3 checkpoint had not consumed
         b.run()
-        assert b.learner.step == 6
+        assert b.learner.step == 6 and published == [(2, 4), (3, 6)]
     finally:
         b.close()
 
