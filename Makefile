@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test proto bench-ingest clean
+.PHONY: demo test mutation proto bench-ingest clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -25,6 +25,11 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests
+
+# Mutation testing of the modules in tests/mutation.toml (long: ~1 h on 2 cores with its samples).
+mutation: $(STAMP)
+	$(PY) -m pip install --quiet -e '.[mutation]'
+	$(PY) scripts/mutation.py
 
 # Regenerate the gRPC/protobuf stubs after editing bridge/proto/aurora.proto.
 proto: $(STAMP)

@@ -94,10 +94,8 @@ def _cmd_import_hf(args) -> int:
 
 
 def _cmd_serve(args) -> int:
-    import signal
-    import threading
-
     from bridge.config import load_config
+    from bridge.signals import stop_event
     from serving.engine import Engine, EngineConfig
     from serving.http import HttpServer
 
@@ -105,10 +103,7 @@ def _cmd_serve(args) -> int:
     engine = Engine(cfg)
     http = HttpServer(engine, cfg.host, cfg.port).start()
     print(f"serving on {http.url}", flush=True)
-    done = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: done.set())
-    done.wait()
+    stop_event().wait()
     http.stop()
     engine.close()
     return 0

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import signal
 import sys
 import threading
 import time
@@ -30,6 +29,7 @@ from aurora_jax.ingest import IngestServer
 from aurora_jax.model import Eagle3Draft, head_from_target, load_flat, target_to_draft
 from aurora_jax.train import Learner, make_mesh
 from bridge.config import to_dict
+from bridge.signals import stop_event
 from bridge.eagle3 import LayoutError, from_torch_layout, load_hf, read_target_config, read_tensor, weights_file
 from bridge.vocab import build_vocab, count_tokens
 
@@ -282,9 +282,7 @@ class Trainer:
 def run_train(cfg: TrainerConfig, resume: bool = False) -> int:
     """`aurora-jax train`: serve ingest and train until max_steps or SIGINT/SIGTERM."""
     trainer = Trainer(cfg, resume=resume)
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
+    stop = stop_event()
     try:
         print(f"listening on {trainer.start_ingest()}", flush=True)
         if trainer.weights is not None:

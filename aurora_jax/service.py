@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import logging
-import signal
 import sys
-import threading
 
 from aurora_jax.buffer import ReplayBuffer
 from aurora_jax.config import TrainerConfig
 from aurora_jax.ingest import IngestServer
+from bridge.signals import stop_event
 
 log = logging.getLogger(__name__)
 
@@ -23,9 +22,7 @@ def run_ingest(cfg: TrainerConfig, stats_every: float = 10.0) -> int:
     """Serve until SIGINT/SIGTERM. Prints `listening on HOST:PORT` first (scripts wait for it)."""
     server = start_ingest(cfg)
     print(f"listening on {server.address}", flush=True)
-    done = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: done.set())
+    done = stop_event()
     while not done.wait(stats_every if stats_every > 0 else None):
         s = server.buffer.snapshot_stats()
         log.info("buffered=%d (%.1f MB) accepted=%d rejected=%d backpressured=%d consumed=%d spool=%.1f MB",

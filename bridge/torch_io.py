@@ -22,12 +22,21 @@ from bridge.eagle3 import TRANSPOSED, DraftConfig, torch_keys
 BF16 = np.dtype(ml_dtypes.bfloat16)
 
 
+def tensor_from_numpy(a: np.ndarray) -> torch.Tensor:
+    """numpy -> torch sharing memory; bf16 (ml_dtypes) included, which numpy's DLPack does not know:
+    its bits are reinterpreted."""
+    return torch.from_numpy(a.view(np.int16)).view(torch.bfloat16) if a.dtype == BF16 else torch.from_numpy(a)
+
+
+def tensor_to_numpy(t: torch.Tensor) -> np.ndarray:
+    """A CPU torch tensor -> numpy sharing memory; bf16 comes back as ml_dtypes.bfloat16."""
+    return t.view(torch.int16).numpy().view(BF16) if t.dtype == torch.bfloat16 else t.numpy()
+
+
 def _host_tensor(a) -> tuple[torch.Tensor, bool]:
     """(tensor, shares_memory) for a JAX or numpy array."""
     if isinstance(a, np.ndarray):
-        if a.dtype == BF16:  # numpy's DLPack knows no bf16: reinterpret the bits
-            return torch.from_numpy(a.view(np.int16)).view(torch.bfloat16), True
-        return torch.from_numpy(a), True
+        return tensor_from_numpy(a), True
     devices = getattr(a, "devices", lambda: set())()
     if all(d.platform == "cpu" for d in devices):
         try:
@@ -64,8 +73,7 @@ def to_numpy(sd: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
     """torch state_dict -> numpy (bf16 as ml_dtypes.bfloat16), sharing memory where possible."""
     out = {}
     for k, t in sd.items():
-        t = t.detach().cpu()
-        out[k] = t.view(torch.int16).numpy().view(BF16) if t.dtype == torch.bfloat16 else t.numpy()
+        out[k] = tensor_to_numpy(t.detach().cpu())
     return out
 
 

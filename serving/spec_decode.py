@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from bridge.eagle3 import VOCAB_KEYS
+from bridge.torch_io import tensor_to_numpy
 from bridge.traces import Trace, TreeStep, cut_steps
 from serving.eagle3 import Eagle3Draft
 from serving.target import Target
@@ -491,8 +492,5 @@ class Request:
 
 
 def _np(t: torch.Tensor) -> np.ndarray:
-    import ml_dtypes
-
-    if t.dtype == torch.bfloat16:
-        return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16).copy()
-    return t.float().numpy().copy() if t.dtype != torch.float16 else t.numpy().copy()
+    """A trace array: bf16 and f16 kept as they are, anything else as float32; a copy."""
+    return tensor_to_numpy(t if t.dtype in (torch.bfloat16, torch.float16) else t.float()).copy()

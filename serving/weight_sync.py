@@ -19,12 +19,12 @@ import time
 from typing import Callable
 
 import grpc
-import ml_dtypes
 import numpy as np
 import torch
 
 from bridge.eagle3 import DraftConfig, LayoutError
 from bridge.proto import aurora_pb2 as pb
+from bridge.torch_io import tensor_from_numpy
 from bridge.weights import SUBSCRIBE_METHOD, VersionAssembler, WeightError
 from serving.ratelimit import EveryWindow
 
@@ -47,8 +47,7 @@ def to_torch_state_dict(arrays: dict[str, np.ndarray]) -> dict[str, torch.Tensor
     out = {}
     for k, a in arrays.items():
         a = np.require(a, requirements="W") if not a.flags.writeable else a  # torch wants writable memory
-        out[k] = torch.from_numpy(a.view(np.int16)).view(torch.bfloat16) if a.dtype == ml_dtypes.bfloat16 \
-            else torch.from_numpy(a)
+        out[k] = tensor_from_numpy(a)
     return out
 
 

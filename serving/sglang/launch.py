@@ -13,14 +13,13 @@ import dataclasses
 import logging
 import os
 import shlex
-import signal
 import subprocess
 import sys
-import threading
 import time
 
 import httpx
 
+from bridge.signals import stop_event
 from serving.sglang.sidecar import SINK_PATH, SidecarConfig
 from serving.sglang.weights import SGLangWeightsConfig
 from serving.weight_sync import WeightSubscriberConfig
@@ -173,9 +172,7 @@ def run(cfg: SGLangLaunchConfig, dry_run: bool = False) -> int:
         log.info("SGLang at %s; traces -> %s%s", url, sidecar.traces.address,
                  f"; draft versions <- {cfg.weights.address}" if sub else "")
         print(f"serving on {http.url}", flush=True)
-        done = threading.Event()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, lambda *_: done.set())
+        done = stop_event()
         while not done.wait(5.0):
             if proc.poll() is not None:
                 log.error("SGLang exited with code %s", proc.returncode)

@@ -1,0 +1,48 @@
+"""The tiers stay apart: the trainer never imports torch or the serving tier, serving never imports
+JAX, the bridge neither (except its one torch adapter). Checked in fresh interpreters."""
+
+from __future__ import annotations
+
+import pkgutil
+import subprocess
+import sys
+
+import pytest
+
+import aurora_jax
+import bridge
+import serving
+
+# The apps that drive both tiers still live in aurora_jax (the CLI, the demo): issue 18 moves them out.
+APPS = {"aurora_jax.cli", "aurora_jax.demo"}
+
+
+def _modules(pkg) -> list[str]:
+    return sorted(m.name for m in pkgutil.walk_packages(pkg.__path__, pkg.__name__ + ".")
+                  if m.name not in APPS and ".proto" not in m.name)
+
+
+def _imports(modules: list[str]) -> set[str]:
+    code = ("import importlib, sys\n"
+            f"for m in {modules!r}: importlib.import_module(m)\n"
+            "print(' '.join(sorted({n.split('.')[0] for n in sys.modules})))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return set(out.stdout.split())
+
+
+@pytest.mark.parametrize("pkg,forbidden", [
+    (aurora_jax, {"torch", "serving", "bench"}),
+    (serving, {"jax", "flax", "aurora_jax", "bench"}),
+    (bridge, {"jax", "flax", "torch", "aurora_jax", "serving", "bench"}),
+])
+def test_a_tier_imports_nothing_of_the_others(pkg, forbidden):
+    mods = [m for m in _modules(pkg) if m != "bridge.torch_io"]  # bridge's one torch adapter
+    leaked = forbidden & _imports(mods)
+    assert not leaked, f"importing {pkg.__name__} pulls in {sorted(leaked)}"
+    if pkg is bridge:
+        assert "jax" not in _imports(["bridge.torch_io"])
+
+
+def test_the_check_sees_what_a_module_imports():
+    assert {"torch", "bridge"} <= _imports(["serving.engine"]) and "jax" in _imports(["aurora_jax.model"])
