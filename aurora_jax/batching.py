@@ -99,12 +99,12 @@ def _bucket(n: int, buckets: list[int]) -> int:
     return buckets[-1]
 
 
-def _labels(ids: np.ndarray, lp: np.ndarray, K: int, tgt2draft: np.ndarray):
+def _labels(ids: np.ndarray, lp: np.ndarray, K: int, target_to_draft: np.ndarray):
     """Top-k rows -> (draft ids [n, K] with -1 padding, logprobs [n, K]) sorted by probability."""
     order = np.argsort(-lp, axis=1, kind="stable")[:, :K]
     ids = np.take_along_axis(ids, order, 1)
     lp = np.take_along_axis(lp, order, 1)
-    d = tgt2draft[ids]
+    d = target_to_draft[ids]
     out_ids = np.full((ids.shape[0], K), -1, np.int32)
     out_lp = np.full((ids.shape[0], K), -np.inf, np.float32)
     out_ids[:, :d.shape[1]] = d
@@ -112,9 +112,9 @@ def _labels(ids: np.ndarray, lp: np.ndarray, K: int, tgt2draft: np.ndarray):
     return out_ids, out_lp, d[:, 0]
 
 
-def pack(traces: list[Trace], cfg: BatchConfig, depth: int, tgt2draft: np.ndarray,
+def pack(traces: list[Trace], cfg: BatchConfig, depth: int, target_to_draft: np.ndarray,
          train_on_prompt: bool = False) -> tuple[Batch, PackStats, list[Trace]]:
-    """Build one batch from `traces`. `tgt2draft`: [V] draft id of each target token
+    """Build one batch from `traces`. `target_to_draft`: [V] draft id of each target token
     (-1 = not in the draft vocabulary; see `model.target_to_draft`).
 
     Returns (batch, stats, traces that did not fit).
@@ -148,7 +148,7 @@ def pack(traces: list[Trace], cfg: BatchConfig, depth: int, tgt2draft: np.ndarra
         off, n_rej, n_neg = 0, [0] * D, 0
         for s, i in enumerate(members):
             n_rej, n_neg, dropped = _place(f, b, s, off, traces[i], lens[i], D, K, L, N, R_max, M_max,
-                                           tgt2draft, train_on_prompt, n_rej, n_neg)
+                                           target_to_draft, train_on_prompt, n_rej, n_neg)
             st.dropped_nodes += dropped
             off += lens[i]
         r_used, m_used = max(r_used, max(n_rej)), max(m_used, n_neg)
@@ -169,14 +169,14 @@ def pack(traces: list[Trace], cfg: BatchConfig, depth: int, tgt2draft: np.ndarra
     return Batch(**f), st, left
 
 
-def _place(f, b, s, off, tr: Trace, n, D, K, L, N, R, M, tgt2draft, train_on_prompt, n_rej, n_neg):
+def _place(f, b, s, off, tr: Trace, n, D, K, L, N, R, M, target_to_draft, train_on_prompt, n_rej, n_neg):
     """Write one request (segment s of row b, trunk slots [off, off + n)) into the arrays."""
     x, P = tr.tokens, tr.prompt_len
     T = n + 1  # tokens used (truncated traces keep their first L_max + 1)
     t = np.arange(1, T)
     idx = off + t - 1
     f["aux"][b, idx] = tr.aux_hidden[:T - 1].astype(BF16)
-    lab_ids, lab_lp, top = _labels(tr.target_ids[:T], tr.target_logprobs[:T], K, tgt2draft)
+    lab_ids, lab_lp, top = _labels(tr.target_ids[:T], tr.target_logprobs[:T], K, target_to_draft)
     first = 0 if train_on_prompt else P - 1  # slots predicting generated tokens only
     for j in range(D):
         ok = t + j <= T - 1
@@ -215,7 +215,7 @@ def _place(f, b, s, off, tr: Trace, n, D, K, L, N, R, M, tgt2draft, train_on_pro
             if ps is None:
                 dropped += 1
                 continue
-            dtok = int(tgt2draft[tok])
+            dtok = int(target_to_draft[tok])
             if dtok >= 0 and n_neg < M:
                 f["neg_slot"][b, n_neg] = ps[0] * N + ps[1]
                 f["neg_tok"][b, n_neg] = dtok
@@ -241,7 +241,7 @@ def _place(f, b, s, off, tr: Trace, n, D, K, L, N, R, M, tgt2draft, train_on_pro
             f["rejected"][d, b, loc] = True
             r = rows_of.get(j_node)
             if r is not None:
-                ids, lp, top = _labels(step.target_ids[r:r + 1], step.target_logprobs[r:r + 1], K, tgt2draft)
+                ids, lp, top = _labels(step.target_ids[r:r + 1], step.target_logprobs[r:r + 1], K, target_to_draft)
                 f["label_ids"][d, b, loc], f["label_lp"][d, b, loc] = ids[0], lp[0]
                 f["loss_mask"][d, b, loc] = float((ids[0] >= 0).any())
                 f["acc_target"][d, b, loc] = top[0]

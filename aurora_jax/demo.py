@@ -23,9 +23,8 @@ import time
 from pathlib import Path
 
 import httpx
-import yaml
 
-from bridge.config import to_dict
+from bridge.config import read_raw, to_dict
 from serving.load import LoadConfig, run_load, side_by_side
 
 log = logging.getLogger(__name__)
@@ -147,7 +146,7 @@ def _serve_setting(cfg: DemoConfig, key: str):
         k, _, v = item.partition("=")
         if k.strip() == key:
             return v.strip()
-    node = yaml.safe_load((ROOT / cfg.serve_config).read_text()) or {}
+    node = read_raw(ROOT / cfg.serve_config)
     for part in key.split("."):
         node = node.get(part) if isinstance(node, dict) else None
     return node

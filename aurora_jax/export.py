@@ -20,7 +20,7 @@ from aurora_jax.config import TrainerConfig
 from aurora_jax.model import Eagle3Draft
 from aurora_jax.train import Learner, MeshConfig, make_mesh
 from bridge.config import from_dict
-from bridge.eagle3 import load_hf, save_hf, to_torch_layout
+from bridge.eagle3 import VOCAB_KEYS, load_hf, save_hf, to_torch_layout
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +102,7 @@ def describe_hf(path: str) -> str:
     """What an EAGLE3 dir holds, and the `aurora-jax train` command lines that start from it: with the
     target's directory (shapes derived from it and checked against the draft), or without one."""
     cfg, sd = load_hf(path)
-    n = sum(int(np.prod(v.shape)) for k, v in sd.items() if k not in ("d2t", "t2d"))
+    n = sum(int(np.prod(v.shape)) for k, v in sd.items() if k not in VOCAB_KEYS)
     shape = " ".join(f"model.{k}={getattr(cfg, k)}" for k in (
         "hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim", "intermediate_size", "vocab_size",
         "target_hidden_size", "rope_theta", "rms_norm_eps", "max_position_embeddings")) + "".join(

@@ -30,7 +30,7 @@ from aurora_jax.model import Eagle3Draft, head_from_target, load_flat, target_to
 from aurora_jax.train import Learner, make_mesh
 from bridge.config import to_dict
 from bridge.signals import stop_event
-from bridge.eagle3 import LayoutError, from_torch_layout, load_hf, read_target_config, read_tensor, weights_file
+from bridge.eagle3 import VOCAB_KEYS, LayoutError, from_torch_layout, load_hf, read_target_config, read_tensor, weights_file
 from bridge.vocab import build_vocab, count_tokens
 
 log = logging.getLogger(__name__)
@@ -124,7 +124,7 @@ class Trainer:
         log.info("initialised the draft from %s (%d tensors)", path, len(sd))
 
     def _update_vocab_table(self) -> None:
-        self.tgt2draft = target_to_draft(np.asarray(self.learner.rest["d2t"].get_value()), self.cfg.model.vocab_size)
+        self.target_to_draft = target_to_draft(np.asarray(self.learner.rest["d2t"].get_value()), self.cfg.model.vocab_size)
 
     def _prune_vocab(self) -> None:
         """Day 0 with draft_vocab_size < V: keep the tokens most frequent in the traces so far."""
@@ -172,7 +172,7 @@ class Trainer:
         entries = self.buffer.sample(cfg.loop.traces_per_step or cfg.batch.rows, self.rng, self.version)
         if not entries:
             return False
-        batch, stats, _ = pack([e.trace for e in entries], cfg.batch, cfg.objective.ttt_length, self.tgt2draft,
+        batch, stats, _ = pack([e.trace for e in entries], cfg.batch, cfg.objective.ttt_length, self.target_to_draft,
                                cfg.objective.train_on_prompt)
         metrics = self.learner.train_step(batch)
         self.ckpt.poll()
@@ -231,7 +231,7 @@ class Trainer:
     def save(self) -> None:
         meta = dict(draft_version=self.version, step=self.learner.step, sampler_rng=self.rng.bit_generator.state,
                     has_embedding=self.has_embedding, config=to_dict(self.cfg))
-        vocab = {k: np.asarray(self.learner.rest[k].get_value()) for k in ("d2t", "t2d")}
+        vocab = {k: np.asarray(self.learner.rest[k].get_value()) for k in sorted(VOCAB_KEYS)}
         self.ckpt.save(self.learner.step, self.learner.state, meta, vocab)
 
     # ------------------------------------------------------------ run

@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     from aurora_jax.config import WeightSyncConfig
     from aurora_jax.model import Eagle3Draft, flat_variables
     from aurora_jax.weight_sync import WeightPublisher, WeightSyncServer
-    from bridge.eagle3 import DraftConfig
+    from bridge.eagle3 import VOCAB_KEYS, DraftConfig
     from bridge.torch_io import to_torch
     from serving.weight_sync import WeightSubscriber, WeightSubscriberConfig
 
@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     flat = flat_variables(model)
     jax.block_until_ready(flat)
     total = sum(v.nbytes for v in flat.values())
-    trained = sum(v.nbytes for k, v in flat.items() if k not in ("embed_tokens", "d2t", "t2d"))
+    trained = sum(v.nbytes for k, v in flat.items() if k != "embed_tokens" and k not in VOCAB_KEYS)
 
     def timeit(fn):
         out = []

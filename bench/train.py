@@ -45,7 +45,7 @@ def run_config(name: str, steps: int, ttt: int, seed: int = 0) -> dict:
     model = Eagle3Draft(cfg, rngs=nnx.Rngs(seed))
     learner = Learner(model, ObjectiveConfig(ttt_length=ttt), OptimConfig(), make_mesh(MeshConfig(data=1)))
     bc = BatchConfig(rows=rows, lengths=[T // 2, T], branch_slots=[0, 32, 128], topk=8, pack=True)
-    t2d = target_to_draft(np.asarray(model.d2t[...]), cfg.vocab_size)
+    to_draft = target_to_draft(np.asarray(model.d2t[...]), cfg.vocab_size)
     rng = np.random.default_rng(seed)
 
     def batch():
@@ -54,7 +54,7 @@ def run_config(name: str, steps: int, ttt: int, seed: int = 0) -> dict:
             n = int(rng.integers(T // 4, T + 1))
             traces.append(random_trace(rng, request_id=f"{i}", num_tokens=n, prompt_len=n // 8, hidden=cfg.ht,
                                        vocab=cfg.vocab_size, topk=8, num_steps=max(1, n // 16), tree_nodes=8))
-        return pack(traces, bc, ttt, t2d)[0]
+        return pack(traces, bc, ttt, to_draft)[0]
 
     batches = [batch() for _ in range(steps)]
     t0 = time.perf_counter()

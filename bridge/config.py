@@ -56,20 +56,7 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[st
     origin: dict[str, str] = {}  # dotted key -> where its value came from
     source = str(path) if path is not None else "<defaults>"
     if path is not None:
-        try:
-            text = Path(path).read_text()
-        except OSError as e:
-            raise ConfigError(f"{path}: cannot read config file: {e.strerror}") from None
-        try:
-            loaded = _parse(text)
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML: {e}") from None
-        if loaded is None:
-            loaded = {}
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{path}: top level must be a mapping, got {type(loaded).__name__}")
-        raw = loaded
-        _record_origin(raw, "", source, origin)
+        raw = _read_file(Path(path), origin, ())
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
@@ -95,6 +82,48 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[st
                 raise ConfigError(f"{_where(key, origin, source)}: '{key}' = {_show(ours)} conflicts with "
                                   f"{fact_source}, which says {_show(value)}; drop the key or fix it")
     return _build(cls, raw, "", origin, source)
+
+
+def read_raw(path: str | Path) -> dict:
+    """A config file's keys as plain YAML values, its `base:` chain merged in (no typing)."""
+    return _read_file(Path(path), {}, ())
+
+
+def _read_file(path: Path, origin: dict[str, str], chain: tuple[Path, ...]) -> dict:
+    """One YAML file as a dict; with a top-level `base: FILE` (relative to this file), that file's
+    keys first and this file's on top (mappings merged key by key, anything else replaced)."""
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read config file: {e.strerror}") from None
+    try:
+        loaded = _parse(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if loaded is None:
+        loaded = {}
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{path}: top level must be a mapping, got {type(loaded).__name__}")
+    base = loaded.pop("base", None)
+    raw: dict = {}
+    if base is not None:
+        if not isinstance(base, str) or not base:
+            raise ConfigError(f"{path}: 'base' must name a config file, got {base!r}")
+        base_path = (path.parent / base).resolve()
+        if base_path in chain or base_path == path.resolve():
+            raise ConfigError(f"{path}: 'base: {base}' includes itself")
+        raw = _read_file(base_path, origin, chain + (path.resolve(),))
+    _record_origin(loaded, "", str(path), origin)
+    _merge(raw, loaded)
+    return raw
+
+
+def _merge(into: dict, top: dict) -> None:
+    for k, v in top.items():
+        if isinstance(v, dict) and isinstance(into.get(k), dict):
+            _merge(into[k], v)
+        else:
+            into[k] = v
 
 
 def from_dict(cls: type[T], raw: dict, source: str, known_only: bool = False) -> T:

@@ -43,6 +43,21 @@ def test_yaml_and_overrides(tmp_path):
     assert load_config(Outer, write(tmp_path, "inner:\n  lr: 1e-5\n")).inner.lr == 1e-5
 
 
+def test_a_config_composes_from_its_base(tmp_path):
+    (tmp_path / "base.yaml").write_text("steps: 5\ntag: base\ninner:\n  lr: 0.5\n  names: [x, y]\n")
+    (tmp_path / "sub").mkdir()
+    child = tmp_path / "sub" / "model.yaml"
+    child.write_text("base: ../base.yaml\ntag: child\ninner:\n  mode: b\n  names: [z]\n")
+    cfg = load_config(Outer, child, ["steps=6"])
+    assert cfg == Outer(inner=Inner(lr=0.5, mode="b", names=["z"]), steps=6, tag="child")  # merged per key
+    (tmp_path / "base.yaml").write_text("inner:\n  lrr: 1\n")
+    with pytest.raises(ConfigError, match=r"base\.yaml: unknown key 'inner\.lrr'"):  # named where it is
+        load_config(Outer, child)
+    (tmp_path / "base.yaml").write_text("base: sub/model.yaml\n")
+    with pytest.raises(ConfigError, match="includes itself"):
+        load_config(Outer, child)
+
+
 def test_unknown_key_names_key_and_file(tmp_path):
     p = write(tmp_path, "inner:\n  lrr: 0.5\n")
     with pytest.raises(ConfigError, match=r"c\.yaml: unknown key 'inner\.lrr'; did you mean 'inner\.lr'"):

@@ -25,9 +25,9 @@ def _model(seed=0, cfg=CFG):
 
 
 def _pack(traces, depth, rows=1, lengths=(32,), slots=(0, 8, 32), model=None):
-    t2d = target_to_draft(np.asarray((model or _model()).d2t[...]), V)
+    to_draft = target_to_draft(np.asarray((model or _model()).d2t[...]), V)
     b, st, left = pack(traces, BatchConfig(rows=rows, lengths=list(lengths), branch_slots=list(slots), topk=4),
-                       depth, t2d)
+                       depth, to_draft)
     assert not left
     return b, st
 
@@ -213,13 +213,13 @@ def test_vocab_pruning_maps_labels_into_the_draft_vocabulary():
     model = _model(cfg=cfg)
     kept = np.arange(0, 50, 5)  # target ids 0, 5, ..., 45
     model.set_vocab(kept - np.arange(10))
-    t2d = target_to_draft(np.asarray(model.d2t[...]), V)
-    assert t2d[45] == 9 and t2d[44] == -1 and bool(model.t2d[...][45]) and not bool(model.t2d[...][44])
+    to_draft = target_to_draft(np.asarray(model.d2t[...]), V)
+    assert to_draft[45] == 9 and to_draft[44] == -1 and bool(model.t2d[...][45]) and not bool(model.t2d[...][44])
     with pytest.raises(ValueError, match="distinct target ids"):
         model.set_vocab(-np.arange(10))  # every draft id onto target 0
     rng = np.random.default_rng(6)
     tr = random_trace(rng, request_id="r", num_tokens=20, prompt_len=4, hidden=HT, vocab=V, topk=4)
-    b = pack([tr], BatchConfig(rows=1, lengths=[32], branch_slots=[0], topk=4), 2, t2d)[0]
+    b = pack([tr], BatchConfig(rows=1, lengths=[32], branch_slots=[0], topk=4), 2, to_draft)[0]
     ids = b.label_ids[b.label_ids >= 0]
     assert ids.size and ids.max() < 10
     loss, m = loss_fn(model, jax.tree.map(jnp.asarray, b), ObjectiveConfig(ttt_length=2))

@@ -39,13 +39,13 @@ def _second_choice_rejected(tr, succ):
 
 def _batches(n, seed=0, traces=8, second_choice=False):
     rng, succ, feats = _toy(seed)
-    t2d = target_to_draft(np.zeros(V, int), V)
+    to_draft = target_to_draft(np.zeros(V, int), V)
     out = []
     for s in range(n):
         trs = [toy_target_trace(rng, request_id=f"{s}-{i}", succ=succ, features=feats) for i in range(traces)]
         if second_choice:
             trs = [_second_choice_rejected(t, succ) for t in trs]
-        out.append(pack(trs, BC, D, t2d)[0])
+        out.append(pack(trs, BC, D, to_draft)[0])
     return out
 
 
