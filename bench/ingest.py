@@ -69,7 +69,7 @@ def bench_endpoint(traces, fsync: str, chunk_bytes: int, batch: int, vocab: int,
     from serving.trace_client import TraceClient, TraceClientConfig
 
     with tempfile.TemporaryDirectory(prefix="aurora-bench-") as spool:
-        cmd = [sys.executable, "-m", "aurora_jax.cli", "--log-level", "warning", "ingest", "--config",
+        cmd = [sys.executable, "-m", "apps.cli", "--log-level", "warning", "ingest", "--config",
                "configs/trainer.yaml", "--stats-every", "0", "target=", "ingest.address=127.0.0.1:0",
                f"buffer.spool_dir={spool}", f"buffer.fsync={fsync}", f"limits.vocab_size={vocab}",
                f"model.vocab_size={vocab}", f"model.target_hidden_size={hidden}",

@@ -95,7 +95,7 @@ def test_missing_file():
 
 
 def test_shipped_configs_load():
-    from aurora_jax.demo import DemoConfig
+    from apps.demo import DemoConfig
 
     cfg = load_config(TrainerConfig, "configs/trainer.yaml")
     assert cfg.ingest.address.startswith("127.0.0.1")

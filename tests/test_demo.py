@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 import subprocess
 
-from aurora_jax.demo import DemoConfig, run_demo
-from serving.load import LoadConfig
+from apps.demo import DemoConfig, run_demo
+from apps.load import LoadConfig
 
 
 def test_short_demo_closes_the_loop(tmp_path):

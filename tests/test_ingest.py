@@ -241,7 +241,7 @@ def test_trainer_down_client_never_blocks_and_counts_drops():
 
 
 def _start_ingest_process(spool, extra=()):
-    cmd = [sys.executable, "-m", "aurora_jax.cli", "--log-level", "warning", "ingest", "--config",
+    cmd = [sys.executable, "-m", "apps.cli", "--log-level", "warning", "ingest", "--config",
            "configs/trainer.yaml", "target=", "ingest.address=127.0.0.1:0", f"buffer.spool_dir={spool}",
            f"limits.vocab_size={VOCAB}", f"model.vocab_size={VOCAB}", "model.target_hidden_size=32", *extra]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -1,5 +1,7 @@
-"""The tiers stay apart: the trainer never imports torch or the serving tier, serving never imports
-JAX, the bridge neither (except its one torch adapter). Checked in fresh interpreters."""
+"""The layers stay apart: the trainer never imports torch, the serving tier or the apps; serving never
+imports JAX; the bridge neither (except its one torch adapter); benchmarks import no app code. Only
+`apps` (CLI, demo, load driver, token counting, the flywheel benchmark) drives both tiers. Checked
+in fresh interpreters."""
 
 from __future__ import annotations
 
@@ -10,16 +12,13 @@ import sys
 import pytest
 
 import aurora_jax
+import bench
 import bridge
 import serving
 
-# The apps that drive both tiers still live in aurora_jax (the CLI, the demo): issue 18 moves them out.
-APPS = {"aurora_jax.cli", "aurora_jax.demo"}
-
 
 def _modules(pkg) -> list[str]:
-    return sorted(m.name for m in pkgutil.walk_packages(pkg.__path__, pkg.__name__ + ".")
-                  if m.name not in APPS and ".proto" not in m.name)
+    return sorted(m.name for m in pkgutil.walk_packages(pkg.__path__, pkg.__name__ + ".") if ".proto" not in m.name)
 
 
 def _imports(modules: list[str]) -> set[str]:
@@ -32,9 +31,10 @@ def _imports(modules: list[str]) -> set[str]:
 
 
 @pytest.mark.parametrize("pkg,forbidden", [
-    (aurora_jax, {"torch", "serving", "bench"}),
-    (serving, {"jax", "flax", "aurora_jax", "bench"}),
-    (bridge, {"jax", "flax", "torch", "aurora_jax", "serving", "bench"}),
+    (aurora_jax, {"torch", "serving", "bench", "apps"}),
+    (serving, {"jax", "flax", "aurora_jax", "bench", "apps"}),
+    (bridge, {"jax", "flax", "torch", "aurora_jax", "serving", "bench", "apps"}),
+    (bench, {"apps"}),
 ])
 def test_a_tier_imports_nothing_of_the_others(pkg, forbidden):
     mods = [m for m in _modules(pkg) if m != "bridge.torch_io"]  # bridge's one torch adapter

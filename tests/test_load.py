@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from serving.load import LoadConfig, schedule
+from apps.load import LoadConfig, schedule
 
 
 @pytest.fixture

@@ -140,7 +140,7 @@ def test_tier_import_boundaries():
     code = ("import sys, serving.engine, serving.http, serving.trace_client, serving.weight_sync, bridge.traces;"
             "assert 'jax' not in sys.modules, 'serving imported jax'")
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
-    code = ("import sys, aurora_jax.loop, aurora_jax.export, aurora_jax.weight_sync, aurora_jax.cli;"
+    code = ("import sys, aurora_jax.loop, aurora_jax.export, aurora_jax.weight_sync, apps.cli;"
             "assert 'torch' not in sys.modules, 'aurora_jax imported torch'")
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
 

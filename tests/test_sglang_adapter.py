@@ -282,7 +282,7 @@ def test_launch_config_errors_are_clear():
 def test_gpu_loop_configs_load_and_agree(model):
     """The GPU-host configs parse, and the trainer's draft matches what SGLang will load."""
     from aurora_jax.config import TrainerConfig
-    from aurora_jax.demo import DemoConfig
+    from apps.demo import DemoConfig
     from bridge.config import load_config
     from serving.sglang.launch import SGLangLaunchConfig
     demo = load_config(DemoConfig, f"configs/{model}-sglang-demo.yaml", [])

@@ -105,9 +105,9 @@ def test_resume_restores_step_version_and_the_buffers_consumption_position(tmp_p
 
 
 def test_train_command_help_and_config_errors():
-    out = subprocess.run([sys.executable, "-m", "aurora_jax.cli", "train", "--help"], capture_output=True, text=True)
+    out = subprocess.run([sys.executable, "-m", "apps.cli", "train", "--help"], capture_output=True, text=True)
     assert out.returncode == 0 and "--resume" in out.stdout and "sync_every" in out.stdout
-    out = subprocess.run([sys.executable, "-m", "aurora_jax.cli", "train", "objective.ttt_lenght=3"],
+    out = subprocess.run([sys.executable, "-m", "apps.cli", "train", "objective.ttt_lenght=3"],
                          capture_output=True, text=True)
     assert out.returncode == 2 and "did you mean 'objective.ttt_length'" in out.stderr
 
@@ -129,7 +129,7 @@ def test_vocab_pruned_at_start_export_hf_and_train_from_the_export(tmp_path):
     assert t2d.sum() == 32 and counts[t2d].min() >= counts[~t2d].max()  # the most frequent tokens
 
     out = tmp_path / "hf"
-    r = subprocess.run([sys.executable, "-m", "aurora_jax.cli", "export-hf", str(tmp_path / "a" / "ckpt"), str(out),
+    r = subprocess.run([sys.executable, "-m", "apps.cli", "export-hf", str(tmp_path / "a" / "ckpt"), str(out),
                         "--dtype", "float32"], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     hf_cfg, sd = load_hf(out)
@@ -138,7 +138,7 @@ def test_vocab_pruned_at_start_export_hf_and_train_from_the_export(tmp_path):
     assert sd.keys() == want.keys()
     for k in sd:
         assert np.array_equal(sd[k], want[k]), k
-    r = subprocess.run([sys.executable, "-m", "aurora_jax.cli", "import-hf", str(out)], capture_output=True, text=True)
+    r = subprocess.run([sys.executable, "-m", "apps.cli", "import-hf", str(out)], capture_output=True, text=True)
     assert r.returncode == 0 and f"loop.init_from={out}" in r.stdout and "model.draft_vocab_size=32" in r.stdout
 
     cfg_b = _cfg(tmp_path / "b", max_steps=1)
@@ -152,7 +152,7 @@ def test_vocab_pruned_at_start_export_hf_and_train_from_the_export(tmp_path):
                 assert np.array_equal(got[k], v), k
     finally:
         b.close()
-    r = subprocess.run([sys.executable, "-m", "aurora_jax.cli", "train", "target=", f"loop.init_from={out}",
+    r = subprocess.run([sys.executable, "-m", "apps.cli", "train", "target=", f"loop.init_from={out}",
                         f"limits.vocab_size={V}", f"model.vocab_size={V}"], capture_output=True, text=True)
     assert r.returncode == 2 and "does not match model.*" in r.stderr and "Traceback" not in r.stderr
 
@@ -194,17 +194,17 @@ def test_day0_sglang_draft_dir_from_prompt_counts(tmp_path):
     from transformers import AutoTokenizer
 
     from aurora_jax.config import TrainerConfig
-    from aurora_jax.demo import DemoConfig, sglang_day0
+    from apps.demo import DemoConfig, sglang_day0
     from bridge.config import load_config
     from bridge.eagle3 import load_hf
-    from serving.load import LoadConfig
+    from apps.load import LoadConfig
 
     out, serve = tmp_path / "day0", tmp_path / "sglang.yaml"
     serve.write_text(f"sglang:\n  model_path: models/demo-target\n  draft_path: {tmp_path / 'elsewhere'}\n")
     overrides = ["model.draft_vocab_size=512"]
     demo = DemoConfig(serving="sglang", serve_config=str(serve), serve_overrides=[f"sglang.draft_path={out}"],
                       trainer_overrides=overrides, load=LoadConfig(domains=["code"]))
-    assert sglang_day0(demo, tmp_path, [sys.executable, "-m", "aurora_jax.cli"]) == [f"loop.init_from={out}"]
+    assert sglang_day0(demo, tmp_path, [sys.executable, "-m", "apps.cli"]) == [f"loop.init_from={out}"]
     counts = np.load(tmp_path / "vocab_counts.npy")
     tok = AutoTokenizer.from_pretrained("models/demo-target", local_files_only=True)
     prompts = [json.loads(line)["prompt"] for line in open("models/demo-target/prompts/code.jsonl") if line.strip()]

@@ -11,7 +11,7 @@ import pytest
 import torch
 from flax import nnx
 
-from aurora_jax.cli import main
+from apps.cli import main
 from aurora_jax.config import TrainerConfig, WeightSyncConfig
 from aurora_jax.model import Eagle3Draft
 from aurora_jax.weight_sync import WeightPublisher, WeightSyncServer

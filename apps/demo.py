@@ -25,7 +25,7 @@ from pathlib import Path
 import httpx
 
 from bridge.config import read_raw, to_dict
-from serving.load import LoadConfig, run_load, side_by_side
+from apps.load import LoadConfig, run_load, side_by_side
 
 log = logging.getLogger(__name__)
 ROOT = Path(__file__).resolve().parents[1]
@@ -46,7 +46,7 @@ class DemoConfig:
     start_timeout_s: float = 180.0
     prepare_target: str = ""  # a known real target (`aurora-jax prepare-target NAME`) made into `target` on first use
     # After the flywheel, with the trainer stopped: target-only vs the final draft on the same engine,
-    # on held-out prompts (load.split=heldout), in interleaved rounds (serving.load.side_by_side).
+    # on held-out prompts (load.split=heldout), in interleaved rounds (apps.load.side_by_side).
     side_by_side_requests: int = 0  # held-out prompts per arm and round (0 = no side-by-side)
     side_by_side_rounds: int = 3
     side_by_side_concurrency: list[int] = dataclasses.field(default_factory=lambda: [1, 2])
@@ -176,7 +176,7 @@ def run_demo(cfg: DemoConfig) -> int:
     shutil.rmtree(run, ignore_errors=True)
     run.mkdir(parents=True)
     sglang = cfg.serving == "sglang"
-    py = [sys.executable, "-m", "aurora_jax.cli"]
+    py = [sys.executable, "-m", "apps.cli"]
     if not sglang and not cfg.prepare_target and not (ROOT / cfg.target / "config.json").exists():
         raise FileNotFoundError(f"no model directory at {cfg.target} (the toy target: scripts/make_demo_target.py)")
     if cfg.prepare_target:  # first use: convert the registry-installed target once (torch, in a child)

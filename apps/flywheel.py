@@ -1,6 +1,6 @@
 """`aurora-jax bench flywheel`: the paper's experiments in miniature, on the demo's real target.
 
-Each run is a full demo (`aurora_jax.demo`: trainer + engine processes, real gRPC/HTTP) built from
+Each run is a full demo (`apps.demo`: trainer + engine processes, real gRPC/HTTP) built from
 one demo config (default: `make demo`'s, SmolLM2-135M-Instruct) with one thing changed:
   a  day 0: the untrained draft trained online, then target-only vs the final draft side by side
   b  domain shift: a draft trained online on code, then served on prose statically (no trainer)
@@ -9,7 +9,7 @@ one demo config (default: `make demo`'s, SmolLM2-135M-Instruct) with one thing c
      prompt order), served acceptance with the spread across seeds
   d  sync interval: several loop.sync_every values, served acceptance and throughput
 Speedups come only from side-by-sides (target-only and speculative interleaved on one engine with
-the trainer stopped, `serving.load.side_by_side`), never from comparing two runs' wall clocks: the
+the trainer stopped, `apps.load.side_by_side`), never from comparing two runs' wall clocks: the
 runs share 2 cores with a trainer whose load differs between them. Acceptance length (tokens per
 target forward) does not depend on load, so (c) and (d) compare it across runs.
 Prints tables, writes <out>/flywheel.json and each run's report/plot under <out>/<run>/.
@@ -27,7 +27,7 @@ import sys
 import time
 from pathlib import Path
 
-from aurora_jax.demo import ROOT, DemoConfig, run_demo
+from apps.demo import ROOT, DemoConfig, run_demo
 from bridge.config import load_config
 
 
@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     if not base.side_by_side_requests:
         base.side_by_side_requests = 6
     if base.prepare_target:  # once, before any run
-        subprocess.run([sys.executable, "-m", "aurora_jax.cli", "prepare-target", base.prepare_target, "--out",
+        subprocess.run([sys.executable, "-m", "apps.cli", "prepare-target", base.prepare_target, "--out",
                         base.target], check=True, cwd=ROOT)
     out = Path(a.out)
     shutil.rmtree(out, ignore_errors=True)

@@ -67,7 +67,7 @@ def _cmd_count_tokens(args) -> int:
 
     import numpy as np
 
-    from serving.vocab_counts import count_prompt_tokens
+    from apps.count_tokens import count_prompt_tokens
 
     files = [Path(args.prompts) / f"{d}.jsonl" for d in args.domains.split(",")] if Path(args.prompts).is_dir() \
         else [Path(args.prompts)]
@@ -117,13 +117,13 @@ def _cmd_sglang_launch(args) -> int:
 
 
 def _cmd_load(args) -> int:
-    from serving.load import main as load_main
+    from apps.load import main as load_main
 
     return load_main(args.load_args)
 
 
 def _cmd_demo(args) -> int:
-    from aurora_jax.demo import DemoConfig, run_demo
+    from apps.demo import DemoConfig, run_demo
     from bridge.config import load_config
 
     cfg = load_config(DemoConfig, args.config, args.overrides)
@@ -151,7 +151,7 @@ def _cmd_bench(args) -> int:
     elif args.what == "serve":
         from bench.serve import main as bench_main
     elif args.what == "flywheel":
-        from bench.flywheel import main as bench_main
+        from apps.flywheel import main as bench_main
     elif args.what == "attention":
         from bench.attention import main as bench_main
     else:  # argparse restricts choices
