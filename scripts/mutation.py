@@ -89,7 +89,7 @@ def run_module(mod: dict, exclude: list[str], sample: int, seed: int, out: Path)
                     continue
                 m = item.mutations[0]
                 runs.append(dict(line=m.start_pos[0], operator=m.operator_name, occurrence=m.occurrence,
-                                 definition=m.definition_name, outcome=str(res.test_outcome or res.worker_outcome),
+                                 definition=m.definition_name, outcome=(res.test_outcome or res.worker_outcome).value,
                                  diff=res.diff or ""))
     killed = sum(r["outcome"] in ("killed", "incompetent") for r in runs)
     lo, hi = wilson(killed, len(runs))

@@ -25,6 +25,8 @@ from bridge.eagle3 import VOCAB_KEYS
 from bridge.torch_io import tensor_to_numpy
 from bridge.traces import Trace, TreeStep, cut_steps
 from serving.eagle3 import Eagle3Draft
+from serving.acceptance import accept
+from serving.padding import Padding
 from serving.target import Target
 
 
@@ -112,29 +114,20 @@ class EagleDrafter:
             self.forwards += len(steps)
             return [d(*s) for s in steps]
         self.forwards += 1
-        pasts = [0 if s[4] is None else s[4][0].shape[1] for s in steps]
-        ns = [s[0].shape[1] for s in steps]
-        B, P, N = len(steps), max(pasts), max(ns)
+        pad = Padding([0 if s[4] is None else s[4][0].shape[1] for s in steps], [s[0].shape[1] for s in steps])
+        B, N = len(steps), pad.N
         tok = torch.zeros(B, N, dtype=torch.long)
         pos = torch.zeros(B, N, dtype=torch.long)
         hid = torch.zeros(B, N, steps[0][1].shape[-1], dtype=steps[0][1].dtype)
-        mask = torch.zeros(B, N, P + N, dtype=torch.bool)
-        mask[:, torch.arange(N), P + torch.arange(N)] = True  # pad rows see themselves (no NaN)
-        ks, vs = [], []
-        for b, ((t, h, p, m, cache), past, n) in enumerate(zip(steps, pasts, ns)):
+        for b, ((t, h, p, _, _), n) in enumerate(zip(steps, pad.ns)):
             tok[b, :n], pos[b, :n], hid[b, :n] = t[0], p[0], h[0]
-            mask[b, :n, :past], mask[b, :n, P:P + n] = m[0, :, :past], m[0, :, past:]
-            if P:
-                pad = (0, 0, 0, 0, 0, P - past)
-                k, v = cache if cache is not None else (d.empty_cache(),) * 2
-                ks.append(torch.nn.functional.pad(k, pad)), vs.append(torch.nn.functional.pad(v, pad))
-        logits, h, (k, v) = d(tok, hid, pos, mask, (torch.cat(ks), torch.cat(vs)) if P else None)
-        out = []
-        for b, (past, n) in enumerate(zip(pasts, ns)):
-            idx = torch.cat([torch.arange(past), P + torch.arange(n)])
-            out.append((logits[b:b + 1, :n], h[b:b + 1, :n],
-                        (k[b:b + 1].index_select(1, idx), v[b:b + 1].index_select(1, idx))))
-        return out
+        cache = None
+        if pad.P:  # draft caches are [1, seq, kv heads, head dim]
+            kvs = [s[4] if s[4] is not None else (d.empty_cache(),) * 2 for s in steps]
+            cache = (pad.cache([k for k, _ in kvs], dim=1), pad.cache([v for _, v in kvs], dim=1))
+        logits, h, (k, v) = d(tok, hid, pos, pad.mask([s[3][0] for s in steps]), cache)
+        return [(logits[b:b + 1, :n], h[b:b + 1, :n], (pad.own(k, b, dim=1), pad.own(v, b, dim=1)))
+                for b, n in enumerate(pad.ns)]
 
     def _propose(self, tokens: list[int], aux: list[torch.Tensor], st: "DraftState"):
         """One request's drafting as a coroutine: yields each draft step's inputs, receives its
@@ -290,38 +283,6 @@ class SpecDecoder:
             return int(logits.argmax())
         return int(torch.multinomial(torch.softmax(logits.float() / temperature, -1), 1, generator=gen))
 
-    def _walk(self, logits, nodes, temperature, gen) -> tuple[list[int], int]:
-        """Accepted path (node indices) and the bonus token. Greedy: follow the target's argmax.
-        Sampling: at each node try its children in draft order, accepting child c with the
-        target's residual probability p(c) / p(remaining), removing c on rejection; if none is
-        accepted, the bonus is drawn from the residual. Each emitted token is then distributed
-        exactly as the target's (a draft that is a point mass per candidate), for any tree."""
-        path, cur = [], -1
-        while True:
-            row = logits[cur + 1]
-            kids = [k for k, nd in enumerate(nodes) if nd.parent == cur]
-            if temperature <= 0:
-                choice = int(row.argmax())
-                nxt = next((k for k in kids if nodes[k].token == choice), None)
-                if nxt is None:
-                    return path, choice
-            else:
-                p = torch.softmax(row.float() / temperature, -1)
-                nxt = None
-                for k in kids:
-                    t = nodes[k].token
-                    total = float(p.sum())
-                    if total > 0 and float(torch.rand((), generator=gen)) * total < float(p[t]):
-                        nxt = k
-                        break
-                    p[t] = 0.0
-                if nxt is None:
-                    if float(p.sum()) <= 0:  # every token with mass was a rejected child: cannot happen
-                        p = torch.softmax(row.float() / temperature, -1)
-                    return path, int(torch.multinomial(p / p.sum(), 1, generator=gen))
-            path.append(nxt)
-            cur = nxt
-
     @torch.no_grad()
     def start(self, prompt: list[int], max_new_tokens: int, eos: int | None = None, domain: str = "",
               request_id: str | None = None, temperature: float = 0.0, seed: int | None = None,
@@ -407,7 +368,7 @@ class SpecDecoder:
             r.accepts.append(1)
             return 1
         n = len(nodes)
-        path, bonus = self._walk(logits, nodes, r.temperature, r.gen)  # node k is logits row k + 1
+        path, bonus = accept(logits, nodes, r.temperature, r.gen)  # node k is logits row k + 1
         rows = [0] + [k + 1 for k in path]
         ids, lps = self._topk(logits[rows])
         for i, row in enumerate(rows):

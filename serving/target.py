@@ -13,6 +13,7 @@ import torch
 from transformers import AutoModelForCausalLM, DynamicCache
 
 from bridge.eagle3 import read_target_config
+from serving.padding import Padding
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -76,37 +77,27 @@ class Target:
         as if it had run alone. Returns [(logits [n, V] f32, aux [n, 3H])] in order."""
         if len(items) == 1:
             return [self.forward(*items[0])]
-        pasts = [c.get_seq_length() for _, c, _, _ in items]
-        ns = [len(ids) for ids, _, _, _ in items]
-        B, P, N = len(items), max(pasts), max(ns)
-        ids = torch.zeros(B, N, dtype=torch.long)
-        pos = torch.zeros(B, N, dtype=torch.long)
-        allowed = torch.zeros(B, N, P + N, dtype=torch.bool)
-        allowed[:, torch.arange(N), P + torch.arange(N)] = True  # pad rows see themselves (no NaN)
-        for b, ((tok, cache, positions, a), past, n) in enumerate(zip(items, pasts, ns)):
+        pad = Padding([c.get_seq_length() for _, c, _, _ in items], [len(ids) for ids, _, _, _ in items])
+        ids = torch.zeros(len(items), pad.N, dtype=torch.long)
+        pos = torch.zeros(len(items), pad.N, dtype=torch.long)
+        masks = []
+        for b, ((tok, cache, positions, a), past, n) in enumerate(zip(items, pad.pasts, pad.ns)):
             ids[b, :n] = torch.as_tensor(tok, dtype=torch.long)
             pos[b, :n] = torch.as_tensor(positions if positions is not None else range(past, past + n))
-            if a is None:
-                a = torch.ones(n, past + n, dtype=torch.bool).tril(past)
-            allowed[b, :n, :past], allowed[b, :n, P:P + n] = a[:, :past], a[:, past:]
+            masks.append(a if a is not None else torch.ones(n, past + n, dtype=torch.bool).tril(past))
         batched = DynamicCache()
-        for li in range(len(items[0][1].layers)):
-            ks, vs = [], []
-            for (_, cache, _, _), past in zip(items, pasts):
-                k, v = cache.layers[li].keys, cache.layers[li].values
-                pad = (0, 0, 0, P - past)
-                ks.append(torch.nn.functional.pad(k, pad)), vs.append(torch.nn.functional.pad(v, pad))
-            batched.update(torch.cat(ks), torch.cat(vs), li)
-        mask = torch.where(allowed[:, None], 0.0, torch.finfo(torch.float32).min).to(self.model.dtype)
+        for li in range(len(items[0][1].layers)):  # cache layers are [1, kv heads, seq, head dim]
+            batched.update(pad.cache([c.layers[li].keys for _, c, _, _ in items], dim=2),
+                           pad.cache([c.layers[li].values for _, c, _, _ in items], dim=2), li)
+        mask = torch.where(pad.mask(masks)[:, None], 0.0, torch.finfo(torch.float32).min).to(self.model.dtype)
         out = self.model(ids, past_key_values=batched, position_ids=pos, attention_mask=mask, use_cache=True,
                          output_hidden_states=True)
-        for b, ((_, cache, _, _), past, n) in enumerate(zip(items, pasts, ns)):
-            idx = torch.cat([torch.arange(past), P + torch.arange(n)])
+        for b, (_, cache, _, _) in enumerate(items):
             for li, layer in enumerate(cache.layers):
-                layer.keys = batched.layers[li].keys[b:b + 1].index_select(2, idx)
-                layer.values = batched.layers[li].values[b:b + 1].index_select(2, idx)
+                layer.keys = pad.own(batched.layers[li].keys, b, dim=2)
+                layer.values = pad.own(batched.layers[li].values, b, dim=2)
         res = []
-        for b, n in enumerate(ns):
+        for b, n in enumerate(pad.ns):
             aux = torch.cat([out.hidden_states[i][b, :n] for i in self.aux_layers], dim=-1)
             res.append((out.logits[b, :n].float(), aux))
         return res
