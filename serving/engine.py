@@ -18,9 +18,10 @@ import time
 import torch
 
 from bridge.eagle3 import DraftConfig, check_draft_fits_target, draft_fields_from_target, load_hf, rope_theta_from_hf
+from serving.backend import Backend, Handle, Metrics, metrics, new_counters
 from serving.eagle3 import Eagle3Draft
 from serving.http import HttpLimits
-from serving.spec_decode import EagleDrafter, Request, SpecConfig, SpecDecoder
+from serving.spec_decode import EagleDrafter, SpecConfig, SpecDecoder
 from serving.target import Target, TargetConfig
 from serving.trace_client import TraceClient, TraceClientConfig
 from serving.weight_sync import WeightSubscriber, WeightSubscriberConfig, to_torch_state_dict
@@ -99,18 +100,7 @@ def build_draft(src: DraftSource, target: Target) -> Eagle3Draft | None:
     return load_draft(_day0_config(target, src.draft_vocab_size), {}, target, random_init=True, seed=src.seed)
 
 
-@dataclasses.dataclass
-class Handle:
-    """A submitted request: `events` yields lists of new token ids, then a final dict."""
-
-    request: Request | None = None
-    events: queue.Queue = dataclasses.field(default_factory=queue.Queue)
-    submitted: float = 0.0
-    error: str = ""
-    sent: int = 0  # output tokens already streamed
-
-
-class Engine:
+class Engine(Backend):
     def __init__(self, cfg: EngineConfig, target: Target | None = None, tokenizer=None):
         self.cfg = cfg
         self.target = target or Target(cfg.target)
@@ -132,8 +122,7 @@ class Engine:
         self._inbox: queue.Queue = queue.Queue()
         self._stop = threading.Event()
         self._lock = threading.Lock()
-        self.metrics = dict(requests=0, running=0, prompt_tokens=0, output_tokens=0, target_forwards=0,
-                            request_seconds=0.0, decode_seconds=0.0, errors=0)
+        self.metrics = new_counters()
         self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
         self._thread.start()
 
@@ -146,14 +135,6 @@ class Engine:
         self._inbox.put((h, dict(prompt=list(prompt), max_new_tokens=n, temperature=temperature, seed=seed,
                                  eos=eos, domain=domain, speculative=speculative)))
         return h
-
-    def complete(self, prompt: list[int], **kw) -> dict:
-        """Blocking convenience: the final event of a request."""
-        h = self.submit(prompt, **kw)
-        while True:
-            ev = h.events.get()
-            if isinstance(ev, dict):
-                return ev
 
     @property
     def draft_version(self) -> int:
@@ -220,20 +201,17 @@ class Engine:
                           seconds=elapsed, finish_reason="stop" if h.request.eos in res.output else "length",
                           request_id=res.trace.request_id))
 
-    def snapshot(self) -> dict:
+    def snapshot(self) -> Metrics:
         with self._lock:
-            m = dict(self.metrics)
-        m["draft_version"] = self.decoder.draft_version
-        m["swaps"] = self.decoder.swaps
-        m["last_swap_ms"] = self.decoder.last_swap_ms
-        m["accept_length"] = m["output_tokens"] / max(m["target_forwards"], 1)
-        m["mean_batch"] = self.decoder.fused_requests / max(self.decoder.fused_forwards, 1)
-        m["traces"] = self.client.stats() if self.client is not None else {}
+            counters = dict(self.metrics)
         sub = self.subscriber
-        m["versions_received"] = sub.received if sub is not None else 0
-        m["versions_refused"] = sub.rejected if sub is not None else 0
-        m["last_refusal"] = sub.last_error if sub is not None and sub.rejected else ""
-        return m
+        return metrics(counters, draft_version=self.decoder.draft_version, swaps=self.decoder.swaps,
+                       last_swap_ms=self.decoder.last_swap_ms,
+                       mean_batch=self.decoder.fused_requests / max(self.decoder.fused_forwards, 1),
+                       traces=self.client.stats() if self.client is not None else {},
+                       versions_received=sub.received if sub is not None else 0,
+                       versions_refused=sub.rejected if sub is not None else 0,
+                       last_refusal=sub.last_error if sub is not None and sub.rejected else "")
 
     def close(self) -> None:
         self._stop.set()

@@ -21,6 +21,8 @@ from typing import Iterator
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr
 
+from serving.backend import Backend
+
 log = logging.getLogger(__name__)
 
 
@@ -105,7 +107,7 @@ _METRICS = [
 ]
 
 
-def _registry(engine):
+def _registry(engine: Backend):
     """A prometheus_client registry whose one collector reads the engine's counters at each scrape."""
     from prometheus_client import CollectorRegistry
     from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -127,7 +129,7 @@ def _registry(engine):
     return registry
 
 
-def make_app(engine, limits: HttpLimits | None = None):
+def make_app(engine: Backend, limits: HttpLimits | None = None):
     from fastapi import FastAPI
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -136,7 +138,7 @@ def make_app(engine, limits: HttpLimits | None = None):
 
     limits = limits or getattr(engine.cfg, "http", None) or HttpLimits()
     tok, name = engine.tokenizer, engine.cfg.model_name
-    context = limits.max_prompt_tokens or getattr(engine, "max_context", 0)
+    context = limits.max_prompt_tokens or engine.max_context
     registry = _registry(engine)
     slots = threading.BoundedSemaphore(limits.max_concurrent)
     app = FastAPI(title="aurora-jax serving", docs_url=None, redoc_url=None, openapi_url=None)
@@ -325,7 +327,7 @@ class AppServer:
 class HttpServer(AppServer):
     """The OpenAI-compatible front of `engine` (see module doc)."""
 
-    def __init__(self, engine, host: str = "127.0.0.1", port: int = 8000, limits: HttpLimits | None = None):
+    def __init__(self, engine: Backend, host: str = "127.0.0.1", port: int = 8000, limits: HttpLimits | None = None):
         super().__init__(make_app(engine, limits), host, port)
         self.engine = engine
 

@@ -23,7 +23,7 @@ import httpx
 from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse
 
-from serving.engine import Handle
+from serving.backend import Backend, Handle, Metrics, metrics, new_counters
 from serving.http import AppServer, BodyLimit, HttpLimits, error_text
 from serving.ratelimit import EveryWindow
 from serving.sglang.traces import (SGLangTraceError, StepRecord, served_version, step_from_record, target_forwards,
@@ -105,7 +105,7 @@ class TreeSink:
         self.http.stop()
 
 
-class SGLangEngine:
+class SGLangEngine(Backend):
     """Engine-compatible front for an SGLang server (see module doc)."""
 
     def __init__(self, cfg: SidecarConfig, tokenizer=None, updater=None, sink: TreeSink | None = None):
@@ -123,9 +123,7 @@ class SGLangEngine:
         self._lock = threading.Lock()
         self.last_weight_version = 0
         self._skipped_log = EveryWindow(log)
-        self.metrics = dict(requests=0, running=0, prompt_tokens=0, output_tokens=0, target_forwards=0,
-                            request_seconds=0.0, decode_seconds=0.0, errors=0, trace_errors=0, traces_skipped=0,
-                            cut_tokens=0)
+        self.metrics = dict(new_counters(), trace_errors=0, traces_skipped=0, cut_tokens=0)
 
     @property
     def draft_version(self) -> int:
@@ -158,12 +156,6 @@ class SGLangEngine:
         n = min(max_new_tokens or self.cfg.max_new_tokens, self.cfg.max_new_tokens)
         self._pool.submit(self._run, h, list(prompt), n, temperature, seed, eos, domain)
         return h
-
-    def complete(self, prompt: list[int], **kw) -> dict:
-        h = self.submit(prompt, **kw)
-        while not isinstance(ev := h.events.get(), dict):
-            pass
-        return ev
 
     def _run(self, h: Handle, prompt, n, temperature, seed, eos, domain) -> None:
         rid = uuid.uuid4().hex
@@ -225,16 +217,14 @@ class SGLangEngine:
             with self._lock:
                 self.metrics["trace_errors"] += 1
 
-    def snapshot(self) -> dict:
+    def snapshot(self) -> Metrics:
         with self._lock:
-            m = dict(self.metrics)
-        m["draft_version"] = self.draft_version
-        m["swaps"] = self.updater.applied if self.updater is not None else 0
-        m["last_swap_ms"] = self.updater.last_ms if self.updater is not None else 0.0
-        m["accept_length"] = m["output_tokens"] / max(m["target_forwards"], 1)
-        m["mean_batch"] = 0.0  # batching happens inside SGLang
-        m["traces"] = self.client.stats()
-        return m
+            counters = dict(self.metrics)
+        return metrics(counters, draft_version=self.draft_version,
+                       swaps=self.updater.applied if self.updater is not None else 0,
+                       last_swap_ms=self.updater.last_ms if self.updater is not None else 0.0,
+                       mean_batch=0.0,  # batching happens inside SGLang
+                       traces=self.client.stats())
 
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
