@@ -62,20 +62,30 @@ def run_child(args: list[str], timeout: float = 1800) -> list[dict]:
     return records
 
 
-def _mesh(topology: str, devices: int):
-    import numpy as np
+def _mesh(topology: str, devices: int, model: int = 1):
     from jax.experimental import topologies
-    from jax.sharding import Mesh
+
+    from aurora_jax.train import mesh_of
 
     topo = topologies.get_topology_desc(topology, "tpu")
     if devices > len(topo.devices):
         raise ValueError(f"{topology} has {len(topo.devices)} devices, asked for {devices}")
-    return Mesh(np.asarray(topo.devices[:devices]), ("data",))
+    return mesh_of(topo.devices[:devices], devices // model, model)
 
 
-def compile_step_cell(config: str, topology: str, devices: int, fsdp: bool, dtype: str = "", overrides=()) -> dict:
+def mesh_kind(label: str) -> tuple[bool, int]:
+    """A cell's mesh: dp (data parallel), fsdp (parameters sharded over data too), and with -tpN
+    (e.g. fsdp-tp2) N devices on the model axis (lm_head's vocabulary split over them)."""
+    kind, _, tp = label.partition("-tp")
+    if kind not in ("dp", "fsdp") or (tp and not tp.isdigit()):
+        raise ValueError(f"mesh {label!r}: expected dp or fsdp, optionally -tpN")
+    return kind == "fsdp", int(tp or 1)
+
+
+def compile_step_cell(config: str, topology: str, devices: int, mesh: str = "dp", dtype: str = "",
+                      overrides=()) -> dict:
     """Compile one trainer config's step at its largest length and branch buckets for `devices` chips
-    of `topology` (rows rounded up to a multiple of them). Raises what XLA or Mosaic raise."""
+    of `topology` (rows rounded up to a multiple of the data axis). Raises what XLA or Mosaic raise."""
     from aurora_jax.batching import batch_shapes
     from aurora_jax.config import TrainerConfig
     from aurora_jax.pallas_attention import attention_vmem_bytes
@@ -84,11 +94,13 @@ def compile_step_cell(config: str, topology: str, devices: int, fsdp: bool, dtyp
 
     cfg = load_config(TrainerConfig, config, list(overrides))
     model = dataclasses.replace(cfg.model, dtype=dtype or cfg.model.dtype)
-    rows = -(-cfg.batch.rows // devices) * devices
+    fsdp, tp = mesh_kind(mesh)
+    data = devices // tp
+    rows = -(-cfg.batch.rows // data) * data
     D = cfg.objective.ttt_length
     batch = batch_shapes(dataclasses.replace(cfg.batch, rows=rows), D, 3 * model.ht)
     t0 = time.perf_counter()
-    compiled = lower_step(model, cfg.objective, cfg.optim, _mesh(topology, devices), fsdp, batch).compile()
+    compiled = lower_step(model, cfg.objective, cfg.optim, _mesh(topology, devices, tp), fsdp, batch).compile()
     mem = compiled.memory_analysis()
     N = batch.tokens.shape[-1]
     return dict(rows=rows, slots=N, ttt=D, dtype=model.dtype, compile_s=round(time.perf_counter() - t0, 1),
@@ -137,10 +149,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--topology", action="append", default=[],
                    help=f"TPU topology, e.g. v5e:2x4 (repeat; default: {', '.join(TOPOLOGIES)})")
     p.add_argument("--devices", default="1,8", help="chips of the topology, comma-separated")
-    p.add_argument("--mesh", default="dp,fsdp", help="dp and/or fsdp (for more than one chip)")
+    p.add_argument("--mesh", default="dp,fsdp", help="dp and/or fsdp, each optionally -tpN (N chips on the model "
+                                                    "axis), for more than one chip")
     p.add_argument("--dtype", default="", help="activation dtype (default: each config's model.dtype)")
     p.add_argument("--cell", action="append", default=[],
-                   help="one step compile CONFIG,TOPOLOGY,DEVICES,dp|fsdp[,DTYPE] (instead of the product above)")
+                   help="one step compile CONFIG,TOPOLOGY,DEVICES,MESH[,DTYPE] (MESH: dp|fsdp[-tpN]; instead of "
+                        "the product above)")
     p.add_argument("--attention", action="append", default=[],
                    help="kernels alone: N,HEADS,KV_HEADS,HEAD_DIM,DEPTH,DTYPE,TOPOLOGY,tiled|looped")
     p.add_argument("--json", action="store_true", help="one JSON record per compile on stdout")
@@ -156,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     records = []
     for config, topology, n, mesh, *dtype in cells:
         fields = dict(config=config, topology=topology, devices=int(n), mesh=mesh)
-        r = _record("step", fields, lambda: compile_step_cell(config, topology, int(n), mesh == "fsdp",
+        r = _record("step", fields, lambda: compile_step_cell(config, topology, int(n), mesh,
                                                               (dtype or [""])[0], a.overrides))
         records.append(r)
         print(json.dumps(r) if a.json else

@@ -54,7 +54,7 @@ def restore_for_export(ckpt_dir: str | Path, step: int | None = None) -> tuple[T
     if vocab is not None:
         learner.set_buffers(**vocab)
     if meta.get("has_embedding"):  # frozen, so not in the checkpoint: read again from where training read it
-        from aurora_jax.loop import frozen_embedding
+        from aurora_jax.draft_init import frozen_embedding
         try:
             embedding = frozen_embedding(cfg)
         except OSError as e:
@@ -81,17 +81,15 @@ def init_hf(cfg: TrainerConfig, out_dir: str, torch_dtype: str = "bfloat16") -> 
     """A day-0 (untrained) draft from the trainer's model.* as an EAGLE3 dir, for SGLang to load
     before the first WeightSync version. SGLang fixes d2t/t2d at load, so a pruned vocabulary must be
     chosen now (loop.vocab_counts) and the trainer must start from this dir (loop.init_from)."""
+    from aurora_jax.draft_init import resolve_draft
     from aurora_jax.model import flat_variables
-    from bridge.vocab import build_vocab
 
     m = cfg.model
-    model = Eagle3Draft(m, rngs=nnx.Rngs(cfg.loop.seed))
-    if m.vd < m.vocab_size:
-        if not cfg.loop.vocab_counts:
-            raise ValueError(f"model.draft_vocab_size={m.vd} < vocab_size={m.vocab_size}: SGLang fixes the draft "
-                             "vocabulary at load, so it is chosen now; set loop.vocab_counts to token counts [V] "
-                             "(.npy; `aurora-jax count-tokens` makes them from prompts) or model.draft_vocab_size=0")
-        model.set_vocab(build_vocab(np.load(cfg.loop.vocab_counts), m.vd)[0])
+    if m.vd < m.vocab_size and not cfg.loop.vocab_counts and not cfg.loop.init_from:
+        raise ValueError(f"model.draft_vocab_size={m.vd} < vocab_size={m.vocab_size}: SGLang fixes the draft "
+                         "vocabulary at load, so it is chosen now; set loop.vocab_counts to token counts [V] "
+                         "(.npy; `aurora-jax count-tokens` makes them from prompts) or model.draft_vocab_size=0")
+    model = resolve_draft(cfg).model
     flat = {k: np.asarray(v) for k, v in flat_variables(model).items() if k != "embed_tokens"}
     path = save_hf(out_dir, m, to_torch_layout(flat), torch_dtype)  # no embed_tokens: SGLang uses the target's
     log.info("wrote a day-0 draft (seed %d) to %s", cfg.loop.seed, path)

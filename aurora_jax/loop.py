@@ -25,34 +25,18 @@ from aurora_jax.batching import pack
 from aurora_jax.buffer import ReplayBuffer
 from aurora_jax.checkpoint import Checkpointer
 from aurora_jax.config import TrainerConfig
+from aurora_jax.draft_init import resolve_draft
 from aurora_jax.ingest import IngestServer
-from aurora_jax.model import Eagle3Draft, head_from_target, load_flat, target_to_draft
+from aurora_jax.model import head_from_target, target_to_draft
 from aurora_jax.train import Learner, make_mesh
 from bridge.config import to_dict
 from bridge.signals import stop_event
-from bridge.eagle3 import VOCAB_KEYS, LayoutError, from_torch_layout, load_hf, read_target_config, read_tensor, weights_file
+from bridge.eagle3 import VOCAB_KEYS, read_target_config, read_tensor, weights_file
 from bridge.vocab import build_vocab, count_tokens
 
 log = logging.getLogger(__name__)
 
 PublishHook = Callable[[int, nnx.State], None]  # (draft_version, full draft state incl. d2t/t2d)
-
-
-def load_embedding(path: str, key: str) -> np.ndarray:
-    if path.endswith(".npy"):
-        return np.load(path)
-    return read_tensor(path, key)
-
-
-def frozen_embedding(cfg: TrainerConfig) -> np.ndarray | None:
-    """The draft's frozen token embedding as `Trainer` sets it up: an `init_from` draft's own
-    `embed_tokens` if it has one, else `loop.embedding` (the target's), else None (a random one,
-    never exported). It is in no checkpoint (it never changes), so export reads it from here."""
-    if cfg.loop.init_from:
-        _, sd = load_hf(cfg.loop.init_from)
-        if "embed_tokens.weight" in sd:
-            return np.asarray(sd["embed_tokens.weight"])
-    return load_embedding(cfg.loop.embedding, cfg.loop.embedding_key) if cfg.loop.embedding else None
 
 
 class Trainer:
@@ -61,24 +45,17 @@ class Trainer:
         self.weights = None
         if cfg.weight_sync.address and publish is None:
             from aurora_jax.weight_sync import WeightPublisher, WeightSyncServer
-            self.weights = WeightSyncServer(cfg.weight_sync).start()
+            self.weights = WeightSyncServer(cfg.weight_sync)  # bound now, serving from start()
             self.publish = WeightPublisher(self.weights, cfg.model)
         self.buffer = ReplayBuffer(cfg.buffer, defer_consume=True)
         self.server: IngestServer | None = None
-        model = Eagle3Draft(cfg.model, rngs=nnx.Rngs(cfg.loop.seed))
-        self.has_embedding = bool(cfg.loop.embedding)
-        if cfg.loop.embedding:
-            model.set_embedding(load_embedding(cfg.loop.embedding, cfg.loop.embedding_key))
-        pruned = cfg.model.vd < cfg.model.vocab_size
-        self._vocab_pending = pruned and not resume
-        if cfg.loop.init_from:  # "external with draft": continue an existing EAGLE3 checkpoint
-            self._init_from(model, cfg.loop.init_from)
-        elif self._vocab_pending and cfg.loop.vocab_counts:
-            model.set_vocab(build_vocab(np.load(cfg.loop.vocab_counts), cfg.model.vd)[0])
-            self._vocab_pending = False
+        draft = resolve_draft(cfg)
+        log.info("the draft starts from %s", draft.source)
+        model, self.has_embedding = draft.model, draft.has_embedding
+        self._vocab_pending = not draft.vocab_fixed and not resume
         mesh = make_mesh(cfg.mesh)
-        if cfg.batch.rows % mesh.devices.size:
-            raise ValueError(f"batch.rows={cfg.batch.rows} is not a multiple of the {mesh.devices.size} devices on the "
+        if cfg.batch.rows % mesh.shape["data"]:
+            raise ValueError(f"batch.rows={cfg.batch.rows} is not a multiple of the {mesh.shape['data']} devices on the "
                              f"data axis (set mesh.data or batch.rows)")
         self.learner = Learner(model, cfg.objective, cfg.optim, mesh, cfg.mesh.fsdp)
         self.ckpt = Checkpointer(cfg.checkpoint, self.buffer)
@@ -112,17 +89,6 @@ class Trainer:
         self._t_last = time.perf_counter()
         self.last: dict = {}
 
-    def _init_from(self, model: Eagle3Draft, path: str) -> None:
-        hf_cfg, sd = load_hf(path)
-        diff = self.cfg.model.differences(hf_cfg)
-        if diff:
-            raise LayoutError(f"loop.init_from={path}: its config.json does not match model.* (ours, theirs): {diff}; "
-                              f"`aurora-jax import-hf {path}` prints the model.* overrides that match it")
-        load_flat(model, from_torch_layout(sd, hf_cfg))
-        self.has_embedding |= "embed_tokens.weight" in sd
-        self._vocab_pending = False  # the checkpoint's d2t/t2d stay (SGLang caches them)
-        log.info("initialised the draft from %s (%d tensors)", path, len(sd))
-
     def _update_vocab_table(self) -> None:
         self.target_to_draft = target_to_draft(np.asarray(self.learner.rest["d2t"].get_value()), self.cfg.model.vocab_size)
 
@@ -155,8 +121,11 @@ class Trainer:
             self._initial_pending = False
             self.sync()
 
-    def start_ingest(self) -> str:
+    def start(self) -> str:
+        """Serve TraceIngest (and WeightSync, when configured); returns the ingest address."""
         self.server = IngestServer(self.cfg.ingest, self.cfg.limits, self.buffer).start()
+        if self.weights is not None:
+            self.weights.start()
         return self.server.address
 
     # ------------------------------------------------------------ one step
@@ -284,7 +253,7 @@ def run_train(cfg: TrainerConfig, resume: bool = False) -> int:
     trainer = Trainer(cfg, resume=resume)
     stop = stop_event()
     try:
-        print(f"listening on {trainer.start_ingest()}", flush=True)
+        print(f"listening on {trainer.start()}", flush=True)
         if trainer.weights is not None:
             print(f"weights on {trainer.weights.address}", flush=True)
         last = trainer.run(stop)

@@ -51,9 +51,14 @@ def rope(x, positions, inv_freq):
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
 
 
-def _linear(n_in: int, n_out: int, cfg: DraftConfig, rngs: nnx.Rngs) -> nnx.Linear:
+def _linear(n_in: int, n_out: int, cfg: DraftConfig, rngs: nnx.Rngs, axes: tuple[str, str]) -> nnx.Linear:
+    """A bias-free projection whose kernel [n_in, n_out] carries its logical axes as partition
+    metadata: "embed" (the hidden size, also the 2H input of q/k/v), "heads", "mlp", "aux" (the
+    3Ht target features), "vocab" (the draft vocabulary). The trainer maps them onto its mesh
+    (`train.AXIS_RULES`); nothing is sharded at creation."""
+    init = nnx.with_partitioning(nnx.initializers.normal(0.02), axes, eager_sharding=False)
     return nnx.Linear(n_in, n_out, use_bias=False, dtype=_DTYPES[cfg.dtype], param_dtype=_DTYPES[cfg.param_dtype],
-                      kernel_init=nnx.initializers.normal(0.02), rngs=rngs)
+                      kernel_init=init, rngs=rngs)
 
 
 class Attention(nnx.Module):
@@ -62,10 +67,10 @@ class Attention(nnx.Module):
     def __init__(self, cfg: DraftConfig, *, rngs: nnx.Rngs):
         H, hd = cfg.hidden_size, cfg.hd
         self.cfg = cfg
-        self.q_proj = _linear(2 * H, cfg.num_attention_heads * hd, cfg, rngs)
-        self.k_proj = _linear(2 * H, cfg.num_key_value_heads * hd, cfg, rngs)
-        self.v_proj = _linear(2 * H, cfg.num_key_value_heads * hd, cfg, rngs)
-        self.o_proj = _linear(cfg.num_attention_heads * hd, H, cfg, rngs)
+        self.q_proj = _linear(2 * H, cfg.num_attention_heads * hd, cfg, rngs, ("embed", "heads"))
+        self.k_proj = _linear(2 * H, cfg.num_key_value_heads * hd, cfg, rngs, ("embed", "heads"))
+        self.v_proj = _linear(2 * H, cfg.num_key_value_heads * hd, cfg, rngs, ("embed", "heads"))
+        self.o_proj = _linear(cfg.num_attention_heads * hd, H, cfg, rngs, ("heads", "embed"))
 
     def qkv(self, x_BN2H, positions_BN):
         B, N, _ = x_BN2H.shape
@@ -79,9 +84,9 @@ class Attention(nnx.Module):
 
 class MLP(nnx.Module):
     def __init__(self, cfg: DraftConfig, *, rngs: nnx.Rngs):
-        self.gate_proj = _linear(cfg.hidden_size, cfg.intermediate_size, cfg, rngs)
-        self.up_proj = _linear(cfg.hidden_size, cfg.intermediate_size, cfg, rngs)
-        self.down_proj = _linear(cfg.intermediate_size, cfg.hidden_size, cfg, rngs)
+        self.gate_proj = _linear(cfg.hidden_size, cfg.intermediate_size, cfg, rngs, ("embed", "mlp"))
+        self.up_proj = _linear(cfg.hidden_size, cfg.intermediate_size, cfg, rngs, ("embed", "mlp"))
+        self.down_proj = _linear(cfg.intermediate_size, cfg.hidden_size, cfg, rngs, ("mlp", "embed"))
 
     def __call__(self, x):
         return self.down_proj(nnx.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -103,10 +108,10 @@ class Eagle3Draft(nnx.Module):
     def __init__(self, cfg: DraftConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
         pd = _DTYPES[cfg.param_dtype]
-        self.fc = _linear(3 * cfg.ht, cfg.hidden_size, cfg, rngs)
+        self.fc = _linear(3 * cfg.ht, cfg.hidden_size, cfg, rngs, ("aux", "embed"))
         self.midlayer = DecoderLayer(cfg, rngs=rngs)
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=pd)
-        self.lm_head = _linear(cfg.hidden_size, cfg.vd, cfg, rngs)
+        self.lm_head = _linear(cfg.hidden_size, cfg.vd, cfg, rngs, ("embed", "vocab"))
         # Taken from the target when it is known (see `set_embedding`); random until then.
         self.embed_tokens = Frozen(0.02 * jax.random.normal(rngs.params(), (cfg.vocab_size, cfg.hidden_size), pd))
         self.d2t = VocabMap(jnp.zeros((cfg.vd,), jnp.int32))  # target_id = draft_id + d2t[draft_id]

@@ -44,8 +44,9 @@ class OptimConfig:
 
 @dataclasses.dataclass
 class MeshConfig:
-    data: int = 0  # devices on the data axis; 0 = all visible devices
-    fsdp: bool = False  # shard each parameter's largest divisible dim over the data axis
+    data: int = 0  # devices on the data axis; 0 = all visible devices (divided by `model`)
+    model: int = 1  # devices on the model axis: lm_head's vocabulary dim is split over them
+    fsdp: bool = False  # shard every parameter's hidden ("embed") dim over the data axis
     coordinator: str = ""  # multi-host: "host:port" of process 0 -> jax.distributed.initialize
     num_processes: int = 1
     process_id: int = 0
@@ -66,23 +67,33 @@ def make_optimizer(cfg: OptimConfig) -> optax.GradientTransformation:
 def make_mesh(cfg: MeshConfig) -> Mesh:
     if cfg.coordinator and not jax.distributed.is_initialized():
         jax.distributed.initialize(cfg.coordinator, cfg.num_processes, cfg.process_id)
-    devices = jax.devices()
-    n = cfg.data or len(devices)
-    if n > len(devices):
-        raise ValueError(f"mesh.data={n} but only {len(devices)} devices are visible")
-    return Mesh(np.asarray(devices[:n]), ("data",))
+    return mesh_of(jax.devices(), cfg.data, cfg.model)
 
 
-def _param_spec(x, n: int, fsdp: bool) -> P:
-    if not fsdp or x.ndim == 0:
-        return P()
-    dims = sorted(range(x.ndim), key=lambda d: -x.shape[d])
-    for d in dims:
-        if x.shape[d] % n == 0:
-            spec = [None] * x.ndim
-            spec[d] = "data"
-            return P(*spec)
-    return P()
+def mesh_of(devices, data: int = 0, model: int = 1) -> Mesh:
+    """A ("data", "model") mesh over the first data * model devices (data 0 = as many as fit)."""
+    data = data or len(devices) // max(model, 1)
+    if model < 1 or data < 1 or data * model > len(devices):
+        raise ValueError(f"mesh.data={data} x mesh.model={model} but {len(devices)} devices are visible")
+    return Mesh(np.asarray(devices[:data * model]).reshape(data, model), ("data", "model"))
+
+
+def axis_rules(fsdp: bool) -> dict[str, str]:
+    """Logical parameter axes (the model's partition metadata, `model._linear`) -> mesh axes."""
+    return {"vocab": "model", **({"embed": "data"} if fsdp else {})}
+
+
+def _param_spec(logical: P, shape: tuple, mesh: Mesh, rules: dict[str, str]) -> P:
+    """A parameter's mesh axes: each logical axis by the rules, where the mesh axis has more than one
+    device and divides that dim (otherwise that dim stays whole)."""
+    axes = []
+    for name, size in zip(tuple(logical) + (None,) * (len(shape) - len(logical)), shape):
+        axis = rules.get(name) if name is not None else None
+        ok = axis is not None and mesh.shape[axis] > 1 and size % mesh.shape[axis] == 0
+        axes.append(axis if ok else None)
+    while axes and axes[-1] is None:  # P("data") rather than P("data", None): one spelling per sharding
+        axes.pop()
+    return P(*axes)
 
 
 def _batch_spec(name: str) -> P:
@@ -152,18 +163,16 @@ def _plan(model: Eagle3Draft, objective: ObjectiveConfig, optim: OptimConfig, me
     platform = platform or mesh.devices.flat[0].platform  # the kernel is chosen for the mesh's devices, not this host's
     attention = sharded_attention(attention or select_attention(objective.attention, platform), mesh)
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    n = mesh.devices.size
-    param_sharding = jax.tree.map(lambda x: NamedSharding(mesh, _param_spec(x, n, fsdp)), params)
+    rules = axis_rules(fsdp)
+    param_sharding = jax.tree.map(lambda spec, x: NamedSharding(mesh, _param_spec(spec, x.shape, mesh, rules)),
+                                  nnx.get_partition_spec(params), params)
     replicated = NamedSharding(mesh, P())
     tx = make_optimizer(optim)
-    # Optimizer-state shardings: moments like their parameter, counters replicated. Explicit, so that
-    # the state fed to the first step matches what the step returns (no second compile).
-    by_path = {jax.tree_util.keystr(p): s for p, s in jax.tree_util.tree_leaves_with_path(param_sharding)}
-
-    def pick(path, _):
-        key = jax.tree_util.keystr(path)
-        return next((s for k, s in by_path.items() if key.endswith(k)), replicated)
-    opt_sharding = jax.tree_util.tree_map_with_path(pick, jax.eval_shape(tx.init, params))
+    # Optimizer-state shardings: moments like their parameter, counters replicated (optax knows which
+    # leaves of its state mirror the parameters). Explicit, so that the state fed to the first step
+    # matches what the step returns (no second compile).
+    opt_sharding = optax.tree_utils.tree_map_params(tx, lambda _, s: s, jax.eval_shape(tx.init, params),
+                                                    param_sharding, transform_non_params=lambda _: replicated)
     batch_sharding = Batch(**{k: NamedSharding(mesh, _batch_spec(k)) for k in Batch._fields})
     return _Plan(graphdef, params, rest, tx, param_sharding, opt_sharding, replicated, batch_sharding,
                  _make_step(graphdef, tx, objective, attention))
@@ -202,7 +211,7 @@ class Learner:
         self._host_step = 0
         self.batch_sharding = plan.batch_sharding
         self._step = jax.jit(plan.step, donate_argnums=(0,))
-        self.rows_multiple = mesh.devices.size
+        self.rows_multiple = mesh.shape["data"]
 
     def device_batch(self, batch: Batch) -> Batch:
         """Host numpy batch -> global arrays sharded over the data axis (multi-host aware)."""

@@ -60,7 +60,7 @@ def test_trainer_ingests_trains_publishes_and_checkpoints(tmp_path):
     trainer = Trainer(cfg, publish=lambda v, state: published.append((v, trainer.learner.step,
                                                                       nnx.to_flat_state(state))))
     try:
-        _push(trainer.start_ingest(), _traces(24))
+        _push(trainer.start(), _traces(24))
         last = trainer.run()
     finally:
         trainer.close()
@@ -80,7 +80,7 @@ def test_trainer_ingests_trains_publishes_and_checkpoints(tmp_path):
 def test_resume_restores_step_version_and_the_buffers_consumption_position(tmp_path):
     cfg = _cfg(tmp_path, max_steps=3, sync_every=2, traces_per_step=4)  # version != step
     a = Trainer(cfg)
-    _push(a.start_ingest(), _traces(24))
+    _push(a.start(), _traces(24))
     a.run()  # saves at step 3 (checkpoint.every=3): 12 traces consumed with it
     a.cfg.loop.max_steps = 5
     a.run()  # 2 more steps consume 8 more, not yet covered by a checkpoint
@@ -120,7 +120,7 @@ def test_vocab_pruned_at_start_export_hf_and_train_from_the_export(tmp_path):
     a = Trainer(cfg)
     traces = _traces(16)
     try:
-        _push(a.start_ingest(), traces)
+        _push(a.start(), traces)
         a.run()
     finally:
         a.close()
@@ -249,7 +249,7 @@ def test_export_writes_the_embedding_it_trained_with_and_every_config_field(tmp_
         cfg.model = model_cfg
         trainer = Trainer(cfg)
         try:
-            _push(trainer.start_ingest(), _traces(8))
+            _push(trainer.start(), _traces(8))
             trainer.run()
         finally:
             trainer.close()

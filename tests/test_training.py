@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 import jax
+from jax.sharding import PartitionSpec as P
 import numpy as np
 import pytest
 from flax import nnx
@@ -49,10 +50,10 @@ def _batches(n, seed=0, traces=8, second_choice=False):
     return out
 
 
-def _learner(devices=1, fsdp=False, reject_weight=0.1, lr=3e-3, attention="auto"):
+def _learner(devices=1, fsdp=False, reject_weight=0.1, lr=3e-3, attention="auto", model=1):
     return Learner(Eagle3Draft(CFG, rngs=nnx.Rngs(0)),
                    ObjectiveConfig(ttt_length=D, reject_weight=reject_weight, attention=attention),
-                   OptimConfig(lr=lr, warmup_steps=10), make_mesh(MeshConfig(data=devices)), fsdp=fsdp)
+                   OptimConfig(lr=lr, warmup_steps=10), make_mesh(MeshConfig(data=devices, model=model)), fsdp=fsdp)
 
 
 def test_training_on_a_toy_target_drives_per_depth_accuracy_up():
@@ -132,6 +133,24 @@ def test_step_on_8_forced_cpu_devices_matches_one_device(fsdp, attention):
                                                                           succ=np.arange(V), features=np.zeros((V, 3 * HT)))],
                               BatchConfig(rows=2, lengths=[64], branch_slots=[0, 32], topk=2), D,
                               target_to_draft(np.zeros(V, int), V))[0])
+
+
+def test_shardings_come_from_the_models_partition_metadata():
+    """A 4 x 2 (data x model) mesh with FSDP: each kernel's hidden ("embed") dim over data, lm_head's
+    vocabulary over model, norms whole; Adam's moments sharded like their parameter; and the step
+    equals the one-device step."""
+    one, mesh8 = _learner(devices=1), _learner(devices=4, model=2, fsdp=True)
+    spec = lambda tree, *path: tree[path[0]] if len(path) == 1 else spec(tree[path[0]], *path[1:])  # noqa: E731
+    params = mesh8.state.params
+    assert spec(params, "lm_head", "kernel").get_value().sharding.spec == P("data", "model")
+    assert spec(params, "fc", "kernel").get_value().sharding.spec == P(None, "data")
+    assert spec(params, "midlayer", "mlp", "down_proj", "kernel").get_value().sharding.spec == P(None, "data")
+    assert spec(params, "norm", "weight").get_value().sharding.spec == P()
+    moments = [s for s in jax.tree.leaves(mesh8.state.opt_state) if getattr(s, "ndim", 0) == 2]
+    assert moments and {m.sharding.spec for m in moments} <= {P("data", "model"), P(None, "data"), P("data")}
+    assert any(m.sharding.spec == P("data", "model") for m in moments)  # lm_head's moments
+    for b in _batches(2, seed=5):
+        np.testing.assert_allclose(float(one.train_step(b)["loss"]), float(mesh8.train_step(b)["loss"]), rtol=1e-5)
 
 
 def test_bf16_activations_with_f32_master_weights():

@@ -165,3 +165,47 @@ def test_decode_rejects_truncated_payload():
     payload = encode(make_trace(0))
     with pytest.raises(TraceError, match="payload: not a serialized RequestTrace"):
         decode(payload[: len(payload) // 2])
+
+
+def test_validation_boundaries_are_exact():
+    """Each limit admits its bound and refuses one past it; token id 0 is a token; parents may not
+    point forward; rejected-node lists may not repeat a node (found by `make mutation`)."""
+    import dataclasses
+
+    from aurora_jax.validate import TraceLimits, validate
+
+    lim = TraceLimits(vocab_size=1000, max_topk=4, max_steps=3, max_tree_nodes=5)
+    t = make_trace(7, num_steps=3, tree_nodes=5)
+    validate(t, lim)
+    ok = lambda tr, **kw: validate(tr, dataclasses.replace(lim, **kw))  # noqa: E731
+
+    zero = dataclasses.replace(t, tokens=t.tokens.copy())
+    zero.tokens[0] = 0  # a prompt token, so no tree refers to it
+    validate(zero, lim)
+    zero.tokens[1] = 1000  # the first bad id is named, not the zero before it
+    with pytest.raises(TraceError, match=r"tokens: token id 1000 at index \[1\]"):
+        validate(zero, lim)
+    validate(dataclasses.replace(t, request_id="r" * 256), lim)
+    with pytest.raises(TraceError, match="request_id"):
+        validate(dataclasses.replace(t, request_id="r" * 257), lim)
+    assert t.target_ids.shape[1] == 4  # k == max_topk is allowed, k > max_topk is not
+    with pytest.raises(TraceError, match=r"target\.ids: k=4 outside \[1, max_topk=3\]"):
+        ok(t, max_topk=3)
+    with pytest.raises(TraceError, match="4 steps > max_steps=3"):
+        validate(dataclasses.replace(t, steps=t.steps + [t.steps[0]]), lim)
+    n = max(len(s.tokens) for s in t.steps)
+    ok(t, max_tree_nodes=n)
+    with pytest.raises(TraceError, match=f"need 1..{n - 1} nodes"):
+        ok(t, max_tree_nodes=n - 1)
+    s = t.steps[0]
+    forward = s.parents.copy()
+    forward[0] = len(forward) - 1  # node 0 hangs from the last node: a parent after its child
+    with pytest.raises(TraceError, match=r"steps\[0\]\.parents: node 0 has parent"):
+        validate(dataclasses.replace(t, steps=[dataclasses.replace(s, parents=forward)] + t.steps[1:]), lim)
+    k = next(i for i, st in enumerate(t.steps) if len(st.target_nodes) >= 2)
+    st = t.steps[k]
+    dup = st.target_nodes.copy()
+    dup[1] = dup[0]
+    with pytest.raises(TraceError, match=rf"steps\[{k}\]\.target_nodes: must be strictly increasing"):
+        validate(dataclasses.replace(t, steps=[*t.steps[:k], dataclasses.replace(st, target_nodes=dup),
+                                               *t.steps[k + 1:]]), lim)
