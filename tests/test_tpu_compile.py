@@ -21,7 +21,7 @@ pytestmark = [pytest.mark.skipif(not libtpu_available() and not os.environ.get("
               pytest.mark.timeout(900)]  # the fixture's compiles (two 8B steps) take ~5 minutes on 2 cores
 
 # (config, topology, chips, mesh, activation dtype): every shipped trainer config, every TPU generation,
-# 1 chip and a whole host, data-parallel and FSDP, f32 and bf16. The 8B drafts (rows of 2048 + 512
+# 1 chip and a whole host, data-parallel, FSDP and a model axis, f32 and bf16. The 8B drafts (rows of 2048 + 512
 # slots, TTT 5) sit on the hosts they need: with f32 Adam state Llama-3.1-8B's does not fit one 16 GiB
 # v5e chip (32.7 GB of temporaries) and fits 8 with FSDP (13.9 GiB each). An 8B compile takes minutes
 # on 2 cores, so the rest of the full product (README, `aurora-jax aot-compile`) is not in the suite.
@@ -29,6 +29,7 @@ STEP_CELLS = [
     ("configs/demo-trainer.yaml", "v5e:2x4", 1, "dp", "float32"),
     ("configs/demo-trainer.yaml", "v5p:2x2x1", 4, "dp", "float32"),
     ("configs/demo-trainer.yaml", "v6e:2x4", 8, "fsdp", "bfloat16"),
+    ("configs/demo-trainer.yaml", "v6e:2x4", 8, "fsdp-tp2", "bfloat16"),  # lm_head's vocabulary over 2 chips
     ("configs/llama3.1-8b-trainer.yaml", "v5e:2x4", 8, "fsdp", "bfloat16"),
     ("configs/qwen3-8b-trainer.yaml", "v6e:2x4", 8, "fsdp", "bfloat16"),
 ]
