@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import os
 
 from aurora_jax.batching import BatchConfig
 from aurora_jax.buffer import BufferConfig
@@ -16,48 +15,44 @@ from bridge.eagle3 import draft_fields_from_target, read_target_config, weights_
 
 
 @dataclasses.dataclass
-class IngestConfig:
-    """The TraceIngest gRPC endpoint. Loopback by default: expose it deliberately."""
+class ServerConfig:
+    """What both trainer gRPC servers (TraceIngest, WeightSync) take: where, and how clients prove
+    who they are. Loopback by default: expose them deliberately."""
 
-    address: str = "127.0.0.1:50051"  # host:port; port 0 picks a free one
+    address: str = ""  # host:port; port 0 picks a free one
     auth_token: str = ""  # bearer token required from clients; "env:NAME" reads $NAME; "" = no auth
     tls_cert: str = ""  # PEM paths; both set = TLS on
     tls_key: str = ""
-    max_streams: int = 16  # Push streams open at once (one per serving host); past it RESOURCE_EXHAUSTED
 
     def __post_init__(self):
         if bool(self.tls_cert) != bool(self.tls_key):
             raise ValueError("tls_cert and tls_key must be set together")
+
+
+@dataclasses.dataclass
+class IngestConfig(ServerConfig):
+    """The TraceIngest endpoint."""
+
+    address: str = "127.0.0.1:50051"
+    max_streams: int = 16  # Push streams open at once (one per serving host); past it RESOURCE_EXHAUSTED
+
+    def __post_init__(self):
+        super().__post_init__()
         if self.max_streams <= 0:
             raise ValueError("max_streams must be positive")
 
 
 @dataclasses.dataclass
-class WeightSyncConfig:
-    address: str = ""  # host:port to serve draft versions on ("" = off, port 0 = any free one)
-    auth_token: str = ""  # "env:NAME" reads $NAME
-    tls_cert: str = ""
-    tls_key: str = ""
+class WeightSyncConfig(ServerConfig):
+    """The WeightSync endpoint ("" address = off)."""
+
     max_chunk_bytes: int = 2 << 20
     max_subscribers: int = 16  # serving hosts subscribed at once; past it RESOURCE_EXHAUSTED
 
     def __post_init__(self):
-        if bool(self.tls_cert) != bool(self.tls_key):
-            raise ValueError("tls_cert and tls_key must be set together")
+        super().__post_init__()
         if self.max_chunk_bytes <= 0 or self.max_subscribers <= 0:
             raise ValueError("max_chunk_bytes and max_subscribers must be positive")
-
-
-def resolve_secret(value: str) -> str:
-    """'env:NAME' -> $NAME (so tokens stay out of YAML files); anything else as is."""
-    if value.startswith("env:"):
-        name = value[4:]
-        if name not in os.environ:
-            raise ValueError(f"secret refers to ${name}, which is not set")
-        if not os.environ[name].strip():  # an empty token would turn auth off while the config asks for it
-            raise ValueError(f"secret refers to ${name}, which is empty")
-        return os.environ[name]
-    return value
 
 
 @dataclasses.dataclass

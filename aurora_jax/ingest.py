@@ -18,7 +18,8 @@ import grpc
 
 from aurora_jax import __version__
 from aurora_jax.buffer import BufferFull, ReplayBuffer
-from aurora_jax.config import IngestConfig, resolve_secret
+from aurora_jax.config import IngestConfig
+from bridge.config import resolve_secret
 from aurora_jax.validate import TraceLimits, validate
 from bridge.proto import aurora_pb2 as pb
 from bridge.chunks import SERVICE, Reassembler, max_message_bytes, parse_chunk

@@ -18,7 +18,8 @@ import grpc
 import numpy as np
 from flax import nnx
 
-from aurora_jax.config import WeightSyncConfig, resolve_secret
+from aurora_jax.config import WeightSyncConfig
+from bridge.config import resolve_secret
 from aurora_jax.ingest import BearerAuth, StreamSlots, bind
 from aurora_jax.model import flat_state
 from bridge.eagle3 import DraftConfig, to_torch_layout

@@ -11,6 +11,7 @@ import dataclasses
 import difflib
 import logging
 import math
+import os
 import re
 import types
 import typing
@@ -148,6 +149,18 @@ def _known(cls: type, raw: Any, prefix: str, source: str) -> Any:
         else:
             log.warning("%s: key '%s%s' is not known to this version; ignored", source, prefix, k)
     return out
+
+
+def resolve_secret(value: str) -> str:
+    """'env:NAME' -> $NAME (so tokens stay out of YAML files); anything else as is."""
+    if value.startswith("env:"):
+        name = value[4:]
+        if name not in os.environ:
+            raise ValueError(f"secret refers to ${name}, which is not set")
+        if not os.environ[name].strip():  # an empty token would turn auth off while the config asks for it
+            raise ValueError(f"secret refers to ${name}, which is empty")
+        return os.environ[name]
+    return value
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

@@ -15,7 +15,6 @@ import logging
 import random
 import re
 import threading
-from pathlib import Path
 
 import grpc
 
@@ -23,6 +22,7 @@ from bridge.proto import aurora_pb2 as pb
 from bridge.proto import aurora_pb2_grpc as pb_grpc
 from bridge.chunks import PUSH_METHOD, chunk_messages, max_message_bytes
 from bridge.traces import Trace, encode_parts
+from serving.channel import ChannelConfig
 from serving.ratelimit import EveryWindow
 
 log = logging.getLogger(__name__)
@@ -33,10 +33,8 @@ _REFUSED_FIELD = re.compile(r"(?:request '.*?': )?([\w.\[\]]+): ")  # ingest nam
 
 
 @dataclasses.dataclass
-class TraceClientConfig:
-    address: str = "127.0.0.1:50051"
-    auth_token: str = ""  # sent as `authorization: Bearer <token>`
-    tls_root_cert: str = ""  # PEM of the CA that signed the trainer's cert; "" = plaintext
+class TraceClientConfig(ChannelConfig):
+    address: str = "127.0.0.1:50051"  # the trainer's ingest.address
     max_queue: int = 256  # traces held while the trainer is slow or down; oldest dropped past this
     batch_size: int = 8  # traces per stream
     streams: int = 2  # concurrent streams (sender threads): keeps the trainer's reader and writer busy
@@ -63,15 +61,11 @@ class TraceClient:
         self.cfg = cfg
         opts = [("grpc.max_send_message_length", max_message_bytes(cfg.max_chunk_bytes)),
                 ("grpc.max_receive_message_length", 4 << 20)]
-        if cfg.tls_root_cert:
-            creds = grpc.ssl_channel_credentials(root_certificates=Path(cfg.tls_root_cert).read_bytes())
-            self._channel = grpc.secure_channel(cfg.address, creds, options=opts)
-        else:
-            self._channel = grpc.insecure_channel(cfg.address, options=opts)
+        self._channel = cfg.channel(opts)
         self._stub = pb_grpc.TraceIngestStub(self._channel)
         # Push sends pre-framed chunk bytes (no serializer): see bridge.chunks.
         self._push = self._channel.stream_stream(PUSH_METHOD, response_deserializer=pb.PushAck.FromString)
-        self._metadata = [("authorization", f"Bearer {cfg.auth_token}")] if cfg.auth_token else []
+        self._metadata = cfg.metadata()
         self._queue: collections.deque[_Item] = collections.deque()
         self._cond = threading.Condition()
         self._inflight = 0

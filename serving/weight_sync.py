@@ -25,6 +25,7 @@ import torch
 from bridge.eagle3 import DraftConfig, LayoutError
 from bridge.proto import aurora_pb2 as pb
 from bridge.torch_io import tensor_from_numpy
+from serving.channel import ChannelConfig
 from bridge.weights import SUBSCRIBE_METHOD, VersionAssembler, WeightError
 from serving.ratelimit import EveryWindow
 
@@ -32,10 +33,8 @@ log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
-class WeightSubscriberConfig:
-    address: str = "127.0.0.1:50052"
-    auth_token: str = ""
-    tls_root_cert: str = ""
+class WeightSubscriberConfig(ChannelConfig):
+    address: str = "127.0.0.1:50052"  # the trainer's weight_sync.address
     name: str = "engine"
     backoff_s: float = 0.2
     backoff_max_s: float = 5.0
@@ -56,6 +55,7 @@ class WeightSubscriber:
                  have_version: int = 0, draft_config: DraftConfig | None = None,
                  on_adopt: Callable[[int, dict[str, torch.Tensor], DraftConfig], None] | None = None):
         self.cfg, self.on_version = cfg, on_version
+        self._metadata = cfg.metadata()  # an unset env: secret is a start-up error, not a dead thread
         self.draft_config = draft_config  # what is served here; None = not checked
         self.on_adopt = on_adopt  # until the first accepted version: take the trainer's draft config instead
         self.version = have_version
@@ -72,15 +72,11 @@ class WeightSubscriber:
         return self
 
     def _channel(self):
-        opts = [("grpc.max_receive_message_length", 64 << 20)]
-        if self.cfg.tls_root_cert:
-            with open(self.cfg.tls_root_cert, "rb") as f:
-                return grpc.secure_channel(self.cfg.address, grpc.ssl_channel_credentials(f.read()), opts)
-        return grpc.insecure_channel(self.cfg.address, opts)
+        return self.cfg.channel([("grpc.max_receive_message_length", 64 << 20)])
 
     def _run(self) -> None:
         backoff = self.cfg.backoff_s
-        meta = [("authorization", f"Bearer {self.cfg.auth_token}")] if self.cfg.auth_token else []
+        meta = self._metadata
         while not self._stop.is_set():
             try:
                 with self._channel() as ch:

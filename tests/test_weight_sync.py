@@ -139,3 +139,15 @@ def test_a_version_trained_for_another_draft_is_refused_and_the_served_one_stays
     finally:
         sub.close()
         server.stop(0)
+
+
+def test_serving_side_secrets_read_the_environment_as_the_trainer_does(monkeypatch):
+    from serving.trace_client import TraceClient, TraceClientConfig
+
+    monkeypatch.setenv("AURORA_TEST_TOKEN", "s3cret")
+    assert WeightSubscriberConfig(auth_token="env:AURORA_TEST_TOKEN").metadata() == [("authorization", "Bearer s3cret")]
+    monkeypatch.delenv("AURORA_TEST_TOKEN")
+    with pytest.raises(ValueError, match=r"\$AURORA_TEST_TOKEN, which is not set"):
+        TraceClient(TraceClientConfig(auth_token="env:AURORA_TEST_TOKEN"))
+    with pytest.raises(ValueError, match=r"\$AURORA_TEST_TOKEN, which is not set"):
+        WeightSubscriber(WeightSubscriberConfig(auth_token="env:AURORA_TEST_TOKEN"), lambda v, sd: None)
