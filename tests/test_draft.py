@@ -255,3 +255,56 @@ def test_unlikelihood_counts_exactly_the_rejected_tokens_not_the_padding():
     np.testing.assert_allclose(float(metrics["unlikelihood"]), np.mean(terms), rtol=1e-4)
     np.testing.assert_allclose(float(metrics["loss"]) - float(metrics["kl"]), w * np.mean(terms), rtol=1e-3)
     assert float(metrics["negatives"]) == n_rejected
+
+
+def test_loss_and_metrics_against_numpy():
+    """The KL term (target top-k renormalised, depth-weighted, masked), the acceptance proxy, the KL at
+    rejected nodes and the tree-token count, each recomputed in float64 numpy from the per-slot hidden
+    states (themselves checked against a per-node loop above)."""
+    rng = np.random.default_rng(11)
+    trs = [random_trace(rng, request_id=f"k{i}", num_tokens=22, prompt_len=5, hidden=HT, vocab=V, num_steps=3,
+                        tree_nodes=5) for i in range(2)]
+    model, D, decay = _model(4), 3, 0.7
+    batch, _ = _pack(trs, D, rows=2, lengths=(32,))
+    hs = _hidden(model, batch)
+    _, B, N, _ = hs.shape
+    L = batch.aux.shape[1]
+    logits = np.asarray(model.logits(jnp.asarray(hs)), np.float64)  # [D, B, N, Vd]
+    logq = logits - logits.max(-1, keepdims=True)
+    logq -= np.log(np.exp(logq).sum(-1, keepdims=True))
+    kl = np.zeros((D, B, N))
+    for j, b, n in np.ndindex(D, B, N):
+        ids, lp = batch.label_ids[j, b, n], batch.label_lp[j, b, n].astype(np.float64)
+        ok = ids >= 0
+        if batch.loss_mask[j, b, n] > 0 and ok.any():
+            p = np.exp(lp[ok] - np.logaddexp.reduce(lp[ok]))
+            kl[j, b, n] = np.sum(p * (np.log(p) - logq[j, b, n, ids[ok]]))
+    w = decay ** np.arange(D)
+    m = batch.loss_mask > 0
+    kl_loss = sum(w[j] * kl[j].sum() / max(m[j].sum(), 1) for j in range(D)) / w.sum()
+    correct = (logq.argmax(-1) == batch.acc_target) & m  # [D, B, N]
+    run = np.cumprod(correct[:, :, :L], axis=0)
+    start = m[0][:, :L]
+    accept = np.where(start, 1 + run.sum(0), 0).sum() / max(start.sum(), 1)
+    rej = batch.rejected & m
+    assert rej.any() and (~m).any()  # rejected nodes and masked slots both present
+    got = loss_fn(model, jax.tree.map(jnp.asarray, batch),
+                  ObjectiveConfig(ttt_length=D, reject_weight=0.0, depth_decay=decay))[1]
+    np.testing.assert_allclose(float(got["kl"]), kl_loss, rtol=1e-4)
+    np.testing.assert_allclose(float(got["loss"]), kl_loss, rtol=1e-4)  # reject_weight 0: the KL alone
+    np.testing.assert_allclose(float(got["accept_len"]), accept, rtol=1e-6)
+    np.testing.assert_allclose(float(got["kl_rejected"]), kl[rej].sum() / rej.sum(), rtol=1e-4)
+    assert float(got["tree_tokens"]) == (batch.seg >= 0).sum()
+    for j in range(D):
+        chain = m[j][:, :L]
+        np.testing.assert_allclose(float(got[f"acc_d{j}"]), correct[j][:, :L].sum() / max(chain.sum(), 1), rtol=1e-6)
+
+
+@pytest.mark.parametrize("kw,ok", [(dict(depth_decay=1.0), True), (dict(depth_decay=1.5), False),
+                                   (dict(depth_decay=0.0), False), (dict(reject_weight=-0.1), False)])
+def test_objective_config_bounds(kw, ok):
+    if ok:
+        ObjectiveConfig(**kw)
+    else:
+        with pytest.raises(ValueError, match="reject_weight must be >= 0 and depth_decay in"):
+            ObjectiveConfig(**kw)
