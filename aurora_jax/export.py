@@ -52,7 +52,7 @@ def restore_for_export(ckpt_dir: str | Path, step: int | None = None) -> tuple[T
         ck.mgr.close()
     learner.restore(state)
     if vocab is not None:
-        learner.set_buffers(**vocab)
+        learner.set_vocab(**vocab)
     if meta.get("has_embedding"):  # frozen, so not in the checkpoint: read again from where training read it
         from aurora_jax.draft_init import frozen_embedding
         try:

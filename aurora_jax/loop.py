@@ -27,11 +27,11 @@ from aurora_jax.checkpoint import Checkpointer
 from aurora_jax.config import TrainerConfig
 from aurora_jax.draft_init import resolve_draft
 from aurora_jax.ingest import IngestServer
-from aurora_jax.model import head_from_target, target_to_draft
+from aurora_jax.model import head_from_target
 from aurora_jax.train import Learner, make_mesh
 from bridge.config import to_dict
 from bridge.signals import stop_event
-from bridge.eagle3 import VOCAB_KEYS, read_target_config, read_tensor, weights_file
+from bridge.eagle3 import read_target_config, read_tensor, weights_file
 from bridge.vocab import build_vocab, count_tokens
 
 log = logging.getLogger(__name__)
@@ -65,7 +65,7 @@ class Trainer:
             state, meta, vocab = self.ckpt.restore(self.learner.state)
             self.learner.restore(state)
             if vocab is not None:
-                self.learner.set_buffers(**vocab)
+                self.learner.set_vocab(**vocab)
             self.version = int(meta["draft_version"])
             self.rng.bit_generator.state = meta["sampler_rng"]
             self.has_embedding |= bool(meta.get("has_embedding"))
@@ -73,7 +73,6 @@ class Trainer:
                      self.version, len(self.buffer.entries()))
         self._head_pending = cfg.loop.head_init == "target" and not resume and not cfg.loop.init_from
         self._initial_pending = cfg.loop.publish_initial and not resume
-        self._update_vocab_table()
         if not self._vocab_pending:
             self._start_from_target()
         Path(cfg.loop.metrics_path).parent.mkdir(parents=True, exist_ok=True)
@@ -89,15 +88,11 @@ class Trainer:
         self._t_last = time.perf_counter()
         self.last: dict = {}
 
-    def _update_vocab_table(self) -> None:
-        self.target_to_draft = target_to_draft(np.asarray(self.learner.rest["d2t"].get_value()), self.cfg.model.vocab_size)
-
     def _prune_vocab(self) -> None:
         """Day 0 with draft_vocab_size < V: keep the tokens most frequent in the traces so far."""
         counts = count_tokens((e.trace for e in self.buffer.entries()), self.cfg.model.vocab_size)
         d2t, t2d = build_vocab(counts, self.cfg.model.vd)
-        self.learner.set_buffers(d2t=d2t, t2d=t2d)
-        self._update_vocab_table()
+        self.learner.set_vocab(d2t, t2d)
         self._vocab_pending = False
         log.info("draft vocabulary: the %d most frequent of %d tokens seen in %d traces (%.1f%% of occurrences)",
                  self.cfg.model.vd, int((counts > 0).sum()), len(self.buffer.entries()),
@@ -110,7 +105,7 @@ class Trainer:
             t = self.cfg.target
             hf = read_target_config(t)
             head_key = "model.embed_tokens.weight" if hf.get("tie_word_embeddings", True) else "lm_head.weight"
-            d2t = np.asarray(self.learner.rest["d2t"].get_value())
+            d2t = self.learner.vocab["d2t"]
             self.learner.set_params(head_from_target(
                 self.cfg.model, d2t, read_tensor(weights_file(t, head_key), head_key),
                 read_tensor(weights_file(t, "model.norm.weight"), "model.norm.weight")))
@@ -141,7 +136,7 @@ class Trainer:
         entries = self.buffer.sample(cfg.loop.traces_per_step or cfg.batch.rows, self.rng, self.version)
         if not entries:
             return False
-        batch, stats, _ = pack([e.trace for e in entries], cfg.batch, cfg.objective.ttt_length, self.target_to_draft,
+        batch, stats, _ = pack([e.trace for e in entries], cfg.batch, cfg.objective.ttt_length, self.learner.target_to_draft,
                                cfg.objective.train_on_prompt)
         metrics = self.learner.train_step(batch)
         self.ckpt.poll()
@@ -200,7 +195,7 @@ class Trainer:
     def save(self) -> None:
         meta = dict(draft_version=self.version, step=self.learner.step, sampler_rng=self.rng.bit_generator.state,
                     has_embedding=self.has_embedding, config=to_dict(self.cfg))
-        vocab = {k: np.asarray(self.learner.rest[k].get_value()) for k in sorted(VOCAB_KEYS)}
+        vocab = self.learner.vocab
         self.ckpt.save(self.learner.step, self.learner.state, meta, vocab)
 
     # ------------------------------------------------------------ run

@@ -19,10 +19,11 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from aurora_jax.batching import Batch
-from aurora_jax.model import DraftConfig, Eagle3Draft, flat_state
+from aurora_jax.model import DraftConfig, Eagle3Draft, flat_state, target_to_draft
 from aurora_jax.objective import ObjectiveConfig, loss_fn
 from aurora_jax.pallas_attention import select_attention
 from aurora_jax.tree_attention import TreeMeta
+from bridge.eagle3 import VOCAB_KEYS
 
 
 @dataclasses.dataclass
@@ -212,6 +213,9 @@ class Learner:
         self.batch_sharding = plan.batch_sharding
         self._step = jax.jit(plan.step, donate_argnums=(0,))
         self.rows_multiple = mesh.shape["data"]
+        # the packer's table: draft id of each target token, -1 outside the draft vocabulary
+        self.target_to_draft = target_to_draft(np.asarray(self.rest["d2t"].get_value()),
+                                               np.asarray(self.rest["t2d"].get_value()).shape[0])
 
     def device_batch(self, batch: Batch) -> Batch:
         """Host numpy batch -> global arrays sharded over the data axis (multi-host aware)."""
@@ -252,8 +256,18 @@ class Learner:
         _assign(self.state.params, values, "parameters")
 
     def set_buffers(self, **values) -> None:
-        """Replace non-trained variables by path (e.g. d2t=..., t2d=...; before training starts)."""
+        """Replace non-trained variables by path (e.g. embed_tokens=...; before training starts)."""
         _assign(self.rest, values, "buffers")
+
+    @property
+    def vocab(self) -> dict[str, np.ndarray]:
+        """The draft vocabulary maps as saved and exported: d2t [Vd] (draft id -> target id offset), t2d [V]."""
+        return {k: np.asarray(self.rest[k].get_value()) for k in sorted(VOCAB_KEYS)}
+
+    def set_vocab(self, d2t: np.ndarray, t2d: np.ndarray) -> None:
+        """Fix the draft vocabulary (before training starts); `target_to_draft` follows it."""
+        _assign(self.rest, dict(d2t=d2t, t2d=t2d), "buffers")
+        self.target_to_draft = target_to_draft(np.asarray(d2t), np.asarray(t2d).shape[0])
 
     def restore(self, state: TrainState) -> None:
         self.state = state

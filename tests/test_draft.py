@@ -261,11 +261,17 @@ def test_loss_and_metrics_against_numpy():
     """The KL term (target top-k renormalised, depth-weighted, masked), the acceptance proxy, the KL at
     rejected nodes and the tree-token count, each recomputed in float64 numpy from the per-slot hidden
     states (themselves checked against a per-node loop above)."""
+    import dataclasses
+
     rng = np.random.default_rng(11)
     trs = [random_trace(rng, request_id=f"k{i}", num_tokens=22, prompt_len=5, hidden=HT, vocab=V, num_steps=3,
                         tree_nodes=5) for i in range(2)]
+    # a top-k that holds 40-90% of the mass, as a real one does (so renormalising it matters)
+    trs = [dataclasses.replace(t, target_logprobs=t.target_logprobs + np.log(rng.uniform(0.4, 0.9, (len(t.tokens), 1))))
+           for t in trs]
     model, D, decay = _model(4), 3, 0.7
-    batch, _ = _pack(trs, D, rows=2, lengths=(32,))
+    batch, _ = _pack(trs, D, rows=1, lengths=(64,))  # both requests in one row: segments 0 and 1
+    assert {0, 1} <= set(np.unique(batch.seg).tolist())
     hs = _hidden(model, batch)
     _, B, N, _ = hs.shape
     L = batch.aux.shape[1]
@@ -282,10 +288,15 @@ def test_loss_and_metrics_against_numpy():
     w = decay ** np.arange(D)
     m = batch.loss_mask > 0
     kl_loss = sum(w[j] * kl[j].sum() / max(m[j].sum(), 1) for j in range(D)) / w.sum()
+    acc_target = batch.acc_target.copy()  # make some predictions right, so the proxy is not just 1
+    acc_target[:, 0, 1:4] = logq[:, 0, 1:4].argmax(-1)
+    acc_target[0, 0, 6] = logq[0, 0, 6].argmax(-1)
+    batch = batch._replace(acc_target=acc_target)
     correct = (logq.argmax(-1) == batch.acc_target) & m  # [D, B, N]
     run = np.cumprod(correct[:, :, :L], axis=0)
     start = m[0][:, :L]
     accept = np.where(start, 1 + run.sum(0), 0).sum() / max(start.sum(), 1)
+    assert accept != round(accept)
     rej = batch.rejected & m
     assert rej.any() and (~m).any()  # rejected nodes and masked slots both present
     got = loss_fn(model, jax.tree.map(jnp.asarray, batch),
