@@ -65,6 +65,7 @@ class LoopConfig:
     sync_every: int = 50  # publish a new draft_version every N steps (0 = never)
     log_every: int = 10  # steps between log lines (every step goes to the JSONL file)
     metrics_path: str = "runs/train/metrics.jsonl"
+    metrics_address: str = ""  # host:port of a Prometheus /metrics endpoint ("" = none; port 0 = any free one)
     tensorboard_dir: str = ""  # also write TensorBoard scalars here (needs the `tb` extra: tensorboardX)
     progress: bool = True  # tqdm bar on stderr
     seed: int = 0

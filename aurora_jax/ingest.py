@@ -11,6 +11,7 @@ import hmac
 import logging
 import queue
 import threading
+from typing import Callable
 from concurrent import futures
 from pathlib import Path
 
@@ -70,8 +71,10 @@ RESOURCE_EXHAUSTED = grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]
 
 
 class IngestServicer:
-    def __init__(self, buffer: ReplayBuffer, limits: TraceLimits, max_streams: int = 16):
+    def __init__(self, buffer: ReplayBuffer, limits: TraceLimits, max_streams: int = 16,
+                 on_accept: Callable[[Trace], None] | None = None):
         self.buffer = buffer
+        self.on_accept = on_accept  # told of every acknowledged trace (e.g. served utility per version)
         self.limits = limits
         self.streams = StreamSlots(max_streams, "Push streams")
         self._lock = threading.Lock()
@@ -101,6 +104,11 @@ class IngestServicer:
             seq = self.buffer.put(payload, trace)
         except BufferFull as e:
             return self._reject(trace.request_id, RESOURCE_EXHAUSTED, str(e), e.retry_after_ms)
+        if self.on_accept is not None:
+            try:
+                self.on_accept(trace)
+            except Exception:  # noqa: BLE001  (an observer never costs a stored trace its ack)
+                log.exception("on_accept failed for trace %r", short_id(trace.request_id))
         return pb.PushAck(request_id=trace.request_id, code=OK, seq=seq)
 
     def _read(self, request_iterator, out: queue.Queue) -> None:
@@ -203,9 +211,10 @@ def bind(server: grpc.Server, address: str, tls_cert: str, tls_key: str, key: st
 class IngestServer:
     """A real gRPC server around a ReplayBuffer. `port` is the bound port after start()."""
 
-    def __init__(self, cfg: IngestConfig, limits: TraceLimits, buffer: ReplayBuffer):
+    def __init__(self, cfg: IngestConfig, limits: TraceLimits, buffer: ReplayBuffer,
+                 on_accept: Callable[[Trace], None] | None = None):
         self.cfg, self.limits, self.buffer = cfg, limits, buffer
-        self.servicer = IngestServicer(buffer, limits, cfg.max_streams)
+        self.servicer = IngestServicer(buffer, limits, cfg.max_streams, on_accept)
         self._token = token = resolve_secret(cfg.auth_token)
         self._server = grpc.server(futures.ThreadPoolExecutor(self.servicer.streams.pool_size,
                                                               thread_name_prefix="ingest"),

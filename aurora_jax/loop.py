@@ -26,6 +26,7 @@ from aurora_jax.buffer import ReplayBuffer
 from aurora_jax.checkpoint import Checkpointer
 from aurora_jax.config import TrainerConfig
 from aurora_jax.draft_init import resolve_draft
+from aurora_jax.served import ServedUtility, serve_metrics
 from aurora_jax.ingest import IngestServer
 from aurora_jax.model import head_from_target
 from aurora_jax.train import Learner, make_mesh
@@ -48,6 +49,8 @@ class Trainer:
             self.weights = WeightSyncServer(cfg.weight_sync)  # bound now, serving from start()
             self.publish = WeightPublisher(self.weights, cfg.model)
         self.buffer = ReplayBuffer(cfg.buffer, defer_consume=True)
+        self.served = ServedUtility()  # served acceptance per draft version, from the traces as they arrive
+        self.prometheus = None
         self.server: IngestServer | None = None
         draft = resolve_draft(cfg)
         log.info("the draft starts from %s", draft.source)
@@ -118,9 +121,11 @@ class Trainer:
 
     def start(self) -> str:
         """Serve TraceIngest (and WeightSync, when configured); returns the ingest address."""
-        self.server = IngestServer(self.cfg.ingest, self.cfg.limits, self.buffer).start()
+        self.server = IngestServer(self.cfg.ingest, self.cfg.limits, self.buffer, on_accept=self.served.add).start()
         if self.weights is not None:
             self.weights.start()
+        if self.cfg.loop.metrics_address:
+            self.prometheus = serve_metrics(self, self.cfg.loop.metrics_address)
         return self.server.address
 
     # ------------------------------------------------------------ one step
@@ -162,9 +167,10 @@ class Trainer:
         now = time.perf_counter()
         dt, self._t_last = now - self._t_last, now
         s = self.buffer.snapshot_stats()
+        served = {str(v): u for v, u in self.served.snapshot().items() if v >= self.version - 1}
         rec = dict(step=step, time=time.time(), step_s=dt, tree_tokens_per_s=m["tree_tokens"] / max(dt, 1e-9),
                    draft_version=self.version, buffered=s["buffered"], accepted=s["accepted"],
-                   compiled_shapes=self.learner.compiled_shapes, **info, **m)
+                   compiled_shapes=self.learner.compiled_shapes, **info, **m, served=served)
         self.last = rec
         self._metrics.write(json.dumps(rec) + "\n")
         self._metrics.flush()
@@ -183,6 +189,7 @@ class Trainer:
     def sync(self) -> None:
         """Publish the current draft as a new draft_version (a failing publisher is logged, not fatal)."""
         self.version += 1
+        self.served.published(self.version, self.last.get("accept_len"))  # the proxy last read back
         if self.publish is None:
             return
         t0 = time.perf_counter()
@@ -229,6 +236,8 @@ class Trainer:
         return self.last
 
     def close(self) -> None:
+        if self.prometheus is not None:
+            self.prometheus.shutdown()
         if self.server is not None:
             self.server.stop(grace=2.0)
         if self.weights is not None:
@@ -251,6 +260,9 @@ def run_train(cfg: TrainerConfig, resume: bool = False) -> int:
         print(f"listening on {trainer.start()}", flush=True)
         if trainer.weights is not None:
             print(f"weights on {trainer.weights.address}", flush=True)
+        if trainer.prometheus is not None:
+            print(f"metrics on http://{cfg.loop.metrics_address.rpartition(':')[0]}:"
+                  f"{trainer.prometheus.server_port}/metrics", flush=True)
         last = trainer.run(stop)
         if last:
             log.info("stopped at step %d: loss %.4f accept_len %.2f", last["step"], last["loss"], last["accept_len"])
