@@ -319,3 +319,23 @@ def test_objective_config_bounds(kw, ok):
     else:
         with pytest.raises(ValueError, match="reject_weight must be >= 0 and depth_decay in"):
             ObjectiveConfig(**kw)
+
+
+def test_loss_mask_starts_at_the_first_generated_token_and_skips_slots_without_labels():
+    """train_on_prompt=False: the slot that predicts the first generated token (trunk slot P-1, row P-1
+    of the target's top-k) is trained, the one before it is not; a slot whose target top-k lies wholly
+    outside the draft vocabulary has nothing to learn (mask 0), while draft id 0 is a label like any."""
+    import dataclasses
+
+    rng = np.random.default_rng(13)
+    P = 6
+    tr = random_trace(rng, request_id="m", num_tokens=20, prompt_len=P, hidden=HT, vocab=V, num_steps=0)
+    ids = tr.target_ids.copy()
+    ids[P + 2] = [45, 46, 47, 48]  # row P+2: no token of the draft vocabulary below
+    ids[P + 3] = [0, 46, 47, 48]  # row P+3: only target id 0 (draft id 0)
+    tr = dataclasses.replace(tr, target_ids=ids)
+    to_draft = np.where(np.arange(V) < 40, np.arange(V), -1).astype(np.int32)  # draft vocabulary: ids 0..39
+    b, _, _ = pack([tr], BatchConfig(rows=1, lengths=[32], branch_slots=[0], topk=4), 1, to_draft, train_on_prompt=False)
+    mask = b.loss_mask[0, 0]  # slot t - 1 holds trunk position t (row t: the token after it)
+    assert mask[P - 2] == 1 and mask[P - 3] == 0  # positions P-1 (first generated) and P-2
+    assert mask[P + 1] == 0 and mask[P + 2] == 1  # positions P+2 (no labels) and P+3 (draft id 0)
