@@ -74,7 +74,8 @@ def main(argv: list[str] | None = None) -> int:
     import numpy as np
 
     from aurora_jax.pallas_attention import tree_attention_pallas
-    from aurora_jax.tree_attention import random_meta, tree_attention, tree_mask
+    from aurora_jax.random_trees import random_meta
+    from aurora_jax.tree_attention import tree_attention, tree_mask
 
     dtype = jnp.dtype(a.dtype)
     rate = matmul_rate(dtype, 8192 if gpu else 1024, a.repeats)

@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 
 from aurora_jax.pallas_attention import select_attention, tree_attention_pallas
-from aurora_jax.tree_attention import random_meta, tree_attention, tree_mask
+from aurora_jax.random_trees import random_meta
+from aurora_jax.tree_attention import tree_attention, tree_mask
 
 
 def _rng(seed: int | None) -> np.random.Generator:
