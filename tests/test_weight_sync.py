@@ -151,3 +151,29 @@ def test_serving_side_secrets_read_the_environment_as_the_trainer_does(monkeypat
         TraceClient(TraceClientConfig(auth_token="env:AURORA_TEST_TOKEN"))
     with pytest.raises(ValueError, match=r"\$AURORA_TEST_TOKEN, which is not set"):
         WeightSubscriber(WeightSubscriberConfig(auth_token="env:AURORA_TEST_TOKEN"), lambda v, sd: None)
+
+
+def test_a_version_whose_chunks_or_manifest_do_not_add_up_is_refused():
+    """A chunk written past the announced size, a manifest naming more bytes than arrived, and data
+    the manifest does not name: each refused by name, never a silent partial version."""
+    good = {"w": np.arange(6000, dtype=np.float32)}
+    v = pack_version(1, good, max_chunk=4096)
+    past = pack_version(2, good, max_chunk=4096)
+    past[1].offset = past[0].total_bytes - 10  # in range by itself, past the end with its data
+    with pytest.raises(WeightError, match=r"chunk 1/.*: data \[.*\) outside 24000 bytes"):
+        asm = VersionAssembler()
+        for c in past:
+            asm.add(c)
+
+    def with_manifest(shape):
+        chunks = pack_version(3, good, max_chunk=1 << 20)
+        assert len(chunks) == 1
+        chunks[0].tensors[0].shape[:] = shape
+        return chunks[0]
+    with pytest.raises(WeightError, match="manifest exceeds the data at tensor 'w'"):
+        VersionAssembler().add(with_manifest([6001]))
+    with pytest.raises(WeightError, match="weight version 3: 4 bytes beyond the manifest"):
+        VersionAssembler().add(with_manifest([5999]))
+    asm = VersionAssembler()
+    got = [asm.add(c) for c in v][-1]
+    assert got[0] == 1 and np.array_equal(got[1]["w"], good["w"])
