@@ -62,6 +62,14 @@ class Batch(NamedTuple):
     neg_tok: np.ndarray  # int32 [B, M] the rejected token (draft id)
     neg_mask: np.ndarray  # f32 [B, M]
 
+    # Leading axes of each field: rows first for these, the TTT depth then rows for the others. The packer
+    # cuts slots by it and the trainer shards rows by it (`train._batch_spec`).
+    ROWS_FIRST = frozenset({"aux", "neg_slot", "neg_tok", "neg_mask"})
+
+    @classmethod
+    def row_axis(cls, name: str) -> int:
+        return 0 if name in cls.ROWS_FIRST else 1
+
 
 @dataclasses.dataclass
 class PackStats:
@@ -160,7 +168,7 @@ def pack(traces: list[Trace], cfg: BatchConfig, depth: int, target_to_draft: np.
         return np.where(g >= 0, (g // N) * n + g % N, -1).astype(np.int32)
 
     for k in list(f):
-        if k in ("aux", "neg_slot", "neg_tok", "neg_mask"):
+        if Batch.row_axis(k) == 0:
             continue
         f[k] = f[k][:, :, :n]
     f["anc"] = remap(f["anc"])

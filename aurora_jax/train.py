@@ -98,7 +98,7 @@ def _param_spec(logical: P, shape: tuple, mesh: Mesh, rules: dict[str, str]) -> 
 
 
 def _batch_spec(name: str) -> P:
-    return P("data") if name in ("aux", "neg_slot", "neg_tok", "neg_mask") else P(None, "data")
+    return P(*[None] * Batch.row_axis(name), "data")
 
 
 def _assign(tree, values: dict, what: str) -> None:
