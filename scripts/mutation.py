@@ -72,7 +72,10 @@ def run_module(mod: dict, exclude: list[str], sample: int, seed: int, out: Path)
         subprocess.run([BIN / "cosmic-ray", "init", cfg, db], cwd=tmp, env=env, check=True)
         subprocess.run([BIN / "cr-filter-operators", db, cfg], cwd=tmp, env=env, check=True)
         with use_db(str(db), WorkDB.Mode.open) as wdb:
-            pending = sorted(wdb.pending_work_items, key=lambda w: w.job_id)
+            def where(w):  # job ids are random per run: order by the mutation itself, so a seed picks the same sample
+                m = w.mutations[0]
+                return (m.start_pos, m.end_pos, m.operator_name, m.occurrence)
+            pending = sorted(wdb.pending_work_items, key=where)
             total = len(pending)
             keep = set(random.Random(seed).sample(range(total), min(sample, total))) if sample else set(range(total))
             skip = [w.job_id for i, w in enumerate(pending) if i not in keep]

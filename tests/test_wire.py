@@ -182,9 +182,12 @@ def test_validation_boundaries_are_exact():
     zero = dataclasses.replace(t, tokens=t.tokens.copy())
     zero.tokens[0] = 0  # a prompt token, so no tree refers to it
     validate(zero, lim)
-    zero.tokens[1] = 1000  # the first bad id is named, not the zero before it
-    with pytest.raises(TraceError, match=r"tokens: token id 1000 at index \[1\]"):
+    zero.tokens[:3] = [3, 0, 1000]  # the first bad id is named, not a valid one before it
+    with pytest.raises(TraceError, match=r"tokens: token id 1000 at index \[2\]"):
         validate(zero, lim)
+    late = dataclasses.replace(t, steps=[dataclasses.replace(t.steps[0], trunk_pos=len(t.tokens) + 5)] + t.steps[1:])
+    with pytest.raises(TraceError, match=r"steps\[0\]\.trunk_pos: \d+ outside"):
+        validate(late, lim)
     validate(dataclasses.replace(t, request_id="r" * 256), lim)
     with pytest.raises(TraceError, match="request_id"):
         validate(dataclasses.replace(t, request_id="r" * 257), lim)
@@ -209,3 +212,18 @@ def test_validation_boundaries_are_exact():
     with pytest.raises(TraceError, match=rf"steps\[{k}\]\.target_nodes: must be strictly increasing"):
         validate(dataclasses.replace(t, steps=[*t.steps[:k], dataclasses.replace(st, target_nodes=dup),
                                                *t.steps[k + 1:]]), lim)
+
+
+@pytest.mark.parametrize("dtype", [ml_dtypes.bfloat16, np.float16, np.float32])
+def test_first_nonfinite_finds_the_first_bad_value_in_large_arrays(dtype):
+    """Large 16-bit arrays take the blocked bit-test path: the same answer as np.isfinite."""
+    from aurora_jax.validate import _BLOCK, first_nonfinite
+
+    rng = np.random.default_rng(3)
+    a = rng.standard_normal((4 * _BLOCK // 96 + 7, 96)).astype(dtype)
+    assert a.size > 3 * _BLOCK and first_nonfinite(a) is None
+    for bad, where in [(np.nan, (2 * _BLOCK // 96 + 3, 5)), (np.inf, (_BLOCK // 96, 0)), (-np.inf, (3, 95))]:
+        b = a.copy()
+        b[where] = bad
+        b[-1, -1] = np.nan  # a later one is not the first
+        assert first_nonfinite(b) == where, (bad, where)
