@@ -205,7 +205,25 @@ def test_validation_boundaries_are_exact():
     forward[0] = len(forward) - 1  # node 0 hangs from the last node: a parent after its child
     with pytest.raises(TraceError, match=r"steps\[0\]\.parents: node 0 has parent"):
         validate(dataclasses.replace(t, steps=[dataclasses.replace(s, parents=forward)] + t.steps[1:]), lim)
+    # an accepted node must carry the trunk's token there (smaller or larger), and not run past its end
+    i, st = next((i, st) for i, st in enumerate(t.steps) if st.accepted.any())
+    j = int(np.flatnonzero(st.accepted)[0])
+    for other in (0, 999):
+        toks = st.tokens.copy()
+        toks[j] = other if toks[j] != other else 1
+        with pytest.raises(TraceError, match=rf"steps\[{i}\]\.accepted: accepted node {j} \(token"):
+            validate(dataclasses.replace(t, steps=[*t.steps[:i], dataclasses.replace(st, tokens=toks),
+                                                   *t.steps[i + 1:]]), lim)
+    end = dataclasses.replace(st, trunk_pos=len(t.tokens) - 1)  # its accepted node would be token T
+    with pytest.raises(TraceError, match=rf"steps\[{i}\]\.accepted: accepted node {j} .* does not match tokens\["):
+        validate(dataclasses.replace(t, steps=[*t.steps[:i], end, *t.steps[i + 1:]]), lim)
     k = next(i for i, st in enumerate(t.steps) if len(st.target_nodes) >= 2)
+    st = t.steps[k]
+    out = st.target_nodes.copy()
+    out[-1] = len(st.tokens)  # a node index past the tree
+    with pytest.raises(TraceError, match=rf"steps\[{k}\]\.target_nodes: must be strictly increasing"):
+        validate(dataclasses.replace(t, steps=[*t.steps[:k], dataclasses.replace(st, target_nodes=out),
+                                               *t.steps[k + 1:]]), lim)
     st = t.steps[k]
     dup = st.target_nodes.copy()
     dup[1] = dup[0]
