@@ -214,3 +214,31 @@ def test_recovery_collects_segments_whose_marks_were_written_before_a_crash(tmp_
     assert [e.seq for e in buf2.entries()] == seqs[-1:]
     assert len(list(spool.glob("seg-*.log"))) < n_segs
     buf2.close()
+
+
+@pytest.mark.parametrize("offset,flip", [(10, 0xFF), (200, 0x80), (147, 0x01), (490, 0x80)])
+def test_any_corrupted_byte_is_detected(tmp_path, offset, flip):
+    """Whichever way a flip moves the checksum (the first two up, the last two down for this
+    record), the record is refused."""
+    buf = ReplayBuffer(cfg(tmp_path))
+    put(buf, make_trace(0))
+    put(buf, make_trace(1))
+    buf.close()
+    seg = sorted((tmp_path / "spool").glob("seg-*.log"))[-1]
+    data = bytearray(seg.read_bytes())
+    data[_aligned(_HDR.size + len(encode(make_trace(0)))) + _HDR.size + offset] ^= flip
+    seg.write_bytes(bytes(data))
+    assert [e.seq for e in ReplayBuffer(cfg(tmp_path)).entries()] == [1]
+
+
+def test_staleness_weight_is_exp_of_minus_lag_over_tau(tmp_path):
+    """tau = 2, lag 4: an old trace weighs e^-2 of a fresh one (about 12% of 20 draws' worth),
+    not e^-8 or e^-4."""
+    buf = ReplayBuffer(cfg(tmp_path, staleness_tau=2.0, max_staleness=10, max_reuse=10**6))
+    for i in range(20):
+        put(buf, make_trace(i, draft_version=0 if i < 10 else 4))
+    rng = np.random.default_rng(1)
+    versions = [e.trace.draft_version for _ in range(400) for e in buf.sample(1, rng, current_version=4)]
+    old = versions.count(0) / len(versions)
+    assert 0.06 < old < 0.35, old
+    buf.close()
