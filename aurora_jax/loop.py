@@ -51,6 +51,7 @@ class Trainer:
         self.buffer = ReplayBuffer(cfg.buffer, defer_consume=True)
         self.served = ServedUtility()  # served acceptance per draft version, from the traces as they arrive
         self.prometheus = None
+        self.last: dict = {}  # the last step's metrics record (a version published at start has none)
         self.server: IngestServer | None = None
         draft = resolve_draft(cfg)
         log.info("the draft starts from %s", draft.source)
@@ -89,7 +90,6 @@ class Trainer:
             self._tb = SummaryWriter(cfg.loop.tensorboard_dir)
         self._pending = None  # (step, device metrics, host info) awaiting readback
         self._t_last = time.perf_counter()
-        self.last: dict = {}
 
     def _prune_vocab(self) -> None:
         """Day 0 with draft_vocab_size < V: keep the tokens most frequent in the traces so far."""
