@@ -140,7 +140,7 @@ class SGLangWeightUpdater:
         t0 = time.perf_counter()
         self.check(version, state)
         named = self.named_tensors(state)  # kept alive until the update call returns (CUDA IPC)
-        payload = [serialize_named_tensors(named) for _ in range(self.cfg.tp_size)]
+        payload = [serialize_named_tensors(named)] * self.cfg.tp_size  # the same bytes for every rank
         update = {"serialized_named_tensors": payload, "selector": "draft", "load_format": None,
                   "weight_version": str(version), "flush_cache": False}
         if self.cfg.pause:
