@@ -85,12 +85,12 @@ def init_hf(cfg: TrainerConfig, out_dir: str, torch_dtype: str = "bfloat16") -> 
     from aurora_jax.model import flat_variables
 
     m = cfg.model
-    if m.vd < m.vocab_size and not cfg.loop.vocab_counts and not cfg.loop.init_from:
+    draft = resolve_draft(cfg)
+    if not draft.vocab_fixed:
         raise ValueError(f"model.draft_vocab_size={m.vd} < vocab_size={m.vocab_size}: SGLang fixes the draft "
                          "vocabulary at load, so it is chosen now; set loop.vocab_counts to token counts [V] "
                          "(.npy; `aurora-jax count-tokens` makes them from prompts) or model.draft_vocab_size=0")
-    model = resolve_draft(cfg).model
-    flat = {k: np.asarray(v) for k, v in flat_variables(model).items() if k != "embed_tokens"}
+    flat = {k: np.asarray(v) for k, v in flat_variables(draft.model).items() if k != "embed_tokens"}
     path = save_hf(out_dir, m, to_torch_layout(flat), torch_dtype)  # no embed_tokens: SGLang uses the target's
     log.info("wrote a day-0 draft (seed %d) to %s", cfg.loop.seed, path)
     return path

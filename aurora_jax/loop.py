@@ -26,13 +26,13 @@ from aurora_jax.buffer import ReplayBuffer
 from aurora_jax.checkpoint import Checkpointer
 from aurora_jax.config import TrainerConfig
 from aurora_jax.draft_init import resolve_draft
-from aurora_jax.served import ServedUtility, serve_metrics
 from aurora_jax.ingest import IngestServer
 from aurora_jax.model import head_from_target
+from aurora_jax.served import ServedUtility, serve_metrics
 from aurora_jax.train import Learner, make_mesh
 from bridge.config import to_dict
-from bridge.signals import stop_event
 from bridge.eagle3 import read_target_config, read_tensor, weights_file
+from bridge.signals import stop_event
 from bridge.vocab import build_vocab, count_tokens
 
 log = logging.getLogger(__name__)

@@ -213,9 +213,7 @@ class Learner:
         self.batch_sharding = plan.batch_sharding
         self._step = jax.jit(plan.step, donate_argnums=(0,))
         self.rows_multiple = mesh.shape["data"]
-        # the packer's table: draft id of each target token, -1 outside the draft vocabulary
-        self.target_to_draft = target_to_draft(np.asarray(self.rest["d2t"].get_value()),
-                                               np.asarray(self.rest["t2d"].get_value()).shape[0])
+        self._index_vocab()
 
     def device_batch(self, batch: Batch) -> Batch:
         """Host numpy batch -> global arrays sharded over the data axis (multi-host aware)."""
@@ -267,7 +265,12 @@ class Learner:
     def set_vocab(self, d2t: np.ndarray, t2d: np.ndarray) -> None:
         """Fix the draft vocabulary (before training starts); `target_to_draft` follows it."""
         _assign(self.rest, dict(d2t=d2t, t2d=t2d), "buffers")
-        self.target_to_draft = target_to_draft(np.asarray(d2t), np.asarray(t2d).shape[0])
+        self._index_vocab()
+
+    def _index_vocab(self) -> None:
+        """The packer's table from the vocabulary held: draft id of each target token, -1 outside it."""
+        vocab = self.vocab
+        self.target_to_draft = target_to_draft(vocab["d2t"], vocab["t2d"].shape[0])
 
     def restore(self, state: TrainState) -> None:
         self.state = state

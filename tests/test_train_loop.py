@@ -269,3 +269,19 @@ def test_export_writes_the_embedding_it_trained_with_and_every_config_field(tmp_
     cfg = _cfg(tmp_path / "mismatch", max_steps=1, init_from=str(src))  # model.* says 8192
     with pytest.raises(LayoutError, match="max_position_embeddings"):
         Trainer(cfg)
+
+
+def test_init_draft_refuses_a_pruned_vocabulary_it_cannot_choose(tmp_path):
+    """SGLang fixes the draft vocabulary at load: without token counts (or an init_from draft) there
+    is nothing to choose it from, and init-draft says so instead of writing an arbitrary one."""
+    from aurora_jax.export import init_hf
+
+    cfg = _cfg(tmp_path)
+    cfg.model = dataclasses.replace(cfg.model, draft_vocab_size=V // 2)
+    with pytest.raises(ValueError, match="SGLang fixes the draft vocabulary at load"):
+        init_hf(cfg, str(tmp_path / "draft"))
+    assert not (tmp_path / "draft").exists()
+    counts = tmp_path / "counts.npy"
+    np.save(counts, np.arange(V, dtype=np.int64))
+    cfg.loop.vocab_counts = str(counts)
+    assert (init_hf(cfg, str(tmp_path / "draft")) / "config.json").exists()
