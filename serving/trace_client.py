@@ -61,11 +61,11 @@ class TraceClient:
         self.cfg = cfg
         opts = [("grpc.max_send_message_length", max_message_bytes(cfg.max_chunk_bytes)),
                 ("grpc.max_receive_message_length", 4 << 20)]
+        self._metadata = cfg.metadata()  # an unset env: token fails here, before a channel is opened
         self._channel = cfg.channel(opts)
         self._stub = pb_grpc.TraceIngestStub(self._channel)
         # Push sends pre-framed chunk bytes (no serializer): see bridge.chunks.
         self._push = self._channel.stream_stream(PUSH_METHOD, response_deserializer=pb.PushAck.FromString)
-        self._metadata = cfg.metadata()
         self._queue: collections.deque[_Item] = collections.deque()
         self._cond = threading.Condition()
         self._inflight = 0
