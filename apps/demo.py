@@ -24,8 +24,8 @@ from pathlib import Path
 
 import httpx
 
-from bridge.config import read_raw, to_dict
 from apps.load import LoadConfig, run_load, side_by_side
+from bridge.config import read_raw, to_dict
 
 log = logging.getLogger(__name__)
 ROOT = Path(__file__).resolve().parents[1]
