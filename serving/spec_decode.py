@@ -14,6 +14,7 @@ Greedy output therefore equals target-only greedy decoding (tests check it token
 from __future__ import annotations
 
 import dataclasses
+import math
 import threading
 import time
 import uuid
@@ -35,10 +36,17 @@ class SpecConfig:
     topk: int = 4  # children per expanded node (1 = a chain)
     num_steps: int = 5  # draft forwards per round = maximum tree depth
     num_draft_tokens: int = 8  # nodes in the verified tree
+    # A node enters the tree only if the draft gives its whole path at least this probability, and a
+    # node below it is not expanded (its children can only be less likely), so a draft that is unsure
+    # costs fewer draft forwards and a smaller verification, down to a plain one-token forward when no
+    # candidate reaches it (an untrained draft on day 0). 0 = always the full shape (SGLang's trees).
+    min_prob: float = 0.0
 
     def __post_init__(self):
         if min(self.topk, self.num_steps, self.num_draft_tokens) < 1:
             raise ValueError("topk, num_steps and num_draft_tokens must be >= 1")
+        if not 0.0 <= self.min_prob < 1.0:
+            raise ValueError("min_prob must be in [0, 1)")
 
 
 @dataclasses.dataclass
@@ -157,8 +165,11 @@ class EagleDrafter:
         logp = torch.log_softmax(logits[0, -1], -1)
         parent_h = {-1: h[0, -1]}
         self._children(nodes, -1, 0.0, 1, logp)
-        frontier = list(range(len(nodes)))
+        floor = math.log(self.cfg.min_prob) if self.cfg.min_prob > 0 else -math.inf
+        frontier = [i for i in range(len(nodes)) if nodes[i].score >= floor]
         for depth in range(1, self.cfg.num_steps):
+            if not frontier:  # nothing here is likely enough to be worth another draft forward
+                break
             m = len(frontier)
             tok = torch.tensor([[nodes[i].token for i in frontier]])
             hid = torch.stack([parent_h[nodes[i].parent] for i in frontier])[None]
@@ -184,11 +195,11 @@ class EagleDrafter:
                 self._children(nodes, i, nodes[i].score, depth + 1, torch.log_softmax(logits[0, r], -1))
                 new.extend(range(first, len(nodes)))
             new.sort(key=lambda i: -nodes[i].score)
-            frontier = new[:self.cfg.topk]
+            frontier = [i for i in new[:self.cfg.topk] if nodes[i].score >= floor]
 
-        # 3. the best num_draft_tokens nodes (scores fall along a path, so parents come along)
+        # 3. the best num_draft_tokens nodes above min_prob (scores fall along a path, so parents come along)
         keep = sorted(range(len(nodes)), key=lambda i: (-nodes[i].score, nodes[i].depth))[:self.cfg.num_draft_tokens]
-        keep = set(keep)
+        keep = {i for i in keep if nodes[i].score >= floor}
         for i in list(keep):
             j = nodes[i].parent
             while j >= 0 and j not in keep:
@@ -326,7 +337,7 @@ class SpecDecoder:
             for i, nodes in zip(spec, self.drafter.propose_many([(reqs[i].tokens, reqs[i].aux, reqs[i].draft)
                                                                  for i in spec])):
                 reqs[i].version = self.draft_version
-                trees[i] = nodes
+                trees[i] = nodes or None  # no candidate above spec.min_prob: a plain one-token round
             if spec:
                 self.timing["draft_s"] += time.perf_counter() - t0
                 self.timing["draft_forwards"] += self.drafter.forwards - f0

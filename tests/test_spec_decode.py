@@ -298,6 +298,57 @@ def test_fused_drafting_matches_per_request_drafting(target):
             torch.testing.assert_close(x, y, atol=1e-5, rtol=1e-5)
 
 
+def _paths(nodes):
+    """Each node as the token path from the root to it (a tree's content, whatever its node order)."""
+    def path(i):
+        return path(nodes[i].parent) + (nodes[i].token,) if i >= 0 else ()
+    return {path(i): nodes[i].score for i in range(len(nodes))}
+
+
+@pytest.mark.parametrize("min_prob", [0.02, 0.2])
+def test_min_prob_keeps_exactly_the_likely_part_of_the_tree(target, min_prob):
+    """spec.min_prob: the tree is the full-shape tree without its nodes below the floor (nothing likely
+    is lost by not expanding unlikely nodes), fewer or equal draft forwards, same greedy output."""
+    import copy
+    full, gated = SpecConfig(topk=3, num_steps=4, num_draft_tokens=7), \
+        SpecConfig(topk=3, num_steps=4, num_draft_tokens=7, min_prob=min_prob)
+    draft = _draft(target, seed=3)
+    with torch.no_grad():  # a confident draft, so both sides of the floor occur
+        draft.lm_head.weight.mul_(8.0)
+    dec = SpecDecoder(target, EagleDrafter(draft, full), full, topk=4)
+    seen = set()
+    for prompt in PROMPTS:
+        r = dec.start(prompt, 40)
+        for _ in range(6):
+            a, b = EagleDrafter(draft, full), EagleDrafter(draft, gated)
+            tree_full = a.propose(r.tokens, r.aux, copy.deepcopy(r.draft))
+            tree_gated = b.propose(r.tokens, r.aux, copy.deepcopy(r.draft))
+            want = {p: sc for p, sc in _paths(tree_full).items() if sc >= np.log(min_prob)}
+            got = _paths(tree_gated)
+            assert got.keys() == want.keys()
+            assert b.forwards <= a.forwards
+            seen.add(len(got) == len(tree_full)), seen.add(len(got) == 0)
+            dec.step(r)
+    assert True in seen and False in seen  # trees cut and left whole both occurred
+    gated_dec = SpecDecoder(target, EagleDrafter(draft, gated), gated, topk=4)
+    for prompt in PROMPTS:
+        r = gated_dec.generate(prompt, 24)
+        assert r.output == _greedy_reference(target, prompt, 24)
+        validate(r.trace, TraceLimits(vocab_size=V, target_hidden_size=H))
+
+
+def test_a_draft_below_min_prob_everywhere_decodes_one_token_per_forward(target):
+    """Day 0: an untrained draft is never confident; with min_prob every round is a plain forward
+    (one draft forward each, for its trunk cache) and the trace has no trees."""
+    spec = SpecConfig(topk=4, num_steps=5, num_draft_tokens=8, min_prob=0.5)
+    drafter = EagleDrafter(_draft(target), spec)
+    dec = SpecDecoder(target, drafter, spec, topk=4)
+    r = dec.generate(PROMPTS[0], 20)
+    assert r.output == _greedy_reference(target, PROMPTS[0], 20)
+    assert r.accept_lengths == [1] * 19 and r.trace.steps == [] and drafter.forwards == 19
+    validate(r.trace, TraceLimits(vocab_size=V, target_hidden_size=H))
+
+
 def test_fused_forward_matches_separate_forwards(target):
     """Logits, aux features and the kept KV entries of a padded batch equal per-request forwards."""
     a, b = [target.new_cache() for _ in range(2)]
