@@ -57,13 +57,26 @@ class BufferConfig:
     staleness_tau: float = 4.0  # sampling weight exp(-lag / tau), lag in draft versions
     max_staleness: int = 32  # traces more versions behind than this are dropped
     retry_after_ms: int = 250  # hint given to clients under backpressure
+    # The evaluation gate's slice (`guard.gate`): this share of requests (chosen by a hash of the
+    # request id, so a restart or a resent trace decides the same way) is never trained on; the
+    # freshest `holdout_traces` of them are kept, older ones are consumed.
+    holdout_fraction: float = 0.0
+    holdout_traces: int = 32
 
     def __post_init__(self):
-        for name in ("capacity_traces", "capacity_bytes", "segment_bytes", "max_reuse", "retry_after_ms"):
+        for name in ("capacity_traces", "capacity_bytes", "segment_bytes", "max_reuse", "retry_after_ms",
+                     "holdout_traces"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive")
         if self.staleness_tau <= 0:
             raise ValueError("staleness_tau must be positive")
+        if not 0.0 <= self.holdout_fraction < 1.0:
+            raise ValueError("holdout_fraction must be in [0, 1)")
+
+
+def held_out(request_id: str, fraction: float) -> bool:
+    """Whether a request belongs to the held-out slice: a stable hash of its id, not a coin flip."""
+    return fraction > 0 and zlib.crc32(request_id.encode("utf-8", "surrogatepass")) < fraction * 2 ** 32
 
 
 class RecordBuffer(mmap.mmap):
@@ -84,6 +97,7 @@ class Entry:
     nbytes: int
     segment: int
     uses: int = 0
+    holdout: bool = False  # in the evaluation gate's slice: never sampled for training
 
 
 class ReplayBuffer:
@@ -157,17 +171,28 @@ class ReplayBuffer:
                     self._synced = ticket
             if self.cfg.fsync == "group":
                 self._group_sync(ticket)
-            entry = Entry(seq, trace, nbytes, seg)
+            entry = Entry(seq, trace, nbytes, seg, holdout=held_out(trace.request_id, self.cfg.holdout_fraction))
         finally:
             with self._mem:
                 n, b = self._reserved
                 self._reserved = (n - 1, b - nbytes)
                 if entry is not None:
-                    self._entries[seq] = entry
-                    self._bytes += nbytes
+                    self._add(entry)
                     self.stats["accepted"] += 1
                     self._mem.notify_all()
         return seq
+
+    def _add(self, e: Entry) -> None:  # holds self._mem
+        self._entries[e.seq] = e
+        self._bytes += e.nbytes
+        if e.holdout:
+            self._trim_holdout()
+
+    def _trim_holdout(self) -> None:  # holds self._mem
+        """Keep the freshest `holdout_traces` of the held-out slice; older ones are consumed."""
+        held = sorted(x.seq for x in self._entries.values() if x.holdout)
+        for seq in held[:-self.cfg.holdout_traces]:
+            self._consume(self._entries[seq])
 
     def _make_room(self, nbytes: int) -> None:
         cfg = self.cfg
@@ -261,10 +286,10 @@ class ReplayBuffer:
         cfg = self.cfg
         with self._mem:
             for e in [e for e in self._entries.values()
-                      if current_version - e.trace.draft_version > cfg.max_staleness]:
+                      if current_version - e.trace.draft_version > cfg.max_staleness and not e.holdout]:
                 self._consume(e)
                 self.stats["evicted_stale"] += 1
-            entries = list(self._entries.values())
+            entries = [e for e in self._entries.values() if not e.holdout]
             if not entries or n <= 0:
                 return []
             lag = np.array([max(0, current_version - e.trace.draft_version) for e in entries], np.float64)
@@ -279,13 +304,19 @@ class ReplayBuffer:
             return picked
 
     def wait_for(self, n: int, timeout: float) -> bool:
-        """Block until at least n traces are buffered (or timeout). True if they are."""
+        """Block until at least n traces are buffered for training (or timeout). True if they are."""
         with self._mem:
-            return self._mem.wait_for(lambda: len(self._entries) >= n, timeout)
+            return self._mem.wait_for(lambda: sum(not e.holdout for e in self._entries.values()) >= n, timeout)
 
     def entries(self) -> list[Entry]:
+        """Every buffered trace, training and held-out alike."""
         with self._mem:
             return list(self._entries.values())
+
+    def holdout(self) -> list[Entry]:
+        """The evaluation gate's slice, oldest first (at most `holdout_traces`, never trained on)."""
+        with self._mem:
+            return sorted((e for e in self._entries.values() if e.holdout), key=lambda e: e.seq)
 
     def consume(self, seqs) -> None:
         """Mark traces as finished with (used by FIFO consumers and tests)."""
@@ -337,7 +368,9 @@ class ReplayBuffer:
     def snapshot_stats(self) -> dict:
         with self._mem:
             spool = sum(p.stat().st_size for p in self.dir.glob("seg-*.log"))
-            return dict(self.stats, buffered=len(self._entries), buffered_bytes=self._bytes, spool_bytes=spool)
+            held = sum(e.holdout for e in self._entries.values())
+            return dict(self.stats, buffered=len(self._entries) - held, holdout=held, buffered_bytes=self._bytes,
+                        spool_bytes=spool)
 
     def close(self) -> None:
         with self._io:
@@ -369,7 +402,8 @@ class ReplayBuffer:
                     keep.append(seq)
                     continue
                 trace = decode(payload)
-                self._entries[seq] = Entry(seq, trace, trace.nbytes, seg_id)
+                self._entries[seq] = Entry(seq, trace, trace.nbytes, seg_id,
+                                           holdout=held_out(trace.request_id, self.cfg.holdout_fraction))
                 self._bytes += trace.nbytes
                 live += 1
             self._live[seg_id] = live
@@ -384,6 +418,8 @@ class ReplayBuffer:
         for seg in list(self._live):
             self._gc_segment(seg)
         self._open_segment(self._seg_id)
+        with self._mem:
+            self._trim_holdout()
         self.stats["recovered"] = len(self._entries)
         if self._entries:
             log.info("recovered %d unconsumed traces (%.1f MB) from %s in %.2fs", len(self._entries),

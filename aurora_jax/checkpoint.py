@@ -48,15 +48,19 @@ class Checkpointer:
     def due(self, step: int) -> bool:
         return self.cfg.every > 0 and step % self.cfg.every == 0
 
-    def save(self, step: int, state: TrainState, meta: dict, vocab: dict | None = None) -> None:
+    def save(self, step: int, state: TrainState, meta: dict, vocab: dict | None = None,
+             extra: dict | None = None) -> None:
         """Start saving `state` at `step` (returns while it writes, unless async_save is off).
 
-        `vocab`: the draft's d2t/t2d (not trained, so not in `state`, but fixed for its lifetime)."""
+        `vocab`: the draft's d2t/t2d (not trained, so not in `state`, but fixed for its lifetime).
+        `extra`: more named pytrees saved beside it (the guard's served and previous weights)."""
         self._finish()
         self._marks = self.buffer.take_consumed() if self.buffer is not None else []
         items = dict(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
         if vocab is not None:
             items["vocab"] = ocp.args.StandardSave(vocab)
+        for name, tree in (extra or {}).items():
+            items[name] = ocp.args.StandardSave(tree)
         self.mgr.save(step, args=ocp.args.Composite(**items), force=True)
         log.info("checkpoint %d: saving to %s", step, self.dir)
 
@@ -71,20 +75,26 @@ class Checkpointer:
             self.buffer.commit_consumed(self._marks)
         self._marks = []
 
-    def restore(self, like: TrainState, step: int | None = None) -> tuple[TrainState, dict, dict | None]:
+    def restore(self, like: TrainState, step: int | None = None, extra_like: dict | None = None
+                ) -> tuple[TrainState, dict, dict | None, dict]:
         """Restore into the structure, dtypes and shardings of `like` (the freshly built state).
-        Returns (state, meta, vocab or None)."""
+        `extra_like`: {name: a pytree like the one saved}, restored where the checkpoint has it.
+        Returns (state, meta, vocab or None, {name: pytree} of the extras found)."""
         step = self.mgr.latest_step() if step is None else step
         if step is None:
             raise FileNotFoundError(f"no checkpoint in {self.dir}")
-        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
-        items = dict(state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore())
-        has_vocab = "vocab" in self.mgr.item_metadata(step)
+        abstract = lambda tree: jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)  # noqa: E731
+        items = dict(state=ocp.args.StandardRestore(abstract(like)), meta=ocp.args.JsonRestore())
+        saved = self.mgr.item_metadata(step)
+        has_vocab = "vocab" in saved
         if has_vocab:
             items["vocab"] = ocp.args.StandardRestore()
+        extras = [name for name in (extra_like or {}) if name in saved]
+        for name in extras:
+            items[name] = ocp.args.StandardRestore(abstract(extra_like[name]))
         out = self.mgr.restore(step, args=ocp.args.Composite(**items))
         log.info("restored checkpoint %d from %s", step, self.dir)
-        return out.state, out.meta, (dict(out.vocab) if has_vocab else None)
+        return out.state, out.meta, (dict(out.vocab) if has_vocab else None), {name: out[name] for name in extras}
 
     def close(self) -> None:
         self._finish()

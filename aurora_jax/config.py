@@ -7,6 +7,7 @@ import dataclasses
 from aurora_jax.batching import BatchConfig
 from aurora_jax.buffer import BufferConfig
 from aurora_jax.checkpoint import CheckpointConfig
+from aurora_jax.guard import GuardConfig
 from aurora_jax.model import DraftConfig
 from aurora_jax.objective import ObjectiveConfig
 from aurora_jax.train import MeshConfig, OptimConfig
@@ -62,7 +63,13 @@ class LoopConfig:
     max_steps: int = 0  # stop after this many optimizer steps (0 = until SIGINT/SIGTERM)
     traces_per_step: int = 0  # traces sampled per step (0 = batch.rows); packing fits short ones together
     min_traces: int = 1  # wait until the buffer holds this many
-    sync_every: int = 50  # publish a new draft_version every N steps (0 = never)
+    sync_every: int = 50  # publish a new draft_version every N steps (0 = never); adaptive: check every N
+    # fixed: publish every sync_every steps. adaptive: every sync_every steps compare the candidate with the
+    # served version on the held-out slice; publish when the proxy gained sync_gain, or after sync_max_steps
+    # steps anyway; while nothing gains, wait twice as long before the next check (up to sync_max_steps).
+    sync_policy: str = "fixed"
+    sync_gain: float = 0.02
+    sync_max_steps: int = 0  # 0 = 8 x sync_every
     log_every: int = 10  # steps between log lines (every step goes to the JSONL file)
     metrics_path: str = "runs/train/metrics.jsonl"
     metrics_address: str = ""  # host:port of a Prometheus /metrics endpoint ("" = none; port 0 = any free one)
@@ -81,6 +88,10 @@ class LoopConfig:
             raise ValueError("max_steps, traces_per_step, sync_every must be >= 0; min_traces, log_every >= 1")
         if self.head_init not in ("random", "target"):
             raise ValueError("head_init must be random or target")
+        if self.sync_policy not in ("fixed", "adaptive"):
+            raise ValueError("sync_policy must be fixed or adaptive")
+        if self.sync_max_steps < 0 or self.sync_gain < 0:
+            raise ValueError("sync_max_steps and sync_gain must be >= 0")
 
 
 @dataclasses.dataclass
@@ -97,6 +108,7 @@ class TrainerConfig:
     checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
     loop: LoopConfig = dataclasses.field(default_factory=LoopConfig)
     weight_sync: WeightSyncConfig = dataclasses.field(default_factory=WeightSyncConfig)
+    guard: GuardConfig = dataclasses.field(default_factory=GuardConfig)
 
     DERIVED_FROM = "target"
 
@@ -125,5 +137,10 @@ class TrainerConfig:
         self.limits.target_hidden_size = self.model.ht  # accept only traces this draft can train on
         if self.loop.head_init == "target" and not self.target:
             raise ValueError("loop.head_init=target needs `target` (the target's HF directory)")
+        judged = [k for k, on in (("guard.gate", self.guard.gate),
+                                  ("loop.sync_policy=adaptive", self.loop.sync_policy == "adaptive")) if on]
+        if judged and self.buffer.holdout_fraction <= 0:
+            raise ValueError(f"{' and '.join(judged)} judge candidates on held-out traffic: set buffer.holdout_fraction "
+                             f"(e.g. 0.1)")
         if self.batch.rows % max(self.mesh.data, 1):
             raise ValueError(f"batch.rows={self.batch.rows} must be a multiple of mesh.data={self.mesh.data}")

@@ -47,7 +47,7 @@ def restore_for_export(ckpt_dir: str | Path, step: int | None = None) -> tuple[T
     from aurora_jax.checkpoint import CheckpointConfig, Checkpointer
     ck = Checkpointer(CheckpointConfig(dir=str(ckpt_dir)))
     try:
-        state, meta, vocab = ck.restore(learner.state, step)
+        state, meta, vocab, _ = ck.restore(learner.state, step)
     finally:
         ck.mgr.close()
     learner.restore(state)

@@ -26,6 +26,7 @@ from aurora_jax.buffer import ReplayBuffer
 from aurora_jax.checkpoint import Checkpointer
 from aurora_jax.config import TrainerConfig
 from aurora_jax.draft_init import resolve_draft
+from aurora_jax.guard import copy_params, finite, served_worse
 from aurora_jax.ingest import IngestServer
 from aurora_jax.model import head_from_target
 from aurora_jax.served import ServedUtility, serve_metrics
@@ -65,14 +66,35 @@ class Trainer:
         self.ckpt = Checkpointer(cfg.checkpoint, self.buffer)
         self.version = 0
         self.rng = np.random.default_rng(cfg.loop.seed)
+        # The guard (aurora_jax/guard.py): the weights of the version serving now and of the one before
+        # it (the rollback target), kept only when something judges against them.
+        self.guard_stats = dict(gate_passed=0, gate_refused=0, gate_unjudged=0, nonfinite_refused=0, rollbacks=0,
+                                adaptive_waits=0)
+        self.last_gate: dict | None = None
+        self.last_rollback: dict | None = None
+        self.keep_weights = cfg.guard.gate or cfg.guard.rollback or cfg.loop.sync_policy == "adaptive"
+        self.served_params = None
+        self.served_version = 0
+        self.previous: tuple[int, object] | None = None
+        self.rolled_back: set[int] = set()
+        self._since_sync, self._next_check = 0, cfg.loop.sync_every
         if resume:
-            state, meta, vocab = self.ckpt.restore(self.learner.state)
+            params = self.learner.state.params
+            state, meta, vocab, extra = self.ckpt.restore(
+                self.learner.state, extra_like=dict(served_params=params, previous_params=params))
             self.learner.restore(state)
             if vocab is not None:
                 self.learner.set_vocab(**vocab)
             self.version = int(meta["draft_version"])
             self.rng.bit_generator.state = meta["sampler_rng"]
             self.has_embedding |= bool(meta.get("has_embedding"))
+            self.served.load(meta.get("served", {}))
+            g = meta.get("guard", {})
+            self.guard_stats.update(g.get("stats", {}))
+            self.rolled_back = set(g.get("rolled_back", []))
+            self.served_params, self.served_version = extra.get("served_params"), int(g.get("served_version", 0))
+            if "previous_params" in extra:
+                self.previous = (int(g["previous_version"]), extra["previous_params"])
             log.info("resumed at step %d, draft_version %d; %d traces in the buffer", self.learner.step,
                      self.version, len(self.buffer.entries()))
         self._head_pending = cfg.loop.head_init == "target" and not resume and not cfg.loop.init_from
@@ -151,11 +173,22 @@ class Trainer:
             lag=float(np.mean([max(0, self.version - e.trace.draft_version) for e in entries])),
             shape=list(batch.tokens.shape)))
         step = self.learner.step
-        if cfg.loop.sync_every and step % cfg.loop.sync_every == 0:
+        self._since_sync += 1
+        if self._sync_due(step):
             self.sync()
+        if cfg.guard.rollback:
+            self._check_rollback()
         if self.ckpt.due(step):
             self.save()
         return True
+
+    def _sync_due(self, step: int) -> bool:
+        every = self.cfg.loop.sync_every
+        if not every:
+            return False
+        if self.cfg.loop.sync_policy == "adaptive":
+            return self._since_sync >= self._next_check
+        return step % every == 0
 
     def _flush(self) -> None:
         """Read back the previous step's metrics (it has finished by now) and log them."""
@@ -169,8 +202,9 @@ class Trainer:
         s = self.buffer.snapshot_stats()
         served = {str(v): u for v, u in self.served.snapshot().items() if v >= self.version - 1}
         rec = dict(step=step, time=time.time(), step_s=dt, tree_tokens_per_s=m["tree_tokens"] / max(dt, 1e-9),
-                   draft_version=self.version, buffered=s["buffered"], accepted=s["accepted"],
-                   compiled_shapes=self.learner.compiled_shapes, **info, **m, served=served)
+                   draft_version=self.version, buffered=s["buffered"], holdout=s["holdout"], accepted=s["accepted"],
+                   compiled_shapes=self.learner.compiled_shapes, **info, **m, served=served,
+                   guard=dict(self.guard_stats), gate=self.last_gate, rollback=self.last_rollback)
         self.last = rec
         self._metrics.write(json.dumps(rec) + "\n")
         self._metrics.flush()
@@ -186,24 +220,113 @@ class Trainer:
 
     # ------------------------------------------------------------ sync / checkpoint
 
-    def sync(self) -> None:
-        """Publish the current draft as a new draft_version (a failing publisher is logged, not fatal)."""
+    def sync(self) -> bool:
+        """Publish the current draft as a new draft_version, if the guard lets it through (finite weights;
+        with the gate, not worse than the served version on the held-out slice; adaptive sync: gained
+        enough). A failing publisher is logged, not fatal. True if a version was published."""
+        cfg, step = self.cfg, self.learner.step
+        params = self.learner.state.params
+        if not finite(params):
+            self.guard_stats["nonfinite_refused"] += 1
+            back = self.served_params is not None
+            log.error("not publishing after step %d: the draft's parameters hold NaN or Inf%s", step,
+                      f"; training continues from the weights of draft_version {self.served_version}" if back else "")
+            if back:
+                self.learner.reset_params(copy_params(self.served_params))
+            return False
+        proxy = self.last.get("accept_len")  # the proxy last read back
+        judge = (cfg.guard.gate or cfg.loop.sync_policy == "adaptive") and self.served_params is not None
+        if judge:
+            held = [e.trace for e in self.buffer.holdout()]
+            if len(held) < cfg.guard.gate_min_traces:
+                self.guard_stats["gate_unjudged"] += 1
+                log.info("step %d: %d held-out traces, fewer than guard.gate_min_traces=%d: publishing unjudged",
+                         step, len(held), cfg.guard.gate_min_traces)
+            else:
+                batches = self._eval_batches(held)
+                cand, served = self.learner.proxy(batches, params), self.learner.proxy(batches, self.served_params)
+                proxy = cand
+                self.last_gate = gate = dict(step=step, candidate=cand, served=served, served_version=self.served_version,
+                                             traces=len(held), passed=cand >= served - cfg.guard.gate_margin)
+                if cfg.loop.sync_policy == "adaptive":
+                    limit = cfg.loop.sync_max_steps or 8 * cfg.loop.sync_every
+                    if cand - served < cfg.loop.sync_gain and self._since_sync < limit:
+                        self.guard_stats["adaptive_waits"] += 1
+                        self._next_check = min(2 * self._next_check, limit)  # nothing gained: look again later
+                        return False
+                if cfg.guard.gate and not gate["passed"]:
+                    self.guard_stats["gate_refused"] += 1
+                    self._since_sync, self._next_check = 0, cfg.loop.sync_every
+                    log.warning("step %d: candidate refused by the gate: held-out proxy %.3f vs %.3f of served "
+                                "draft_version %d (margin %.3f, %d traces); training goes on", step, cand, served,
+                                self.served_version, cfg.guard.gate_margin, len(held))
+                    return False
+                if cfg.guard.gate:
+                    self.guard_stats["gate_passed"] += 1
+        self._publish(params, proxy)
+        return True
+
+    def _publish(self, params, proxy: float | None) -> None:
         self.version += 1
-        self.served.published(self.version, self.last.get("accept_len"))  # the proxy last read back
+        self._since_sync, self._next_check = 0, self.cfg.loop.sync_every
+        self.served.published(self.version, proxy)
+        if self.keep_weights:
+            if self.served_params is not None:
+                self.previous = (self.served_version, self.served_params)
+            self.served_params, self.served_version = copy_params(params), self.version
         if self.publish is None:
             return
         t0 = time.perf_counter()
         try:
-            self.publish(self.version, nnx.state(self.learner.model()))
+            self.publish(self.version, nnx.state(self.learner.model(params)))
             log.info("published draft_version %d in %.3fs", self.version, time.perf_counter() - t0)
         except Exception:
             log.exception("publishing draft_version %d failed; serving keeps the previous draft", self.version)
 
+    def _eval_batches(self, traces) -> list:
+        """The held-out traces packed as the trainer packs (generated positions scored only)."""
+        cfg, out = self.cfg, []
+        while traces:
+            batch, _, traces = pack(traces, cfg.batch, cfg.objective.ttt_length, self.learner.target_to_draft, False)
+            out.append(batch)
+        return out
+
+    def _check_rollback(self) -> None:
+        """After each step: is the version serving now worse, as served, than the versions before it?"""
+        cfg = self.cfg.guard
+        if self.previous is None or self.version in self.rolled_back:
+            return
+        current = self.served.accept_lengths(self.version)
+        verdict = served_worse(current, self.served.accept_lengths_before(
+            self.version, 4 * cfg.rollback_requests, skip=self.rolled_back), cfg)
+        if verdict is None or not verdict.worse:
+            return
+        bad, (good, weights) = self.version, self.previous
+        self.rolled_back.add(bad)
+        self.guard_stats["rollbacks"] += 1
+        self.previous = None  # never roll back onto the version just taken back
+        self._publish(weights, self.served.snapshot().get(good, {}).get("proxy_accept_length"))
+        self.previous = None
+        self.last_rollback = dict(step=self.learner.step, version=bad, to_weights_of=good, as_version=self.version,
+                                  requests=verdict.n_current, served=verdict.current, before=verdict.reference,
+                                  z=verdict.z)
+        log.warning("rolled back draft_version %d after %d requests: served acceptance %.2f vs %.2f before it "
+                    "(z %.1f); draft_version %d carries the weights of version %d", bad, verdict.n_current,
+                    verdict.current, verdict.reference, verdict.z, self.version, good)
+        if cfg.reset_on_rollback:
+            self.learner.reset_params(copy_params(weights))
+
     def save(self) -> None:
+        guard = dict(stats=self.guard_stats, rolled_back=sorted(self.rolled_back), served_version=self.served_version,
+                     previous_version=self.previous[0] if self.previous is not None else None)
         meta = dict(draft_version=self.version, step=self.learner.step, sampler_rng=self.rng.bit_generator.state,
-                    has_embedding=self.has_embedding, config=to_dict(self.cfg))
-        vocab = self.learner.vocab
-        self.ckpt.save(self.learner.step, self.learner.state, meta, vocab)
+                    has_embedding=self.has_embedding, config=to_dict(self.cfg), served=self.served.state(), guard=guard)
+        extra = {}
+        if self.served_params is not None:
+            extra["served_params"] = self.served_params
+        if self.previous is not None:
+            extra["previous_params"] = self.previous[1]
+        self.ckpt.save(self.learner.step, self.learner.state, meta, self.learner.vocab, extra)
 
     # ------------------------------------------------------------ run
 
@@ -219,6 +342,8 @@ class Trainer:
         waited = time.monotonic()
         while not stop.is_set() and not (cfg.max_steps and self.learner.step >= cfg.max_steps):
             if not self.step(timeout=0.5):
+                if self.cfg.guard.rollback:  # served traces still arrive while the buffer is short
+                    self._check_rollback()
                 if time.monotonic() - waited > 30:
                     log.info("waiting for traces (buffer has %d, need %d)", len(self.buffer.entries()),
                              cfg.min_traces)

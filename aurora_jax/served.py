@@ -62,6 +62,35 @@ class ServedUtility:
         with self._lock:
             self._get(version).proxy = proxy
 
+    def accept_lengths(self, version: int) -> list[float]:
+        """Per-request acceptance lengths of one version's most recent requests (at most `window`)."""
+        with self._lock:
+            v = self._versions.get(version)
+            return [o / f for o, f in v.recent] if v is not None else []
+
+    def accept_lengths_before(self, version: int, n: int, skip=()) -> list[float]:
+        """Up to n per-request acceptance lengths of the versions served before `version`, newest
+        first (versions in `skip`, e.g. rolled back ones, left out)."""
+        out: list[float] = []
+        with self._lock:
+            for k in sorted((k for k in self._versions if k < version and k not in skip), reverse=True):
+                out += [o / f for o, f in reversed(self._versions[k].recent)]
+                if len(out) >= n:
+                    break
+        return out[:n]
+
+    def state(self) -> dict:
+        """JSON-able state, saved with each checkpoint so a restarted trainer keeps its judgement."""
+        with self._lock:
+            return {str(k): dict(dataclasses.asdict(v), recent=[list(x) for x in v.recent])
+                    for k, v in self._versions.items()}
+
+    def load(self, state: dict) -> None:
+        with self._lock:
+            for k, v in state.items():
+                recent = collections.deque((tuple(x) for x in v.pop("recent")), maxlen=self.window)
+                self._versions[int(k)] = _Version(**v, recent=recent)
+
     def snapshot(self) -> dict[int, dict]:
         """{version: requests, accept_length (all its requests), accept_length_recent (its last
         `window`), request_throughput (tokens / second of its requests), proxy_accept_length}."""
@@ -113,6 +142,12 @@ def serve_metrics(trainer, address: str):
                         family.add_metric([str(version)], u[key])
             yield requests
             yield from families.values()
+            guard = CounterMetricFamily("aurora_trainer_guard_events", "the publication guard's decisions: gate "
+                                        "passed/refused/unjudged, non-finite weights refused, rollbacks, adaptive waits",
+                                        labels=["event"])
+            for event, n in trainer.guard_stats.items():
+                guard.add_metric([event], n)
+            yield guard
 
     registry = CollectorRegistry()
     registry.register(TrainerCollector())

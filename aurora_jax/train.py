@@ -157,6 +157,7 @@ class _Plan(NamedTuple):
     replicated: NamedSharding
     batch_sharding: Batch
     step: Callable
+    attention: Callable
 
 
 def _plan(model: Eagle3Draft, objective: ObjectiveConfig, optim: OptimConfig, mesh: Mesh, fsdp: bool,
@@ -176,7 +177,7 @@ def _plan(model: Eagle3Draft, objective: ObjectiveConfig, optim: OptimConfig, me
                                                     param_sharding, transform_non_params=lambda _: replicated)
     batch_sharding = Batch(**{k: NamedSharding(mesh, _batch_spec(k)) for k in Batch._fields})
     return _Plan(graphdef, params, rest, tx, param_sharding, opt_sharding, replicated, batch_sharding,
-                 _make_step(graphdef, tx, objective, attention))
+                 _make_step(graphdef, tx, objective, attention), attention)
 
 
 def lower_step(model_cfg: DraftConfig, objective: ObjectiveConfig, optim: OptimConfig, mesh: Mesh, fsdp: bool,
@@ -207,11 +208,15 @@ class Learner:
         self.graphdef, self.tx, self.param_sharding = plan.graphdef, plan.tx, plan.param_sharding
         self.rest = jax.device_put(plan.rest, jax.tree.map(lambda _: plan.replicated, plan.rest))
         params = jax.device_put(plan.params, plan.param_sharding)
-        opt_state = jax.jit(self.tx.init, out_shardings=plan.opt_sharding)(params)
+        self._init_opt = jax.jit(self.tx.init, out_shardings=plan.opt_sharding)
+        opt_state = self._init_opt(params)
         self.state = TrainState(jax.device_put(jnp.zeros((), jnp.int32), plan.replicated), params, opt_state)
         self._host_step = 0
         self.batch_sharding = plan.batch_sharding
         self._step = jax.jit(plan.step, donate_argnums=(0,))
+        graphdef = self.graphdef
+        self._proxy = jax.jit(lambda params, rest, batch: loss_fn(nnx.merge(graphdef, params, rest), batch, objective,
+                                                                  plan.attention)[1]["accept_len"])
         self.rows_multiple = mesh.shape["data"]
         self._index_vocab()
 
@@ -237,9 +242,9 @@ class Learner:
         """Distinct batch shapes compiled so far (bucketing keeps this small)."""
         return self._step._cache_size()
 
-    def model(self) -> Eagle3Draft:
-        """The current draft as an NNX module (shares the live arrays; do not mutate)."""
-        return nnx.merge(self.graphdef, self.state.params, self.rest)
+    def model(self, params=None) -> Eagle3Draft:
+        """The current draft (or these `params` in it) as an NNX module (shares the arrays; do not mutate)."""
+        return nnx.merge(self.graphdef, self.state.params if params is None else params, self.rest)
 
     def host_params(self) -> dict[str, np.ndarray]:
         """Flat {'midlayer.self_attn.q_proj.kernel': array, ...} of every variable, on the host."""
@@ -271,6 +276,23 @@ class Learner:
         """The packer's table from the vocabulary held: draft id of each target token, -1 outside it."""
         vocab = self.vocab
         self.target_to_draft = target_to_draft(vocab["d2t"], vocab["t2d"].shape[0])
+
+    def proxy(self, batches: list[Batch], params=None) -> float:
+        """The acceptance-length proxy of `params` (default: the live ones) over `batches`, each weighted
+        by its scored trunk slots: what the loss would report, without a step."""
+        params = self.state.params if params is None else params
+        total = weight = 0.0
+        for b in batches:
+            w = float((b.loss_mask[0][:, :b.aux.shape[1]] > 0).sum())
+            if w:
+                total += w * float(self._proxy(params, self.rest, self.device_batch(b)))
+                weight += w
+        return total / weight if weight else float("nan")
+
+    def reset_params(self, params) -> None:
+        """Continue from these parameters (e.g. rolled-back weights) with fresh optimizer moments."""
+        params = jax.device_put(params, self.param_sharding)
+        self.state = TrainState(self.state.step, params, self._init_opt(params))
 
     def restore(self, state: TrainState) -> None:
         self.state = state

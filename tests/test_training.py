@@ -99,7 +99,7 @@ def test_checkpoint_restore_is_bit_identical_and_continues_the_same_curve(tmp_pa
 
     b_ = _learner()
     ck = Checkpointer(CheckpointConfig(dir=str(tmp_path / "ckpt")))
-    state, meta, _ = ck.restore(b_.state)
+    state, meta, _, _ = ck.restore(b_.state)
     b_.restore(state)
     ck.close()
     assert meta["draft_version"] == 7 and b_.step == 4
