@@ -164,6 +164,24 @@ def test_resume_keeps_the_served_statistics_the_slice_and_the_guards_weights(tmp
         again.close()
 
 
+def test_adaptive_sync_waits_while_nothing_gains_and_publishes_by_sync_max_steps(tmp_path):
+    """sync_every=2, sync_max_steps=8, a gain no candidate reaches: v1 at step 2 (nothing served to compare
+    with), then checks 2, 4 and 8 steps after each publish, publishing at the 8th: steps 2, 10, 18."""
+    cfg = _cfg(tmp_path, max_steps=20, sync_every=2, traces_per_step=4)
+    cfg = dataclasses.replace(cfg, buffer=dataclasses.replace(cfg.buffer, holdout_fraction=0.3, max_reuse=16),
+                              loop=dataclasses.replace(cfg.loop, sync_policy="adaptive", sync_gain=10.0, sync_max_steps=8))
+    published = []
+    trainer = Trainer(cfg, publish=lambda v, state: published.append((v, trainer.learner.step)))
+    try:
+        _push(trainer.start(), _toy(60))
+        trainer.run()
+    finally:
+        trainer.close()
+    assert published == [(1, 2), (2, 10), (3, 18)]
+    assert trainer.guard_stats["adaptive_waits"] == 5  # steps 4, 6, 12, 14 and 20
+    assert trainer.last_gate["step"] == 20 and not trainer.guard_stats["gate_refused"]
+
+
 # ------------------------------------------------------------------ rollback through the real WeightSync path
 
 def test_a_version_that_serves_worse_is_rolled_back_through_weightsync(tmp_path):
