@@ -16,9 +16,9 @@ import numpy as np
 from flax import nnx
 
 from aurora_jax.config import TrainerConfig
-from aurora_jax.model import Eagle3Draft, load_flat
-from bridge.eagle3 import LayoutError, from_torch_layout, load_hf, read_tensor
-from bridge.vocab import build_vocab
+from aurora_jax.model import Eagle3Draft, head_from_target, load_flat
+from bridge.eagle3 import LayoutError, from_torch_layout, load_hf, read_target_config, read_tensor, weights_file
+from bridge.vocab import build_vocab, count_tokens
 
 
 @dataclasses.dataclass
@@ -63,3 +63,18 @@ def resolve_draft(cfg: TrainerConfig) -> Draft:
     if embedding is not None:
         model.set_embedding(embedding)
     return Draft(model, embedding is not None, vocab_fixed, source)
+
+
+def vocab_from_traces(cfg: TrainerConfig, traces) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Day 0 with draft_vocab_size < V and no counts given: the tokens most frequent in these (the
+    first) traces. Returns (d2t, t2d, counts)."""
+    counts = count_tokens(traces, cfg.model.vocab_size)
+    return (*build_vocab(counts, cfg.model.vd), counts)
+
+
+def head_from_target_dir(cfg: TrainerConfig, d2t: np.ndarray) -> dict[str, np.ndarray]:
+    """loop.head_init=target: lm_head and norm from the target's own files (`model.head_from_target`)."""
+    t = cfg.target
+    key = "model.embed_tokens.weight" if read_target_config(t).get("tie_word_embeddings", True) else "lm_head.weight"
+    return head_from_target(cfg.model, d2t, read_tensor(weights_file(t, key), key),
+                            read_tensor(weights_file(t, "model.norm.weight"), "model.norm.weight"))

@@ -25,16 +25,13 @@ from aurora_jax.batching import pack
 from aurora_jax.buffer import ReplayBuffer
 from aurora_jax.checkpoint import Checkpointer
 from aurora_jax.config import TrainerConfig
-from aurora_jax.draft_init import resolve_draft
+from aurora_jax.draft_init import head_from_target_dir, resolve_draft, vocab_from_traces
 from aurora_jax.guard import copy_params, finite, served_worse
 from aurora_jax.ingest import IngestServer
-from aurora_jax.model import head_from_target
 from aurora_jax.served import ServedUtility, serve_metrics
 from aurora_jax.train import Learner, make_mesh
 from bridge.config import to_dict
-from bridge.eagle3 import read_target_config, read_tensor, weights_file
 from bridge.signals import stop_event
-from bridge.vocab import build_vocab, count_tokens
 
 log = logging.getLogger(__name__)
 
@@ -115,28 +112,21 @@ class Trainer:
 
     def _prune_vocab(self) -> None:
         """Day 0 with draft_vocab_size < V: keep the tokens most frequent in the traces so far."""
-        counts = count_tokens((e.trace for e in self.buffer.entries()), self.cfg.model.vocab_size)
-        d2t, t2d = build_vocab(counts, self.cfg.model.vd)
+        traces = [e.trace for e in self.buffer.entries()]
+        d2t, t2d, counts = vocab_from_traces(self.cfg, traces)
         self.learner.set_vocab(d2t, t2d)
         self._vocab_pending = False
         log.info("draft vocabulary: the %d most frequent of %d tokens seen in %d traces (%.1f%% of occurrences)",
-                 self.cfg.model.vd, int((counts > 0).sum()), len(self.buffer.entries()),
-                 100 * counts[t2d].sum() / max(counts.sum(), 1))
+                 self.cfg.model.vd, int((counts > 0).sum()), len(traces), 100 * counts[t2d].sum() / max(counts.sum(), 1))
 
     def _start_from_target(self) -> None:
         """Once the draft vocabulary is fixed: the day-0 head from the target (loop.head_init=target,
         see `model.head_from_target`), then version 1 if loop.publish_initial."""
         if self._head_pending:
-            t = self.cfg.target
-            hf = read_target_config(t)
-            head_key = "model.embed_tokens.weight" if hf.get("tie_word_embeddings", True) else "lm_head.weight"
-            d2t = self.learner.vocab["d2t"]
-            self.learner.set_params(head_from_target(
-                self.cfg.model, d2t, read_tensor(weights_file(t, head_key), head_key),
-                read_tensor(weights_file(t, "model.norm.weight"), "model.norm.weight")))
+            self.learner.set_params(head_from_target_dir(self.cfg, self.learner.vocab["d2t"]))
             self._head_pending = False
-            log.info("draft head initialised from the target %s (%s, final norm; fc passes its top aux layer)",
-                     t, head_key)
+            log.info("draft head initialised from the target %s (lm_head, final norm; fc passes its top aux layer)",
+                     self.cfg.target)
         if self._initial_pending:
             self._initial_pending = False
             self.sync()

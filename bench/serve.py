@@ -90,6 +90,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--num-steps", type=int, default=5)
     p.add_argument("--num-draft-tokens", type=int, default=8)
     p.add_argument("--min-prob", type=float, default=0.0, help="spec.min_prob: smallest draft path probability in a tree")
+    p.add_argument("--threads", type=int, default=0, help="engine decode threads (0 = torch's default)")
+    p.add_argument("--cpus", default="", help="pin the engine to these CPUs, e.g. 0 or 0,1")
     p.add_argument("--concurrency", type=int, default=4, help="requests in flight for the batched rows")
     p.add_argument("--out", default="runs/bench")
     a = p.parse_args(argv)
@@ -113,7 +115,8 @@ def main(argv: list[str] | None = None) -> int:
     rows, identical, margins, ms = [], True, [], lambda s, n: 1e3 * s / max(n, 1)
     for conc in sorted({1, a.concurrency}):
         eng = Engine(EngineConfig(target=tcfg, draft=draft, spec=spec, export_traces=False, max_running=conc,
-                                  max_new_tokens=a.max_tokens), target=target)
+                                  max_new_tokens=a.max_tokens, threads=a.threads,
+                                  cpus=[int(c) for c in a.cpus.split(",") if c]), target=target)
         ids = _prompts(a, eng.tokenizer)
         eng.complete(ids[0], max_new_tokens=4)  # warm-up, both paths
         eng.complete(ids[0], max_new_tokens=4, speculative=False)
