@@ -25,7 +25,8 @@ from pathlib import Path
 import httpx
 
 from apps.load import LoadConfig, run_load, side_by_side
-from bridge.config import read_raw, to_dict
+from bridge.config import load_config, to_dict
+from serving.sglang.config import SGLangLaunchConfig
 
 log = logging.getLogger(__name__)
 ROOT = Path(__file__).resolve().parents[1]
@@ -139,30 +140,18 @@ def _plot(records: list[dict], path: Path, side_by_side: dict | None = None) -> 
     plt.close(fig)
 
 
-def _serve_setting(cfg: DemoConfig, key: str):
-    """A key of the serve config as the launched process will see it (its last override wins).
-    Read as YAML, not as SGLangLaunchConfig: that module imports torch, which the trainer never does."""
-    for item in reversed(cfg.serve_overrides):
-        k, _, v = item.partition("=")
-        if k.strip() == key:
-            return v.strip()
-    node = read_raw(ROOT / cfg.serve_config)
-    for part in key.split("."):
-        node = node.get(part) if isinstance(node, dict) else None
-    return node
-
-
 def sglang_day0(cfg: DemoConfig, run: Path, py: list[str]) -> list[str]:
     """SGLang loads a draft dir before the first WeightSync version and fixes its vocabulary there.
     If `sglang.draft_path` does not exist yet, write an untrained one from the trainer's model.*
     (a pruned vocabulary counted from the workload's prompts with the target's tokenizer); either
     way the trainer starts from that dir, so both sides share d2t/t2d. Returns trainer overrides."""
-    draft = Path(_serve_setting(cfg, "sglang.draft_path"))
+    serve = load_config(SGLangLaunchConfig, ROOT / cfg.serve_config, cfg.serve_overrides).sglang
+    draft = Path(serve.draft_path)
     if not (draft / "config.json").exists():
         extra = []
         if not any(o.startswith("loop.vocab_counts=") for o in cfg.trainer_overrides):
             counts = run / "vocab_counts.npy"
-            subprocess.run(py + ["count-tokens", str(counts), "--tokenizer", str(_serve_setting(cfg, "sglang.model_path")),
+            subprocess.run(py + ["count-tokens", str(counts), "--tokenizer", serve.model_path,
                                  "--prompts", str(ROOT / cfg.load.prompts), "--domains", ",".join(cfg.load.domains)],
                            check=True)
             extra = [f"loop.vocab_counts={counts}"]

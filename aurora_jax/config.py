@@ -113,28 +113,39 @@ class TrainerConfig:
     DERIVED_FROM = "target"
 
     @staticmethod
-    def derived_keys(get) -> tuple[dict, dict, str]:
-        """With `target:` set, the draft's shape, RoPE and norm eps and the trace limits come from the
-        target's config.json (facts: a conflicting key is refused by name), and the frozen embedding
-        from its weights (a default: any loop.embedding given wins). `bridge.config` applies them."""
+    def derived_keys(get) -> tuple[dict, dict, dict]:
+        """Facts and defaults `bridge.config` fills in (a conflicting key is refused by name):
+        - with `target:` set, the draft's shape, RoPE and norm eps come from the target's config.json,
+          and the frozen embedding from its weights (a default: any loop.embedding given wins);
+        - always, the ingest's `limits.vocab_size` and `limits.target_hidden_size` are the draft's
+          `model.vocab_size` and target width (a trace the draft cannot train on is refused at the door)."""
         path = get("target")
-        if not path:
-            return {}, {}, ""
-        hf = read_target_config(path)
-        facts = {f"model.{k}": v for k, v in draft_fields_from_target(hf).items()}
-        facts["limits.vocab_size"] = facts["model.vocab_size"]
-        facts["limits.target_hidden_size"] = facts["model.target_hidden_size"]
-        return facts, {"loop.embedding": weights_file(path, "model.embed_tokens.weight")}, \
-            f"the target's config.json ({path})"
+        facts, defaults, sources = {}, {}, {}
+        if path:
+            hf = read_target_config(path)
+            facts = {f"model.{k}": v for k, v in draft_fields_from_target(hf).items()}
+            defaults = {"loop.embedding": weights_file(path, "model.embed_tokens.weight")}
+            sources = {k: f"the target's config.json ({path})" for k in facts}
+        model = {f.name: f.default for f in dataclasses.fields(DraftConfig)}
+        for name in ("vocab_size", "hidden_size", "target_hidden_size"):
+            given = facts.get(f"model.{name}", get(f"model.{name}"))
+            model[name] = int(given) if given not in (None, "") else model[name]
+        facts["limits.vocab_size"] = model["vocab_size"]
+        facts["limits.target_hidden_size"] = model["target_hidden_size"] or model["hidden_size"]
+        sources["limits.vocab_size"] = "model.vocab_size"
+        sources["limits.target_hidden_size"] = "the draft's target width (model.target_hidden_size or hidden_size)"
+        return facts, defaults, sources
+
+    @property
+    def trace_limits(self) -> TraceLimits:
+        """What the trainer's ingest enforces: `limits` with the draft's vocabulary and target width."""
+        return dataclasses.replace(self.limits, vocab_size=self.model.vocab_size, target_hidden_size=self.model.ht)
 
     def __post_init__(self):
-        if self.model.vocab_size != self.limits.vocab_size:
-            raise ValueError(f"model.vocab_size={self.model.vocab_size} must equal limits.vocab_size="
-                             f"{self.limits.vocab_size} (both are the target's vocabulary)")
-        if self.limits.target_hidden_size and self.limits.target_hidden_size != self.model.ht:
-            raise ValueError(f"limits.target_hidden_size={self.limits.target_hidden_size} != the draft's "
-                             f"target_hidden_size {self.model.ht}")
-        self.limits.target_hidden_size = self.model.ht  # accept only traces this draft can train on
+        if self.limits.vocab_size != self.model.vocab_size or self.limits.target_hidden_size not in (0, self.model.ht):
+            raise ValueError(f"limits.vocab_size={self.limits.vocab_size} and limits.target_hidden_size="
+                             f"{self.limits.target_hidden_size} must be the draft's model.vocab_size="
+                             f"{self.model.vocab_size} and target width {self.model.ht} (leave them out: derived)")
         if self.loop.head_init == "target" and not self.target:
             raise ValueError("loop.head_init=target needs `target` (the target's HF directory)")
         judged = [k for k, on in (("guard.gate", self.guard.gate),

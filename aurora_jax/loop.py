@@ -133,7 +133,7 @@ class Trainer:
 
     def start(self) -> str:
         """Serve TraceIngest (and WeightSync, when configured); returns the ingest address."""
-        self.server = IngestServer(self.cfg.ingest, self.cfg.limits, self.buffer, on_accept=self.served.add).start()
+        self.server = IngestServer(self.cfg.ingest, self.cfg.trace_limits, self.buffer, on_accept=self.served.add).start()
         if self.weights is not None:
             self.weights.start()
         if self.cfg.loop.metrics_address:

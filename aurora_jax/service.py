@@ -15,7 +15,7 @@ log = logging.getLogger(__name__)
 
 def start_ingest(cfg: TrainerConfig) -> IngestServer:
     buffer = ReplayBuffer(cfg.buffer)
-    return IngestServer(cfg.ingest, cfg.limits, buffer).start()
+    return IngestServer(cfg.ingest, cfg.trace_limits, buffer).start()
 
 
 def run_ingest(cfg: TrainerConfig, stats_every: float = 10.0) -> int:

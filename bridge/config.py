@@ -72,22 +72,18 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[st
         facts, defaults, fact_source = derive(lambda key: _plain(_get_dotted(raw, key)))
     except (OSError, ValueError, TypeError, KeyError) as e:
         raise ConfigError(f"{_where(getattr(cls, 'DERIVED_FROM', ''), origin, source)}: {e}") from None
-    for key, value in {**defaults, **facts}.items():
+    for key, value in {**defaults, **facts}.items():  # fact_source: one source for all, or one per key
+        said_by = fact_source.get(key, "") if isinstance(fact_source, dict) else fact_source
         given = _get_dotted(raw, key)
         if _plain(given) in (None, ""):  # absent, null or empty: derived
             _set_dotted(raw, key, value, key)
-            origin[key] = fact_source
+            origin[key] = said_by
         elif key in facts:
             ours = _coerce(_hint(cls, key), given, key, origin, source)
             if not _same(ours, value):
                 raise ConfigError(f"{_where(key, origin, source)}: '{key}' = {_show(ours)} conflicts with "
-                                  f"{fact_source}, which says {_show(value)}; drop the key or fix it")
+                                  f"{said_by}, which says {_show(value)}; drop the key or fix it")
     return _build(cls, raw, "", origin, source)
-
-
-def read_raw(path: str | Path) -> dict:
-    """A config file's keys as plain YAML values, its `base:` chain merged in (no typing)."""
-    return _read_file(Path(path), {}, ())
 
 
 def _read_file(path: Path, origin: dict[str, str], chain: tuple[Path, ...]) -> dict:

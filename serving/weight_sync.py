@@ -20,11 +20,9 @@ from typing import Callable
 
 import grpc
 import numpy as np
-import torch
 
 from bridge.eagle3 import DraftConfig, LayoutError
 from bridge.proto import aurora_pb2 as pb
-from bridge.torch_io import tensor_from_numpy
 from serving.channel import ChannelConfig
 from bridge.weights import SUBSCRIBE_METHOD, VersionAssembler, WeightError
 from serving.ratelimit import EveryWindow
@@ -42,7 +40,10 @@ class WeightSubscriberConfig(ChannelConfig):
 
 
 def to_torch_state_dict(arrays: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
-    """numpy (bf16 via ml_dtypes) -> torch, sharing the assembled buffer (no copy)."""
+    """numpy (bf16 via ml_dtypes) -> torch, sharing the assembled buffer (no copy). torch is imported
+    here, not with the module: the subscriber's config is read where torch is not wanted (the demo)."""
+    from bridge.torch_io import tensor_from_numpy
+
     out = {}
     for k, a in arrays.items():
         a = np.require(a, requirements="W") if not a.flags.writeable else a  # torch wants writable memory

@@ -5,6 +5,8 @@ import numpy as np
 import pytest
 
 from aurora_jax.config import TrainerConfig
+from aurora_jax.model import DraftConfig
+from aurora_jax.validate import TraceLimits
 from bridge.config import ConfigError, load_config
 
 
@@ -110,8 +112,17 @@ def test_shipped_configs_load():
 
 
 def test_trainer_sections_must_agree():
-    with pytest.raises(ConfigError, match="model.vocab_size=32000 must equal limits.vocab_size=100"):
+    # the ingest's vocabulary and target width are the draft's: derived, and a conflicting key is refused
+    with pytest.raises(ConfigError, match="'limits.vocab_size' = 100 conflicts with model.vocab_size, which says 32000"):
         load_config(TrainerConfig, "configs/trainer.yaml", ["target=", "limits.vocab_size=100"])
+    with pytest.raises(ConfigError, match="'limits.target_hidden_size' = 64 conflicts with the draft's target width"):
+        load_config(TrainerConfig, "configs/trainer.yaml", ["target=", "model.hidden_size=128", "limits.target_hidden_size=64"])
+    cfg = load_config(TrainerConfig, "configs/trainer.yaml", ["target=", "model.vocab_size=1000", "model.hidden_size=128",
+                                                              "model.num_attention_heads=4", "model.num_key_value_heads=2",
+                                                              "model.target_hidden_size=96"])
+    assert (cfg.limits.vocab_size, cfg.limits.target_hidden_size) == (1000, 96)  # derived, not typed twice
+    with pytest.raises(ValueError, match="leave them out: derived"):  # a config built in code must agree too
+        TrainerConfig(model=DraftConfig(vocab_size=100), limits=TraceLimits(vocab_size=200))
     with pytest.raises(ConfigError, match="batch.rows=6 must be a multiple of mesh.data=4"):
         load_config(TrainerConfig, "configs/trainer.yaml", ["batch.rows=6", "mesh.data=4"])
     with pytest.raises(ConfigError, match="key 'objective.ttt_length'.*ttt_length must be >= 1|ttt_length must be >= 1"):

@@ -44,5 +44,10 @@ def test_a_tier_imports_nothing_of_the_others(pkg, forbidden):
         assert "jax" not in _imports(["bridge.torch_io"])
 
 
+def test_configs_read_by_apps_import_no_torch():
+    """The demo and the CLI read serving configs typed; reading one must not pull torch in."""
+    assert "torch" not in _imports(["serving.sglang.config", "serving.weight_sync", "serving.trace_client"])
+
+
 def test_the_check_sees_what_a_module_imports():
     assert {"torch", "bridge"} <= _imports(["serving.engine"]) and "jax" in _imports(["aurora_jax.model"])

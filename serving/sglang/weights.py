@@ -34,7 +34,6 @@ A failed step raises `SGLangUpdateError`; the subscriber then keeps the previous
 from __future__ import annotations
 
 import base64
-import dataclasses
 import io
 import logging
 import pickle
@@ -50,6 +49,7 @@ from torch.multiprocessing import reductions
 
 from bridge.eagle3 import VOCAB_KEYS
 from serving.http import error_text
+from serving.sglang.config import SGLangWeightsConfig
 
 log = logging.getLogger(__name__)
 
@@ -59,16 +59,6 @@ _CUDA_DEVICE_ARG = 6  # index of the device in rebuild_cuda_tensor's arguments (
 
 class SGLangUpdateError(RuntimeError):
     pass
-
-
-@dataclasses.dataclass
-class SGLangWeightsConfig:
-    url: str = "http://127.0.0.1:30000"
-    api_key: str = ""           # SGLang --admin-api-key (or --api-key): sent as a Bearer token
-    tp_size: int = 1            # one serialized payload per TP rank (tp_worker.py:194)
-    device: str = "cuda"        # cuda: CUDA-IPC handles (updater on the SGLang host); cpu: by value
-    pause: bool = True          # swap inside /pause_generation in_place (see module doc)
-    timeout_s: float = 120.0
 
 
 class _IpcPickler(ForkingPickler):
