@@ -35,7 +35,7 @@ class WeightSyncServer:
     def __init__(self, cfg: WeightSyncConfig):
         self.cfg = cfg
         self._cond = threading.Condition()
-        self._latest: tuple[int, list[pb.WeightChunk]] = (0, [])
+        self._latest: tuple[int, list[bytes]] = (0, [])  # serialized WeightChunks: framed once, sent to all
         self._stopped = False
         self.subscribers = 0
         token = resolve_secret(cfg.auth_token)
@@ -46,7 +46,7 @@ class WeightSyncServer:
                                    interceptors=[BearerAuth(token, open_methods=())] if token else [])
         self._server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, {
             "Subscribe": grpc.unary_stream_rpc_method_handler(
-                self._subscribe, pb.SubscribeRequest.FromString, pb.WeightChunk.SerializeToString)}),))
+                self._subscribe, pb.SubscribeRequest.FromString, None)}),))  # chunks go out as packed
         self.port = bind(self._server, cfg.address, cfg.tls_cert, cfg.tls_key, "weight_sync.address")
         self.address = f"{cfg.address.rpartition(':')[0]}:{self.port}"
 

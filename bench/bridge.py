@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = [
         ("Flax -> torch, zero copy (DLPack views)", zero, total, f"{copied / 1e6:.1f} MB copied"),
         ("Flax -> torch, safe copy (contiguous)", copy, total, f"{total / 1e9:.2f} GB copied"),
-        ("publish: pack + checksum (trainer)", statistics.median(pack), trained, "torch layout, sha256 + crc32"),
+        ("publish: pack + digest (trainer)", statistics.median(pack), trained, "framed once, xxh3 per chunk"),
         ("publish -> swap-ready over loopback", statistics.median(lat), trained, "assembled, verified, torch"),
     ]
     print(f"\ndraft of an 8B target: {total / 1e9:.2f} GB of {a.dtype} variables ({trained / 1e9:.2f} GB trained), "

@@ -82,7 +82,7 @@ class WeightSubscriber:
             try:
                 with self._channel() as ch:
                     sub = ch.unary_stream(SUBSCRIBE_METHOD, request_serializer=pb.SubscribeRequest.SerializeToString,
-                                          response_deserializer=pb.WeightChunk.FromString)
+                                          response_deserializer=None)  # raw WeightChunk bytes: the data is copied once
                     self._call = sub(pb.SubscribeRequest(have_version=self.version, subscriber=self.cfg.name),
                                      metadata=meta)
                     asm = VersionAssembler(self.cfg.max_version_bytes)

@@ -61,13 +61,20 @@ def test_published_versions_arrive_intact_and_load_into_the_torch_draft():
         server.stop(grace=0)
 
 
+def _edit(chunk: bytes, fn) -> bytes:
+    """A serialized chunk changed in transit: parse it, let `fn` change it, serialize it again."""
+    c = pb.WeightChunk.FromString(chunk)
+    fn(c)
+    return c.SerializeToString()
+
+
 def test_corrupted_chunk_is_rejected_and_the_previous_version_stays_active():
     good = {"w": np.arange(5000, dtype=np.float32)}
     v1 = pack_version(1, good, max_chunk=4096)
     v2 = pack_version(2, {"w": good["w"] + 1}, max_chunk=4096)
-    v2[1].data = bytes([v2[1].data[0] ^ 0xFF]) + v2[1].data[1:]  # one flipped byte in transit, crc32 as sent
+    v2[1] = _edit(v2[1], lambda c: setattr(c, "data", bytes([c.data[0] ^ 0xFF]) + c.data[1:]))  # digest as sent
     v3 = pack_version(3, {"w": good["w"] + 2}, max_chunk=4096)
-    v3[0].sha256 = b"\x00" * 32  # consistent chunks, wrong whole-version digest
+    v3[-1] = _edit(v3[-1], lambda c: setattr(c, "digest", b"\x00" * 16))  # consistent chunks, wrong version digest
 
     def subscribe(request, context):
         yield from v1
@@ -76,8 +83,7 @@ def test_corrupted_chunk_is_rejected_and_the_previous_version_stays_active():
 
     server = grpc.server(futures.ThreadPoolExecutor(2))
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, {
-        "Subscribe": grpc.unary_stream_rpc_method_handler(subscribe, pb.SubscribeRequest.FromString,
-                                                         pb.WeightChunk.SerializeToString)}),))
+        "Subscribe": grpc.unary_stream_rpc_method_handler(subscribe, pb.SubscribeRequest.FromString, None)}),))
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
     got = {}
@@ -86,13 +92,19 @@ def test_corrupted_chunk_is_rejected_and_the_previous_version_stays_active():
         assert wait_for(lambda: sub.rejected >= 2)
         assert list(got) == [1] and sub.version == 1
         assert torch.equal(got[1]["w"], torch.arange(5000, dtype=torch.float32))
-        assert "sha256" in sub.last_error
+        assert "weight version 3: the version digest over its 5 chunks does not match" in sub.last_error
     finally:
         sub.close()
         server.stop(0)
     asm = VersionAssembler()
-    with pytest.raises(WeightError, match=r"weight version 2 chunk 1/\d+: crc32 mismatch"):
+    with pytest.raises(WeightError, match=r"weight version 2 chunk 1/\d+: xxh3-64 mismatch"):
         for c in v2:
+            asm.add(c)
+    a, b = pack_version(4, good, max_chunk=4096), pack_version(4, {"w": good["w"] * 2}, max_chunk=4096)
+    mixed = [a[0], b[1], *a[2:]]  # a chunk replaced by one that is sound by itself
+    with pytest.raises(WeightError, match="weight version 4: the version digest over its 5 chunks does not match"):
+        asm = VersionAssembler()
+        for c in mixed:
             asm.add(c)
     with pytest.raises(WeightError, match="out of sequence"):
         VersionAssembler().add(v1[1])
@@ -159,7 +171,7 @@ def test_a_version_whose_chunks_or_manifest_do_not_add_up_is_refused():
     good = {"w": np.arange(6000, dtype=np.float32)}
     v = pack_version(1, good, max_chunk=4096)
     past = pack_version(2, good, max_chunk=4096)
-    past[1].offset = past[0].total_bytes - 10  # in range by itself, past the end with its data
+    past[1] = _edit(past[1], lambda c: setattr(c, "offset", c.total_bytes - 10))  # in range, past the end with its data
     with pytest.raises(WeightError, match=r"chunk 1/.*: data \[.*\) outside 24000 bytes"):
         asm = VersionAssembler()
         for c in past:
@@ -168,8 +180,7 @@ def test_a_version_whose_chunks_or_manifest_do_not_add_up_is_refused():
     def with_manifest(shape):
         chunks = pack_version(3, good, max_chunk=1 << 20)
         assert len(chunks) == 1
-        chunks[0].tensors[0].shape[:] = shape
-        return chunks[0]
+        return _edit(chunks[0], lambda c: c.tensors[0].shape.__setitem__(slice(None), shape))
     with pytest.raises(WeightError, match="manifest exceeds the data at tensor 'w'"):
         VersionAssembler().add(with_manifest([6001]))
     with pytest.raises(WeightError, match="weight version 3: 4 bytes beyond the manifest"):
@@ -177,3 +188,24 @@ def test_a_version_whose_chunks_or_manifest_do_not_add_up_is_refused():
     asm = VersionAssembler()
     got = [asm.add(c) for c in v][-1]
     assert got[0] == 1 and np.array_equal(got[1]["w"], good["w"])
+
+
+def test_a_kernel_travels_in_the_trainers_layout_and_arrives_as_a_transposed_view():
+    """A [in, out] kernel in torch layout is a transposed view: it is sent as its transpose's bytes (no
+    contiguous copy on the trainer) and arrives as a transposed view of the received buffer."""
+    rng = np.random.default_rng(0)
+    kernel = rng.standard_normal((48, 80)).astype(np.float32)  # [in, out], as the trainer holds it
+    sd = {"proj.weight": kernel.T, "norm.weight": np.ones(80, np.float32), "d2t": np.arange(3, dtype=np.int64)}
+    chunks = pack_version(1, sd, max_chunk=1000)
+    head = pb.WeightChunk.FromString(chunks[0])
+    assert [(t.name, list(t.shape), t.transposed) for t in head.tensors] == [
+        ("proj.weight", [80, 48], True), ("norm.weight", [80], False), ("d2t", [3], False)]
+    asm = VersionAssembler()
+    _, out, _ = [asm.add(c) for c in chunks][-1]
+    assert out["proj.weight"].shape == (80, 48) and np.array_equal(out["proj.weight"], kernel.T)
+    assert out["proj.weight"].base is not None and not out["proj.weight"].flags.c_contiguous  # a view
+    assert np.array_equal(out["d2t"], sd["d2t"]) and np.array_equal(out["norm.weight"], sd["norm.weight"])
+    bad = _edit(pack_version(2, {"t": np.zeros((2, 3, 4), np.float32)})[0],
+                lambda c: setattr(c.tensors[0], "transposed", True))
+    with pytest.raises(WeightError, match="'t' is marked transposed but has shape \\[2, 3, 4\\]"):
+        VersionAssembler().add(bad)

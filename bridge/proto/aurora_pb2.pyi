@@ -157,38 +157,40 @@ class StatsReply(_message.Message):
     def __init__(self, accepted: _Optional[int] = ..., rejected: _Optional[int] = ..., backpressured: _Optional[int] = ..., buffered: _Optional[int] = ..., buffered_bytes: _Optional[int] = ..., consumed: _Optional[int] = ..., evicted_stale: _Optional[int] = ..., spool_bytes: _Optional[int] = ...) -> None: ...
 
 class WeightTensor(_message.Message):
-    __slots__ = ("name", "dtype", "shape")
+    __slots__ = ("name", "dtype", "shape", "transposed")
     NAME_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     SHAPE_FIELD_NUMBER: _ClassVar[int]
+    TRANSPOSED_FIELD_NUMBER: _ClassVar[int]
     name: str
     dtype: DType
     shape: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, name: _Optional[str] = ..., dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ...) -> None: ...
+    transposed: bool
+    def __init__(self, name: _Optional[str] = ..., dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., transposed: _Optional[bool] = ...) -> None: ...
 
 class WeightChunk(_message.Message):
-    __slots__ = ("version", "index", "count", "tensors", "total_bytes", "sha256", "offset", "data", "crc32", "draft_config")
+    __slots__ = ("version", "index", "count", "tensors", "total_bytes", "offset", "data", "draft_config", "xxh64", "digest")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     INDEX_FIELD_NUMBER: _ClassVar[int]
     COUNT_FIELD_NUMBER: _ClassVar[int]
     TENSORS_FIELD_NUMBER: _ClassVar[int]
     TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
-    SHA256_FIELD_NUMBER: _ClassVar[int]
     OFFSET_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
-    CRC32_FIELD_NUMBER: _ClassVar[int]
     DRAFT_CONFIG_FIELD_NUMBER: _ClassVar[int]
+    XXH64_FIELD_NUMBER: _ClassVar[int]
+    DIGEST_FIELD_NUMBER: _ClassVar[int]
     version: int
     index: int
     count: int
     tensors: _containers.RepeatedCompositeFieldContainer[WeightTensor]
     total_bytes: int
-    sha256: bytes
     offset: int
     data: bytes
-    crc32: int
     draft_config: str
-    def __init__(self, version: _Optional[int] = ..., index: _Optional[int] = ..., count: _Optional[int] = ..., tensors: _Optional[_Iterable[_Union[WeightTensor, _Mapping]]] = ..., total_bytes: _Optional[int] = ..., sha256: _Optional[bytes] = ..., offset: _Optional[int] = ..., data: _Optional[bytes] = ..., crc32: _Optional[int] = ..., draft_config: _Optional[str] = ...) -> None: ...
+    xxh64: int
+    digest: bytes
+    def __init__(self, version: _Optional[int] = ..., index: _Optional[int] = ..., count: _Optional[int] = ..., tensors: _Optional[_Iterable[_Union[WeightTensor, _Mapping]]] = ..., total_bytes: _Optional[int] = ..., offset: _Optional[int] = ..., data: _Optional[bytes] = ..., draft_config: _Optional[str] = ..., xxh64: _Optional[int] = ..., digest: _Optional[bytes] = ...) -> None: ...
 
 class SubscribeRequest(_message.Message):
     __slots__ = ("have_version", "subscriber")
