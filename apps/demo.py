@@ -140,6 +140,52 @@ def _plot(records: list[dict], path: Path, side_by_side: dict | None = None) -> 
     plt.close(fig)
 
 
+def served_per_version(text: str) -> list[dict]:
+    """The trainer's per-version served acceptance, requests and proxy, from its Prometheus text."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    names = {"aurora_trainer_served_accept_length": "served", "aurora_trainer_proxy_accept_length": "proxy",
+             "aurora_trainer_served_requests": "requests"}
+    rows: dict[int, dict] = {}
+    for family in text_string_to_metric_families(text):
+        if family.name in names:
+            for sample in family.samples:
+                if sample.name.endswith("_created"):
+                    continue
+                v = int(sample.labels["version"])
+                rows.setdefault(v, dict(version=v))[names[family.name]] = sample.value
+    return [rows[v] for v in sorted(rows)]
+
+
+def proxy_gap(per_version: list[dict]) -> float | None:
+    """Mean of proxy - served over the versions that have both, weighted by their requests."""
+    both = [r for r in per_version if r.get("proxy") is not None and r.get("served") is not None and r.get("requests")]
+    n = sum(r["requests"] for r in both)
+    return sum((r["proxy"] - r["served"]) * r["requests"] for r in both) / n if n else None
+
+
+def _plot_versions(per_version: list[dict], path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(9, 3.5))
+    proxy = [r for r in per_version if r.get("proxy") is not None]
+    served = [r for r in per_version if r.get("served") is not None]
+    ax.plot([r["version"] for r in proxy], [r["proxy"] for r in proxy], color="tab:purple", marker=".",
+            label="trainer's proxy when it published the version (offline)")
+    ax.scatter([r["version"] for r in served], [r["served"] for r in served], color="tab:green",
+               s=[6 + 2 * r.get("requests", 0) for r in served], alpha=0.7,
+               label="acceptance serving measured with it (dot size: requests)")
+    ax.set_xlabel("draft version")
+    ax.set_ylabel("acceptance length")
+    ax.set_title("what the trainer believed vs what serving got, per draft version")
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def sglang_day0(cfg: DemoConfig, run: Path, py: list[str]) -> list[str]:
     """SGLang loads a draft dir before the first WeightSync version and fixes its vocabulary there.
     If `sglang.draft_path` does not exist yet, write an untrained one from the trainer's model.*
@@ -178,12 +224,14 @@ def run_demo(cfg: DemoConfig) -> int:
         trainer = None if not cfg.train else _Proc("trainer", py + ["train", "--config", cfg.trainer_config,
                                          f"ingest.address=127.0.0.1:{ingest}", f"weight_sync.address=127.0.0.1:{weights}",
                                          f"buffer.spool_dir={run / 'spool'}", f"checkpoint.dir={run / 'ckpt'}",
-                                         f"loop.metrics_path={run / 'train.jsonl'}",
+                                         f"loop.metrics_path={run / 'train.jsonl'}", "loop.metrics_address=127.0.0.1:0",
                                          *([] if sglang else [f"target={cfg.target}"]),
                                          *day0, *cfg.trainer_overrides],
                         run / "trainer.log")
+        trainer_metrics = None
         if trainer is not None:
             trainer.wait_line("listening on", cfg.start_timeout_s)
+            trainer_metrics = trainer.wait_line("metrics on", cfg.start_timeout_s)
         if sglang:  # SGLang + sidecar + plugin + hot-swap, as `aurora-jax sglang-launch` runs them
             serve = ["sglang-launch", "--config", cfg.serve_config, f"sidecar.traces.address=127.0.0.1:{ingest}",
                      f"weights.address=127.0.0.1:{weights}", "sidecar.host=127.0.0.1", f"sidecar.port={_free_port()}"]
@@ -217,6 +265,8 @@ def run_demo(cfg: DemoConfig) -> int:
         alive()
         metrics = httpx.get(url + "/metrics", timeout=30).raise_for_status().text
         health = httpx.get(url + "/health", timeout=30).raise_for_status().json()
+        per_version = served_per_version(httpx.get(trainer_metrics, timeout=30).raise_for_status().text) \
+            if trainer_metrics else []
         sbs = []
         if cfg.side_by_side_requests and not sglang:
             if trainer is not None:
@@ -246,9 +296,11 @@ def run_demo(cfg: DemoConfig) -> int:
         accept_length_first_quarter=mean(ok[:q], "accept_length"), accept_length_last_quarter=mean(ok[-q:], "accept_length"),
         throughput_first_quarter=mean(ok[:q], "throughput"), throughput_last_quarter=mean(ok[-q:], "throughput"),
         versions_refused=health["versions_refused"], last_refusal=health["last_refusal"], side_by_side=sbs,
-        metrics=metrics)
+        per_version=per_version, proxy_minus_served=proxy_gap(per_version), metrics=metrics)
     (run / "report.json").write_text(json.dumps(dict(config=to_dict(cfg), summary=summary), indent=2))
     _plot(records, run / "flywheel.png", next((x for x in sbs if x["concurrency"] == cfg.load.concurrency), None))
+    if per_version:
+        _plot_versions(per_version, run / "proxy_vs_served.png")
     s = summary
     print(f"\n{s['requests']} requests in {s['elapsed_s']}s; trainer took {s['trainer_steps']} steps; "
           f"the engine served draft versions {versions[0]}..{versions[-1]}")
@@ -270,6 +322,10 @@ def run_demo(cfg: DemoConfig) -> int:
             print(f"  {x['concurrency']:4d} {x['target_only_tokens_per_s']:11.1f} {x['speculative_tokens_per_s']:11.1f} "
                   f"{x['speedup']:7.2f}x {x['speedup_min']:5.2f}..{x['speedup_max']:<5.2f} {x['accept_length']:5.2f} "
                   f"{x['outputs_identical']:4d}/{x['prompts']:<4d}  {'yes' if x['rounds_agree'] else 'NO: load flipped a round'}")
+    if s["proxy_minus_served"] is not None:
+        print(f"\nthe trainer's acceptance proxy at publish vs what serving measured, per version (weighted by requests): "
+              f"proxy - served = {s['proxy_minus_served']:+.2f} over {len(per_version)} versions "
+              f"(plot {run / 'proxy_vs_served.png'})")
     print(f"report {run / 'report.json'}, plot {run / 'flywheel.png'}, requests {run / 'requests.jsonl'}")
     problems = []
     if s["failed"]:

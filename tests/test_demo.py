@@ -26,6 +26,13 @@ def test_short_demo_closes_the_loop(tmp_path):
     assert any((r.get("draft_version") or 0) >= 2 for r in requests)  # requests were served by trained drafts
     assert train[-1]["acc_d0"] > train[0]["acc_d0"]  # offline per-depth accuracy improved
     assert (run / "flywheel.png").stat().st_size > 10_000
+    # proxy vs served per version, read from the trainer's Prometheus endpoint before it stopped
+    per_version = {r["version"]: r for r in summary["per_version"]}
+    served = [r for r in per_version.values() if r.get("requests")]
+    counted, sent = sum(r["requests"] for r in served), summary["requests"] - summary["failed"]
+    assert 0.8 * sent <= counted <= sent  # the last traces may still be in flight when it is read
+    assert any(r.get("proxy") is not None and r.get("served") is not None for r in served)
+    assert summary["proxy_minus_served"] is not None and (run / "proxy_vs_served.png").stat().st_size > 10_000
     (sbs,) = summary["side_by_side"]  # target-only vs the last draft on the same engine, f32: lossless
     assert sbs["prompts"] == 3 and sbs["outputs_identical"] == 3 and not sbs["outputs_differ"]
     assert sbs["target_only_tokens_per_s"] > 0 and sbs["speculative_tokens_per_s"] > 0 and sbs["accept_length"] > 1
