@@ -35,7 +35,8 @@ class WeightSyncServer:
     def __init__(self, cfg: WeightSyncConfig):
         self.cfg = cfg
         self._cond = threading.Condition()
-        self._latest: tuple[int, list[bytes]] = (0, [])  # serialized WeightChunks: framed once, sent to all
+        self._latest: tuple[int, list[bytes] | None] = (0, [])  # serialized WeightChunks (framed once, sent to
+        # all), None while the next version is packed
         self._stopped = False
         self.subscribers = 0
         token = resolve_secret(cfg.auth_token)
@@ -56,6 +57,8 @@ class WeightSyncServer:
         return self
 
     def publish(self, version: int, sd: dict[str, np.ndarray], draft_config: dict | None = None) -> None:
+        with self._cond:  # the superseded version's chunks go first: packing reuses their memory instead of
+            self._latest = (self._latest[0], None)  # faulting in fresh pages; a joining subscriber waits for the new one
         chunks = pack_version(version, sd, self.cfg.max_chunk_bytes, draft_config)
         with self._cond:
             self._latest = (version, chunks)
@@ -80,14 +83,15 @@ class WeightSyncServer:
         try:
             while context.is_active():
                 with self._cond:
-                    self._cond.wait_for(lambda: self._latest[0] > have or self._stopped, timeout=1.0)
+                    self._cond.wait_for(lambda: self._latest[0] > have and self._latest[1] is not None
+                                        or self._stopped, timeout=1.0)
                     if self._stopped:
                         return
                     version, chunks = self._latest
-                if version <= have:
+                if version <= have or chunks is None:
                     continue
                 yield from chunks
-                have = version
+                have, chunks = version, None  # not kept alive while waiting for the next version
         finally:
             with self._cond:
                 self.subscribers -= 1

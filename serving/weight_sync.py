@@ -98,6 +98,7 @@ class WeightSubscriber:
                             continue
                         if done is not None:
                             self._deliver(*done)
+                            del done  # its arrays stay alive only where the engine holds them (buffer reuse)
             except grpc.RpcError as e:
                 if self._stop.is_set():
                     return

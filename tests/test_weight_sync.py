@@ -209,3 +209,32 @@ def test_a_kernel_travels_in_the_trainers_layout_and_arrives_as_a_transposed_vie
                 lambda c: setattr(c.tensors[0], "transposed", True))
     with pytest.raises(WeightError, match="'t' is marked transposed but has shape \\[2, 3, 4\\]"):
         VersionAssembler().add(bad)
+
+
+def test_a_version_still_viewed_keeps_its_buffer_and_a_released_one_is_reused():
+    import tracemalloc
+    versions = {v: pack_version(v, {"w": np.full((512, 512), v, np.float32)}, max_chunk=1 << 16) for v in range(1, 5)}
+
+    def assemble(asm, version):
+        """The version's array, and the bytes allocated while assembling it."""
+        tracemalloc.start()
+        try:
+            for chunk in versions[version]:
+                out = asm.add(chunk)
+            return out[1]["w"], tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+
+    asm = VersionAssembler()
+    held, _ = assemble(asm, 1)
+    second, fresh = assemble(asm, 2)  # version 1 is still viewed: a new buffer
+    assert fresh >= 1 << 20 and not np.shares_memory(held, second)
+    np.testing.assert_array_equal(held, 1.0)
+    del held, second  # the engine copied them into its draft
+    third, reused = assemble(asm, 3)  # version 2's buffer, no new pages
+    assert reused < 1 << 18, reused
+    np.testing.assert_array_equal(third, 3.0)
+    fourth, fresh = assemble(asm, 4)  # `third` still viewed: a new buffer again
+    assert fresh >= 1 << 20
+    np.testing.assert_array_equal(third, 3.0)
+    np.testing.assert_array_equal(fourth, 4.0)
