@@ -336,7 +336,8 @@ class SpecDecoder:
             f0 = self.drafter.forwards
             for i, nodes in zip(spec, self.drafter.propose_many([(reqs[i].tokens, reqs[i].aux, reqs[i].draft)
                                                                  for i in spec])):
-                reqs[i].version = self.draft_version
+                if reqs[i].forwards == 1:  # its first round; a later swap keeps the label: a request
+                    reqs[i].version = self.draft_version  # is labelled with the oldest version that drafted it
                 trees[i] = nodes or None  # no candidate above spec.min_prob: a plain one-token round
             if spec:
                 self.timing["draft_s"] += time.perf_counter() - t0
@@ -438,7 +439,7 @@ class Request:
     gen: torch.Generator | None
     cache: object
     t_start: float
-    version: int
+    version: int  # the draft version of its first round: the oldest that drafted any of its tokens
     draft: DraftState | None
     speculative: bool = True
     tokens: list[int] = dataclasses.field(default_factory=list)

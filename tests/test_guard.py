@@ -355,7 +355,7 @@ def test_a_real_engine_serving_a_bad_version_gets_the_previous_weights_back(tmp_
             arrived(2, len(bad))
             if trainer.version == 2:
                 bad.append(ask(100 + len(bad)))
-        assert all(v == 2 and al == 1.0 for v, al in bad)  # the scrambled head is never right
+        assert all(v == 2 and al == 1.0 for v, al in bad), bad  # the scrambled head is never right
         assert len(bad) == K and trainer.rolled_back == {2} and trainer.last_rollback["to_weights_of"] == 1
         assert trainer.last_rollback["requests"] == K
         after = served_by(3, n=1)
