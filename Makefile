@@ -24,7 +24,7 @@ demo: $(STAMP)
 	$(VENV)/bin/aurora-jax demo --config configs/demo-smollm2.yaml
 
 test: $(STAMP)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=15 tests
 
 # Mutation testing of the modules in tests/mutation.toml (long: ~1 h on 2 cores with its samples).
 mutation: $(STAMP)

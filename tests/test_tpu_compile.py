@@ -18,7 +18,7 @@ from aurora_jax.aot import libtpu_available, run_child
 pytestmark = [pytest.mark.skipif(not libtpu_available() and not os.environ.get("CI"),
                                  reason="libtpu is not installed in .venv/tpu-aot (the install step brings it; "
                                         "under CI this test never skips)"),
-              pytest.mark.timeout(900)]  # the fixture's compiles (two 8B steps) take ~5 minutes on 2 cores
+              pytest.mark.timeout(900)]  # the fixture's compiles take ~4 minutes on 2 cores (~6 with the long profile)
 
 # (config, topology, chips, mesh, activation dtype): every shipped trainer config, every TPU generation,
 # 1 chip and a whole host, data-parallel, FSDP and a model axis, f32 and bf16. The 8B drafts (rows of 2048 + 512
@@ -31,8 +31,11 @@ STEP_CELLS = [
     ("configs/demo-trainer.yaml", "v6e:2x4", 8, "fsdp", "bfloat16"),
     ("configs/demo-trainer.yaml", "v6e:2x4", 8, "fsdp-tp2", "bfloat16"),  # lm_head's vocabulary over 2 chips
     ("configs/llama3.1-8b-trainer.yaml", "v5e:2x4", 8, "fsdp", "bfloat16"),
-    ("configs/qwen3-8b-trainer.yaml", "v6e:2x4", 8, "fsdp", "bfloat16"),
 ]
+# The second 8B draft (the same code at Qwen3-8B's shapes, ~2 minutes) only in the long profile: the
+# suite must stay under 15 minutes on 2 cores.
+if os.environ.get("AURORA_TEST_PROFILE") == "long":
+    STEP_CELLS.append(("configs/qwen3-8b-trainer.yaml", "v6e:2x4", 8, "fsdp", "bfloat16"))
 # kernels alone (v5p, and longer rows) at the 8B configs' longest TTT step (N = 2048 + 512 slots over
 # 5 * N keys) and at N = 8192: the looped form holds a head's whole K/V in VMEM and cannot compile;
 # the tiled form's VMEM does not grow with N.
