@@ -8,6 +8,10 @@ one demo config (default: `make demo`'s, SmolLM2-135M-Instruct) with one thing c
   c  reject signal: objective.reject_weight 0 vs the config's, over several seeds (trainer init and
      prompt order), served acceptance with the spread across seeds
   d  sync interval: several loop.sync_every values, served acceptance and throughput
+  e  sync policy after a shift (the Pareto): the code draft of (b) kept training on prose, published
+     every 5/15/45 steps (fixed) or when the gated proxy gains (adaptive, 10% of traffic held out);
+     per arm the swaps served, the served throughput (every cost of a swap included) and the
+     post-shift adaptation (served acceptance length, second half)
 Speedups come only from side-by-sides (target-only and speculative interleaved on one engine with
 the trainer stopped, `apps.load.side_by_side`), never from comparing two runs' wall clocks: the
 runs share 2 cores with a trainer whose load differs between them. Acceptance length (tokens per
@@ -32,10 +36,11 @@ from bridge.config import load_config
 
 
 def _run(base: DemoConfig, out: Path, name: str, requests: int, trainer=(), serve=(), sbs: bool = False,
-         train: bool = True, **load_changes) -> dict:
+         train: bool = True, require_new_version: bool = True, **load_changes) -> dict:
     """One demo run; its served acceptance (second half, last quarter), throughput, versions, side-by-side."""
     load = dataclasses.replace(base.load, requests=requests, **load_changes)
     cfg = dataclasses.replace(base, run_dir=str(out / name), load=load, train=train,
+                              require_new_version=require_new_version,
                               trainer_overrides=[*base.trainer_overrides, *trainer],
                               serve_overrides=[*base.serve_overrides, *serve],
                               side_by_side_requests=base.side_by_side_requests if sbs else 0,
@@ -53,8 +58,9 @@ def _run(base: DemoConfig, out: Path, name: str, requests: int, trainer=(), serv
     return dict(name=name, exit=code, seconds=round(time.perf_counter() - t0, 1), requests=len(recs),
                 failed=report["failed"], trainer_steps=report["trainer_steps"],
                 versions=max((r.get("draft_version") or 0) for r in recs),
+                versions_served=len({r.get("draft_version") or 0 for r in ok}),
                 accept_second_half=al(half), accept_last_quarter=al(quarter),
-                tok_s_second_half=tok_s(half), side_by_side=side,
+                tok_s_second_half=tok_s(half), tok_s_all=tok_s(ok), side_by_side=side,
                 speedup=side["speedup"] if side else None, heldout_accept=side["accept_length"] if side else None)
 
 
@@ -76,11 +82,12 @@ def main(argv: list[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--demo", default="configs/demo-smollm2.yaml", help="the demo config every run starts from "
                    "(configs/demo-cpu.yaml: the toy target, minutes)")
-    p.add_argument("--experiments", default="a,b,c,d")
+    p.add_argument("--experiments", default="a,b,c,d,e")
     p.add_argument("--requests", type=int, default=0, help="requests of (a) (default: the demo config's)")
     p.add_argument("--requests-short", type=int, default=48, help="requests of each run of (b) phase, (c), (d)")
     p.add_argument("--seeds", type=int, default=3, help="seeds per arm of (c)")
     p.add_argument("--sync", default="2,10", help="sync_every values for (d)")
+    p.add_argument("--pareto", default="5,15,45,adaptive", help="the arms of (e): sync_every values and/or adaptive")
     p.add_argument("--out", default="runs/bench/flywheel")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="overrides of the demo config")
     a = p.parse_args(argv)
@@ -103,12 +110,14 @@ def main(argv: list[str] | None = None) -> int:
         results["a"] = r
         _table("(a) day 0: untrained draft trained online; side-by-side vs target-only on held-out prompts "
                "(paper: 1.5x)", [r], ["trainer_steps", "accept_last_quarter", "heldout_accept", "speedup"])
-    if "b" in exps:
+    prose = dict(domains=["prose"], shape="ordered")
+    code, hf, draft = None, [], ""
+    if exps & {"b", "e"}:  # both start from a draft trained online on code
         code = _run(base, out, "b-code-online", n, domains=["code"], shape="ordered")
         from aurora_jax.export import export_hf
         draft = export_hf(str(out / "b-code-online" / "ckpt"), str(out / "b-draft-code"))
         hf = ["draft.mode=hf", f"draft.path={draft}"]
-        prose = dict(domains=["prose"], shape="ordered")
+    if "b" in exps:
         static = _run(base, out, "b-prose-static", n, serve=hf, sbs=True, train=False, **prose)
         online = _run(base, out, "b-prose-online", n, trainer=[f"loop.init_from={draft}"], serve=hf, sbs=True, **prose)
         ratio = online["speedup"] / static["speedup"]
@@ -134,6 +143,17 @@ def main(argv: list[str] | None = None) -> int:
         results["d"] = rows
         _table("(d) sync interval: versions served and acceptance", rows,
                ["trainer_steps", "versions", "accept_second_half", "tok_s_second_half"])
+    if "e" in exps:
+        rows = []
+        for arm in a.pareto.split(","):
+            policy = (["loop.sync_policy=adaptive", "loop.sync_every=5", "loop.sync_max_steps=40",
+                       "buffer.holdout_fraction=0.1"] if arm == "adaptive" else [f"loop.sync_every={int(arm)}"])
+            r = _run(base, out, f"e-sync-{arm}", n, trainer=[f"loop.init_from={draft}", *policy], serve=hf,
+                     require_new_version=False, **prose)  # a slow arm may publish after its last request
+            rows.append(dict(r, policy=arm))
+        results["e"] = dict(arms=rows, code=None if "b" in exps else code)
+        _table("(e) sync policy after the shift code -> prose: swaps served vs throughput vs adaptation", rows,
+               ["trainer_steps", "versions_served", "tok_s_all", "accept_second_half"])
     results["seconds"] = round(time.perf_counter() - t0, 1)
     (out / "flywheel.json").write_text(json.dumps(results, indent=2))
     print(f"\n{results['seconds'] / 60:.1f} min; wrote {out / 'flywheel.json'} (each run: {out}/<run>/)")
@@ -152,5 +172,6 @@ def base_reject(base: DemoConfig) -> float:
 
 def _all_runs(results: dict) -> list[dict]:
     runs = [results.get("a")] + [results.get("b", {}).get(k) for k in ("code", "static", "online")]
+    runs += [results.get("e", {}).get("code")] + list(results.get("e", {}).get("arms", []))
     runs += [r for v in results.get("c", {}).values() for r in v["runs"]] + list(results.get("d", []))
     return [r for r in runs if r]

@@ -5,8 +5,10 @@ Draft size: the EAGLE3 draft of an 8B-class target (Llama-3.1-8B: H 4096, 32/8 h
 - Flax -> torch state_dict, zero copy (DLPack views, kernels transposed as strided views) vs a
   safe copy (contiguous torch tensors);
 - publish -> swap-ready over loopback WeightSync: the trainer packs the trained weights (torch
-  layout, checksummed chunks), a subscriber in the same machine assembles and verifies them and
-  holds a ready torch state_dict (the engine's swap itself is a pointer flip).
+  layout, digested chunks), a subscriber in the same machine assembles and verifies them and
+  holds a ready torch state_dict;
+- the embedded engine's swap pause: the version copied into its torch draft between two decode
+  rounds (`EagleDrafter.swap`), the only time requests stall.
 """
 
 from __future__ import annotations
@@ -39,6 +41,10 @@ def main(argv: list[str] | None = None) -> int:
     from aurora_jax.weight_sync import WeightPublisher, WeightSyncServer
     from bridge.eagle3 import VOCAB_KEYS, DraftConfig
     from bridge.torch_io import to_torch
+    import torch
+
+    from serving.eagle3 import Eagle3Draft as TorchDraft
+    from serving.spec_decode import EagleDrafter, SpecConfig
     from serving.weight_sync import WeightSubscriber, WeightSubscriberConfig
 
     cfg = DraftConfig(**LLAMA31_8B_DRAFT, param_dtype=a.dtype)
@@ -61,9 +67,20 @@ def main(argv: list[str] | None = None) -> int:
     copied = to_torch(flat)[1]
     copy = timeit(lambda: to_torch(flat, copy=True))
 
+    drafter = EagleDrafter(TorchDraft(cfg).to(torch.bfloat16 if a.dtype == "bfloat16" else torch.float32),
+                           SpecConfig())
+    pauses, ready_at = [], []
+
+    def on_version(version, sd):  # the engine checks a version on arrival and swaps it between rounds
+        drafter.check(sd)
+        ready_at.append(time.perf_counter())
+        drafter.swap(sd)
+        pauses.append(time.perf_counter() - ready_at[-1])
+        ready.set()
+
     server = WeightSyncServer(WeightSyncConfig(address="127.0.0.1:0")).start()
     ready = threading.Event()
-    sub = WeightSubscriber(WeightSubscriberConfig(address=server.address), lambda v, sd: ready.set()).start()
+    sub = WeightSubscriber(WeightSubscriberConfig(address=server.address), on_version).start()
     publish = WeightPublisher(server)
     state = nnx.state(model)
     lat, pack = [], []
@@ -75,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
             t1 = time.perf_counter()
             if not ready.wait(600):
                 raise RuntimeError(f"version {v} never became ready: {sub.last_error}")
-            lat.append(time.perf_counter() - t0)
+            lat.append(ready_at[-1] - t0)
             pack.append(t1 - t0)
     finally:
         sub.close()
@@ -86,6 +103,7 @@ def main(argv: list[str] | None = None) -> int:
         ("Flax -> torch, safe copy (contiguous)", copy, total, f"{total / 1e9:.2f} GB copied"),
         ("publish: pack + digest (trainer)", statistics.median(pack), trained, "framed once, xxh3 per chunk"),
         ("publish -> swap-ready over loopback", statistics.median(lat), trained, "assembled, verified, torch"),
+        ("engine swap pause (decode stalled)", statistics.median(pauses), trained, "copied into the torch draft"),
     ]
     print(f"\ndraft of an 8B target: {total / 1e9:.2f} GB of {a.dtype} variables ({trained / 1e9:.2f} GB trained), "
           f"median of {a.repeats} exports / {a.publishes} publishes\n")
