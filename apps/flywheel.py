@@ -9,7 +9,7 @@ one demo config (default: `make demo`'s, SmolLM2-135M-Instruct) with one thing c
      prompt order), served acceptance with the spread across seeds
   d  sync interval: several loop.sync_every values, served acceptance and throughput
   e  sync policy after a shift (the Pareto): the code draft of (b) kept training on prose, published
-     every 5/15/45 steps (fixed) or when the gated proxy gains (adaptive, 10% of traffic held out);
+     every 5/15/45 steps (fixed) or when the gated proxy gains (adaptive, 20% of traffic held out);
      per arm the swaps served, the served throughput (every cost of a swap included) and the
      post-shift adaptation (served acceptance length, second half)
 Speedups come only from side-by-sides (target-only and speculative interleaved on one engine with
@@ -88,6 +88,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", type=int, default=3, help="seeds per arm of (c)")
     p.add_argument("--sync", default="2,10", help="sync_every values for (d)")
     p.add_argument("--pareto", default="5,15,45,adaptive", help="the arms of (e): sync_every values and/or adaptive")
+    p.add_argument("--code-draft", default="", help="(e) only: start from this exported code draft (e.g. an earlier "
+                   "run's b-draft-code) instead of training one")
     p.add_argument("--out", default="runs/bench/flywheel")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="overrides of the demo config")
     a = p.parse_args(argv)
@@ -112,7 +114,10 @@ def main(argv: list[str] | None = None) -> int:
                "(paper: 1.5x)", [r], ["trainer_steps", "accept_last_quarter", "heldout_accept", "speedup"])
     prose = dict(domains=["prose"], shape="ordered")
     code, hf, draft = None, [], ""
-    if exps & {"b", "e"}:  # both start from a draft trained online on code
+    if a.code_draft and "b" not in exps:
+        draft = a.code_draft
+        hf = ["draft.mode=hf", f"draft.path={draft}"]
+    elif exps & {"b", "e"}:  # both start from a draft trained online on code
         code = _run(base, out, "b-code-online", n, domains=["code"], shape="ordered")
         from aurora_jax.export import export_hf
         draft = export_hf(str(out / "b-code-online" / "ckpt"), str(out / "b-draft-code"))
@@ -147,7 +152,8 @@ def main(argv: list[str] | None = None) -> int:
         rows = []
         for arm in a.pareto.split(","):
             policy = (["loop.sync_policy=adaptive", "loop.sync_every=5", "loop.sync_max_steps=40",
-                       "buffer.holdout_fraction=0.1"] if arm == "adaptive" else [f"loop.sync_every={int(arm)}"])
+                       "buffer.holdout_fraction=0.2", "guard.gate_min_traces=3"]  # a slice that can judge early
+                      if arm == "adaptive" else [f"loop.sync_every={int(arm)}"])
             r = _run(base, out, f"e-sync-{arm}", n, trainer=[f"loop.init_from={draft}", *policy], serve=hf,
                      require_new_version=False, **prose)  # a slow arm may publish after its last request
             rows.append(dict(r, policy=arm))

@@ -16,10 +16,10 @@ the compiler's error (a looped kernel past VMEM fails to compile; the tiled one 
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
-from pathlib import Path
+
+from bench.report import write_json
 
 
 def _time(f, *args, repeats: int) -> float:
@@ -114,13 +114,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{'':6} {'':8} {'ratio':>9} {ref_row['fwd_ms'] / ker_row['fwd_ms']:8.2f}x "
               f"{ref_row['fwd_bwd_ms'] / ker_row['fwd_bwd_ms']:10.2f}x "
               f"{ref_row['temp_bytes'] / max(ker_row['temp_bytes'], 1):8.1f}x   (reference / kernel)")
-    out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "attention.json").write_text(json.dumps(dict(device=jax.devices()[0].device_kind,
-                                                        backend=jax.default_backend(), args=vars(a), rows=rows),
-                                                   indent=2))
-    print(f"\nvisible = share of (query, key) pairs the tree mask allows; TFLOP/s counts only those "
-          f"(forward + backward).\nwrote {out / 'attention.json'}")
+    print("\nvisible = share of (query, key) pairs the tree mask allows; TFLOP/s counts only those "
+          "(forward + backward).")
+    write_json(a.out, "attention", dict(device=jax.devices()[0].device_kind, backend=jax.default_backend(),
+                                        args=vars(a), rows=rows))
     return 0
 
 
@@ -142,9 +139,6 @@ def _compile_only(a, argv) -> int:
         print(f"{r['n']:6d} {r['depth'] * r['n']:7d} {r['mode']:>7} "
               + (f"{r['vmem_bytes'] / 2**20:9.2f} {r['hbm_temp_bytes'] / 2**20:13.1f}  compiled" if ok else
                  f"{'':9} {'':13}  {r['error'][:90]}"))
-    out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "attention-compile.json").write_text(json.dumps(dict(topology=a.compile_only, rows=rows), indent=2))
-    print(f"\nVMEM: the kernel's block buffers (double-buffered) and scratch, from its block specs.\n"
-          f"wrote {out / 'attention-compile.json'}")
+    print("\nVMEM: the kernel's block buffers (double-buffered) and scratch, from its block specs.")
+    write_json(a.out, "attention-compile", dict(topology=a.compile_only, rows=rows))
     return 0 if all("error" not in r for r in rows if r["mode"] == "tiled") else 1

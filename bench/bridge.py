@@ -14,11 +14,11 @@ Draft size: the EAGLE3 draft of an 8B-class target (Llama-3.1-8B: H 4096, 32/8 h
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import threading
 import time
-from pathlib import Path
+
+from bench.report import write_json
 
 LLAMA31_8B_DRAFT = dict(hidden_size=4096, num_attention_heads=32, num_key_value_heads=8, intermediate_size=14336,
                         vocab_size=128256, draft_vocab_size=32000, rope_theta=500000.0)
@@ -114,10 +114,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name:42} {s * 1e3:10.1f} {rate:>7}  {note}")
     print(f"\nzero-copy export vs copy: {copy / zero:.0f}x faster; target < 100 ms: "
           f"{'met' if zero < 0.1 else 'NOT met'} ({zero * 1e3:.1f} ms)")
-    out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "bridge.json").write_text(json.dumps(dict(
-        dtype=a.dtype, total_bytes=total, trained_bytes=trained,
-        rows=[dict(path=n, seconds=s, bytes=b, note=t) for n, s, b, t in rows]), indent=2))
-    print(f"wrote {out / 'bridge.json'}")
+    write_json(a.out, "bridge", dict(dtype=a.dtype, total_bytes=total, trained_bytes=trained,
+                                     rows=[dict(path=n, seconds=s, bytes=b, note=t) for n, s, b, t in rows]))
     return 0

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import multiprocessing as mp
 import subprocess
 import sys
@@ -23,8 +22,9 @@ from pathlib import Path
 import grpc
 import numpy as np
 
-from bridge.synthetic import random_trace
+from bench.report import write_json
 from bridge.chunks import chunk_messages, max_message_bytes
+from bridge.synthetic import random_trace
 from bridge.traces import encode
 
 _RAW_METHOD = "/aurora.bench.Raw/Push"
@@ -159,10 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     for r in rows:
         print(f"{r['path']:<36} {r['traces_per_s']:>9.1f} {r['payload_mb_s']:>13.0f} {r['hidden_mb_s']:>12.0f} "
               f"{r['ratio']:>6.0%}")
-    out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "ingest.json").write_text(json.dumps(dict(args=vars(a), rows=rows), indent=2))
-    print(f"\nwrote {out / 'ingest.json'}")
+    write_json(a.out, "ingest", dict(args=vars(a), rows=rows))
     return 0
 
 

@@ -15,10 +15,11 @@ the other in one process, so their budgets are comparable. Prints a table, write
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 from pathlib import Path
+
+from bench.report import write_json
 
 
 def load_spool(path: str) -> list:
@@ -117,8 +118,5 @@ def main(argv: list[str] | None = None) -> int:
         spread = f" ({min(vals):.3f}..{max(vals):.3f})" if len(vals) > 1 else ""
         print(f"{arm[:40]:40} {len(rs):4d} {statistics.mean(r['steps'] for r in rs):6.0f} "
               f"{statistics.mean(vals):12.3f}{spread}")
-    out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "learn.json").write_text(json.dumps(dict(args=vars(a), runs=rows), indent=2))
-    print(f"\nwrote {out / 'learn.json'}")
+    write_json(a.out, "learn", dict(args=vars(a), runs=rows))
     return 0

@@ -21,6 +21,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench.report import write_json
+
 
 def _tiny_target(path: Path) -> None:
     import torch
@@ -166,11 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     if margins:  # where a tree pass and a one-token pass round differently (bf16), it must be at a near-tie
         print(f"outputs differ in {len(margins)} request(s); the target's top-2 logit margin where they part: "
               f"max {max(margins):.3f} (median {statistics.median(margins):.3f})")
-    out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "serve.json").write_text(json.dumps(dict(rows=rows, identical=identical, divergence_margins=margins,
-                                                    args=vars(a)), indent=2))
-    print(f"wrote {out / 'serve.json'}")
+    write_json(a.out, "serve", dict(rows=rows, identical=identical, divergence_margins=margins, args=vars(a)))
     return 0 if identical or (a.dtype != "float32" and max(margins) < NEAR_TIE) else 1
 
 

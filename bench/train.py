@@ -10,11 +10,11 @@ tokens are the non-padding slots of a batch (trunk + TTT chains + rejected nodes
 from __future__ import annotations
 
 import argparse
-import json
 import time
-from pathlib import Path
 
 import numpy as np
+
+from bench.report import write_json
 
 CONFIGS = {
     # name: (draft config, tokens per trace, batch rows)
@@ -100,8 +100,5 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{r['config']:8} {r['params'] / 1e6:8.1f}M {r['rows']:>4} x {r['tokens_per_trace']:<3} "
               f"{r['step_s_median']:8.3f} {r['tree_tokens_per_step']:14.0f} {r['tree_tokens_per_s']:11.0f} "
               f"{r['slot_utilisation']:9.0%} {r['compiled_shapes']:7d}")
-    out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "train.json").write_text(json.dumps(rows, indent=2))
-    print(f"\nwrote {out / 'train.json'}")
+    write_json(a.out, "train", rows)
     return 0

@@ -26,18 +26,16 @@ def max_message_bytes(max_chunk_bytes: int) -> int:
 _PAYLOAD = pb.TraceChunk.DESCRIPTOR.fields_by_name["payload"].number
 
 
-def chunk_messages(request_id: str, parts: Sequence, max_chunk_bytes: int) -> Iterator[bytes]:
-    """Serialized TraceChunk messages carrying the concatenation of `parts` (bytes-like)."""
-    if max_chunk_bytes <= 0:
+def cut(parts: Sequence, max_bytes: int) -> tuple[int, list[list[memoryview]]]:
+    """The concatenation of `parts` (bytes-like) cut into consecutive runs of at most `max_bytes`:
+    (total bytes, the runs as zero-copy views of the parts each spans; one empty run for no bytes)."""
+    if max_bytes <= 0:
         raise ValueError("max_chunk_bytes must be positive")
     views = [memoryview(p).cast("B") for p in parts]
     total = sum(len(v) for v in views)
-    count = max(1, -(-total // max_chunk_bytes))
-    k = 0  # current part
-    for i in range(count):
-        want = min(max_chunk_bytes, total - i * max_chunk_bytes)
-        head = pb.TraceChunk(request_id=request_id, chunk_index=i, chunk_count=count, total_bytes=total)
-        pieces = [head.SerializeToString(), wire.key(_PAYLOAD), wire.varint(want)]
+    runs, k = [], 0  # k: the current part
+    for i in range(max(1, -(-total // max_bytes))):
+        want, pieces = min(max_bytes, total - i * max_bytes), []
         while want:
             take = views[k][:want]
             pieces.append(take)
@@ -45,19 +43,22 @@ def chunk_messages(request_id: str, parts: Sequence, max_chunk_bytes: int) -> It
             views[k] = views[k][len(take):]
             if not views[k]:
                 k += 1
-        yield b"".join(pieces)
+        runs.append(pieces)
+    return total, runs
+
+
+def chunk_messages(request_id: str, parts: Sequence, max_chunk_bytes: int) -> Iterator[bytes]:
+    """Serialized TraceChunk messages carrying the concatenation of `parts` (bytes-like)."""
+    total, runs = cut(parts, max_chunk_bytes)
+    for i, pieces in enumerate(runs):
+        head = pb.TraceChunk(request_id=request_id, chunk_index=i, chunk_count=len(runs), total_bytes=total)
+        yield b"".join((head.SerializeToString(), wire.key(_PAYLOAD), wire.varint(sum(map(len, pieces))), *pieces))
 
 
 def parse_chunk(msg) -> tuple[pb.TraceChunk, memoryview]:
     """Header fields (parsed by protobuf) and a zero-copy view of the payload of one chunk."""
-    view = memoryview(msg)
     try:
-        split = wire.split_field(view, _PAYLOAD)
-        if split is None:
-            c = pb.TraceChunk.FromString(view)
-            return c, memoryview(c.payload)
-        head, (lo, hi) = split
-        return pb.TraceChunk.FromString(head), view[lo:hi]
+        return wire.parse_framed(msg, pb.TraceChunk, _PAYLOAD)
     except Exception as e:  # DecodeError or WireError: either way not a TraceChunk
         raise TraceError("chunk", f"not a serialized TraceChunk ({e})") from None
 

@@ -21,6 +21,7 @@ import numpy as np
 import xxhash
 
 from bridge import wire
+from bridge.chunks import cut
 from bridge.proto import aurora_pb2 as pb
 from bridge.tensors import _FROM_WIRE, wire_header
 
@@ -56,19 +57,9 @@ def pack_version(version: int, sd: dict[str, np.ndarray], max_chunk: int = 2 << 
         t.name = name
         manifest.append(t)
         views.append(memoryview(arr.reshape(-1).view(np.uint8)))  # raw bytes (works for bf16 too)
-    total = sum(len(v) for v in views)
-    count = max(1, -(-total // max_chunk))
-    chunks, digests, k = [], [], 0
-    for i in range(count):
-        want = min(max_chunk, total - i * max_chunk)
-        pieces = []
-        while want:
-            take = views[k][:want]
-            pieces.append(take)
-            want -= len(take)
-            views[k] = views[k][len(take):]
-            if not views[k]:
-                k += 1
+    total, runs = cut(views, max_chunk)
+    count, chunks, digests = len(runs), [], []
+    for i, pieces in enumerate(runs):
         hasher = xxhash.xxh3_64()
         for piece in pieces:
             hasher.update(piece)
@@ -88,14 +79,8 @@ def pack_version(version: int, sd: dict[str, np.ndarray], max_chunk: int = 2 << 
 
 def parse_chunk(msg) -> tuple[pb.WeightChunk, memoryview]:
     """Header fields (parsed by protobuf) and a zero-copy view of the data of one serialized chunk."""
-    view = memoryview(msg)
     try:
-        split = wire.split_field(view, _DATA)
-        if split is None:
-            c = pb.WeightChunk.FromString(view)
-            return c, memoryview(c.data)
-        head, (lo, hi) = split
-        return pb.WeightChunk.FromString(head), view[lo:hi]
+        return wire.parse_framed(msg, pb.WeightChunk, _DATA)
     except Exception as e:  # DecodeError or WireError
         raise WeightError(f"not a serialized WeightChunk ({e})") from None
 

@@ -80,3 +80,16 @@ def split_field(buf, field: int, i: int = 0, end: int | None = None):
     if len(found) != 1:
         return None
     return b"".join(buf[s:e] for s, _, e in others), found[0][1:]
+
+
+def parse_framed(msg, message_cls, field: int):
+    """A serialized message whose bytes `field` was framed by hand (`bridge.chunks`, `bridge.weights`):
+    (the message without that field, parsed by protobuf; a zero-copy view of the field's bytes).
+    Raises protobuf's DecodeError or WireError on bytes that are not such a message."""
+    view = memoryview(msg)
+    split = split_field(view, field)
+    if split is None:
+        m = message_cls.FromString(view)
+        return m, memoryview(getattr(m, message_cls.DESCRIPTOR.fields_by_number[field].name))
+    head, (lo, hi) = split
+    return message_cls.FromString(head), view[lo:hi]
