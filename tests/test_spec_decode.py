@@ -391,3 +391,22 @@ def test_day0_draft_takes_the_targets_rope(scaling):
     draft = build_draft(DraftSource(mode="untrained"), Target(TargetConfig(), model=LlamaForCausalLM(cfg)))
     assert draft.cfg.rope_theta == 500000.0
     assert (draft.cfg.rope_scaling.to_hf() if draft.cfg.rope_scaling else None) == scaling
+
+
+def test_acceptance_compares_token_ids_by_value_and_samples_at_the_requested_temperature():
+    """`accept` alone, on hand-made rows. Greedy: token ids past CPython's small-int cache (an `is`
+    comparison would reject them). Sampling at temperature 0.5: a lone child is accepted with the
+    target's probability of it at that temperature, softmax(logits / 0.5), and never otherwise."""
+    from serving.acceptance import accept
+
+    V = 5000
+    logits = torch.zeros(3, V)
+    logits[0, 4321] = logits[2, 3777] = 5.0  # root -> 4321, then after node 1 -> 3777
+    nodes = [Node(token=4000, parent=-1, depth=1, score=0.0), Node(token=4321, parent=-1, depth=1, score=0.0)]
+    assert accept(logits, nodes, 0.0, None) == ([1], 3777)
+
+    row = torch.tensor([[2.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]])
+    expected = float(torch.softmax(row[0] / 0.5, -1)[0])  # 0.948; at temperature 2 (a swapped division) 0.475
+    n, gen = 4000, torch.Generator().manual_seed(0)
+    hits = sum(accept(row, [Node(token=0, parent=-1, depth=1, score=0.0)], 0.5, gen)[0] == [0] for _ in range(n))
+    assert abs(hits / n - expected) < 4 * (expected * (1 - expected) / n) ** 0.5, (hits / n, expected)
