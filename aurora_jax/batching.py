@@ -177,6 +177,16 @@ def pack(traces: list[Trace], cfg: BatchConfig, depth: int, target_to_draft: np.
     return Batch(**f), st, left
 
 
+
+def pack_all(traces: list[Trace], cfg: BatchConfig, depth: int, target_to_draft: np.ndarray) -> list[Batch]:
+    """Every trace in batches, generated positions scored only: how held-out traffic is evaluated
+    (the trainer's gate, `bench learn`)."""
+    out = []
+    while traces:
+        batch, _, traces = pack(traces, cfg, depth, target_to_draft, False)
+        out.append(batch)
+    return out
+
 def _place(f, b, s, off, tr: Trace, n, D, K, L, N, R, M, target_to_draft, train_on_prompt, n_rej, n_neg):
     """Write one request (segment s of row b, trunk slots [off, off + n)) into the arrays."""
     x, P = tr.tokens, tr.prompt_len

@@ -21,7 +21,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from aurora_jax.batching import pack
+from aurora_jax.batching import pack, pack_all
 from aurora_jax.buffer import ReplayBuffer
 from aurora_jax.checkpoint import Checkpointer
 from aurora_jax.config import TrainerConfig
@@ -233,7 +233,7 @@ class Trainer:
                 log.info("step %d: %d held-out traces, fewer than guard.gate_min_traces=%d: publishing unjudged",
                          step, len(held), cfg.guard.gate_min_traces)
             else:
-                batches = self._eval_batches(held)
+                batches = pack_all(held, cfg.batch, cfg.objective.ttt_length, self.learner.target_to_draft)
                 cand, served = self.learner.proxy(batches, params), self.learner.proxy(batches, self.served_params)
                 proxy = cand
                 self.last_gate = gate = dict(step=step, candidate=cand, served=served, served_version=self.served_version,
@@ -273,14 +273,6 @@ class Trainer:
         except Exception:
             log.exception("publishing draft_version %d failed; serving keeps the previous draft", self.version)
 
-    def _eval_batches(self, traces) -> list:
-        """The held-out traces packed as the trainer packs (generated positions scored only)."""
-        cfg, out = self.cfg, []
-        while traces:
-            batch, _, traces = pack(traces, cfg.batch, cfg.objective.ttt_length, self.learner.target_to_draft, False)
-            out.append(batch)
-        return out
-
     def _check_rollback(self) -> None:
         """After each step: is the version serving now worse, as served, than the versions before it?"""
         cfg = self.cfg.guard
@@ -294,9 +286,8 @@ class Trainer:
         bad, (good, weights) = self.version, self.previous
         self.rolled_back.add(bad)
         self.guard_stats["rollbacks"] += 1
-        self.previous = None  # never roll back onto the version just taken back
         self._publish(weights, self.served.snapshot().get(good, {}).get("proxy_accept_length"))
-        self.previous = None
+        self.previous = None  # never roll back onto the version just taken back
         self.last_rollback = dict(step=self.learner.step, version=bad, to_weights_of=good, as_version=self.version,
                                   requests=verdict.n_current, served=verdict.current, before=verdict.reference,
                                   z=verdict.z)

@@ -39,7 +39,7 @@ def run_arm(cfg, train: list, heldout: list, budget: float, evals: int, seed: in
     import jax
     import numpy as np
 
-    from aurora_jax.batching import pack
+    from aurora_jax.batching import pack, pack_all
     from aurora_jax.draft_init import head_from_target_dir, resolve_draft, vocab_from_traces
     from aurora_jax.train import Learner, make_mesh
 
@@ -53,10 +53,7 @@ def run_arm(cfg, train: list, heldout: list, budget: float, evals: int, seed: in
     if cfg.loop.head_init == "target" and not cfg.loop.init_from:
         learner.set_params(head_from_target_dir(cfg, learner.vocab["d2t"]))
     ttt, to_draft = cfg.objective.ttt_length, learner.target_to_draft
-    scored, rest = [], list(heldout)
-    while rest:
-        batch, _, rest = pack(rest, cfg.batch, ttt, to_draft, False)
-        scored.append(batch)
+    scored = pack_all(list(heldout), cfg.batch, ttt, to_draft)
 
     rng = np.random.default_rng(seed)
     per_step = cfg.loop.traces_per_step or cfg.batch.rows
