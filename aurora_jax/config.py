@@ -126,6 +126,7 @@ class TrainerConfig:
             facts = {f"model.{k}": v for k, v in draft_fields_from_target(hf).items()}
             defaults = {"loop.embedding": weights_file(path, "model.embed_tokens.weight")}
             sources = {k: f"the target's config.json ({path})" for k in facts}
+            sources["loop.embedding"] = f"the target's weights ({path})"
         model = {f.name: f.default for f in dataclasses.fields(DraftConfig)}
         for name in ("vocab_size", "hidden_size", "target_hidden_size"):
             given = facts.get(f"model.{name}", get(f"model.{name}"))

@@ -69,11 +69,11 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[st
     if derive is None:
         return _build(cls, raw, "", origin, source)
     try:
-        facts, defaults, fact_source = derive(lambda key: _plain(_get_dotted(raw, key)))
+        facts, defaults, sources = derive(lambda key: _plain(_get_dotted(raw, key)))
     except (OSError, ValueError, TypeError, KeyError) as e:
         raise ConfigError(f"{_where(getattr(cls, 'DERIVED_FROM', ''), origin, source)}: {e}") from None
-    for key, value in {**defaults, **facts}.items():  # fact_source: one source for all, or one per key
-        said_by = fact_source.get(key, "") if isinstance(fact_source, dict) else fact_source
+    for key, value in {**defaults, **facts}.items():
+        said_by = sources[key]  # where the value comes from, for the origin of a later error
         given = _get_dotted(raw, key)
         if _plain(given) in (None, ""):  # absent, null or empty: derived
             _set_dotted(raw, key, value, key)
