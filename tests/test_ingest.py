@@ -380,3 +380,43 @@ def test_idle_streams_past_the_limit_are_refused_and_health_keeps_answering(serv
         for ch in channels:
             ch.close()
         weights.stop(0)
+
+
+def test_several_trainer_endpoints_stable_routing_failover_and_return(server_factory, tmp_path):
+    """A multi-process trainer has one ingest per host: each request id goes to one endpoint (the
+    same one every time), a stopped endpoint's traces move to the other at once (nothing dropped,
+    submit never waits), and traces go back to it once it is up again."""
+    a = server_factory(buffer=dict(spool_dir=str(tmp_path / "a")))
+    b = server_factory(buffer=dict(spool_dir=str(tmp_path / "b")))
+    client = TraceClient(TraceClientConfig(address=f"{a.address},{b.address}", batch_size=4,
+                                           backoff_initial_s=0.3, backoff_max_s=0.3))
+    ids = lambda srv: {e.trace.request_id for e in srv.buffer.entries()}  # noqa: E731
+    for i in range(40):
+        client.submit(make_trace(i))
+    assert client.flush(timeout=30)
+    on_a, on_b = ids(a), ids(b)
+    assert len(on_a) + len(on_b) == 40 and not on_a & on_b and min(len(on_a), len(on_b)) >= 8  # spread, no copies
+    for i in range(40):  # the same request ids again: the same endpoints
+        client.submit(make_trace(i))
+    assert client.flush(timeout=30)
+    assert ids(a) == on_a and ids(b) == on_b
+
+    port_b = b.address.rsplit(":", 1)[1]
+    b.stop(grace=0)
+    t0 = time.perf_counter()
+    for i in range(40, 80):
+        client.submit(make_trace(i))
+    assert time.perf_counter() - t0 < 1.0
+    assert client.flush(timeout=30)
+    s = client.stats()
+    assert s["dropped"] == 0 and s["acked"] == 120 and s["rerouted"] > 0
+    assert {f"req-0-{i}" for i in range(40, 80)} <= ids(a)  # b's share of them too
+
+    b2 = server_factory(ingest=dict(address=f"127.0.0.1:{port_b}"), buffer=dict(spool_dir=str(tmp_path / "b2")))
+    time.sleep(1.0)  # past b's backoff (and gRPC's reconnect backoff, set to the same): it is chosen again
+    for i in range(80, 120):
+        client.submit(make_trace(i))
+    assert client.flush(timeout=30)
+    client.close()
+    back = ids(b2)
+    assert back and back == {f"req-0-{i}" for i in range(80, 120)} - ids(a)  # b's share comes back to b
