@@ -77,6 +77,7 @@ class PackStats:
     truncated: int = 0  # traces longer than the largest bucket (cut to it)
     left_over: int = 0  # traces that did not fit in the batch's rows
     dropped_nodes: int = 0  # rejected nodes beyond R / M or without a parent slot
+    shape: tuple[int, int, int] = (0, 0, 0)  # the buckets chosen: (L trunk, R rejected slots, M negatives)
 
 
 def _fields(cfg: BatchConfig, depth: int, L: int, ht3: int) -> dict[str, tuple[tuple, object, object]]:
@@ -121,9 +122,12 @@ def _labels(ids: np.ndarray, lp: np.ndarray, K: int, target_to_draft: np.ndarray
 
 
 def pack(traces: list[Trace], cfg: BatchConfig, depth: int, target_to_draft: np.ndarray,
-         train_on_prompt: bool = False) -> tuple[Batch, PackStats, list[Trace]]:
+         train_on_prompt: bool = False, at_least: tuple[int, int, int] = (0, 0, 0), ht3: int = 0
+         ) -> tuple[Batch, PackStats, list[Trace]]:
     """Build one batch from `traces`. `target_to_draft`: [V] draft id of each target token
-    (-1 = not in the draft vocabulary; see `model.target_to_draft`).
+    (-1 = not in the draft vocabulary; see `model.target_to_draft`). `at_least`: buckets (L, R, M)
+    to use at least (the trainer's processes agree on one shape); `ht3`: the aux width, needed only
+    when `traces` is empty (a batch of masked rows).
 
     Returns (batch, stats, traces that did not fit).
     """
@@ -131,7 +135,7 @@ def pack(traces: list[Trace], cfg: BatchConfig, depth: int, target_to_draft: np.
     L_max = cfg.lengths[-1]
     lens = [min(t.num_tokens - 1, L_max) for t in traces]
     st.truncated = sum(t.num_tokens - 1 > L_max for t in traces)
-    L = _bucket(max([n for n in lens if n > 0], default=1), cfg.lengths)
+    L = max(_bucket(max([n for n in lens if n > 0], default=1), cfg.lengths), at_least[0])
     rows: list[list[int]] = [[] for _ in range(cfg.rows)]
     room = [L] * cfg.rows
     left: list[Trace] = []
@@ -150,7 +154,7 @@ def pack(traces: list[Trace], cfg: BatchConfig, depth: int, target_to_draft: np.
     R_max, M_max = cfg.branch_slots[-1], cfg.branch_slots[-1]
     N = L + R_max
     f = {k: np.full(shape, fill, dtype) for k, (shape, dtype, fill) in
-         _fields(cfg, depth, L, traces[0].aux_hidden.shape[1]).items()}
+         _fields(cfg, depth, L, traces[0].aux_hidden.shape[1] if traces else ht3).items()}
     r_used, m_used = 0, 0
     for b, members in enumerate(rows):
         off, n_rej, n_neg = 0, [0] * D, 0
@@ -161,8 +165,9 @@ def pack(traces: list[Trace], cfg: BatchConfig, depth: int, target_to_draft: np.
             off += lens[i]
         r_used, m_used = max(r_used, max(n_rej)), max(m_used, n_neg)
 
-    R, M = _bucket(r_used, cfg.branch_slots), _bucket(m_used, cfg.branch_slots)
+    R, M = max(_bucket(r_used, cfg.branch_slots), at_least[1]), max(_bucket(m_used, cfg.branch_slots), at_least[2])
     n = L + R
+    st.shape = (L, R, M)
 
     def remap(g):  # global index with block stride N -> block stride n
         return np.where(g >= 0, (g // N) * n + g % N, -1).astype(np.int32)

@@ -82,6 +82,8 @@ class LoopConfig:
     vocab_counts: str = ""  # draft_vocab_size < V: token counts [V] (.npy); "" = count the first traces
     head_init: str = "random"  # random | target: lm_head/norm from the target, fc passes its top aux layer through
     publish_initial: bool = False  # publish version 1 as soon as the draft vocabulary is fixed, before training
+    # several trainer processes: how long the hosts wait for one short of traces before it steps with masked rows
+    host_deadline_s: float = 10.0
 
     def __post_init__(self):
         if min(self.max_steps, self.traces_per_step, self.sync_every) < 0 or self.min_traces < 1 or self.log_every < 1:
@@ -156,3 +158,14 @@ class TrainerConfig:
                              f"(e.g. 0.1)")
         if self.batch.rows % max(self.mesh.data, 1):
             raise ValueError(f"batch.rows={self.batch.rows} must be a multiple of mesh.data={self.mesh.data}")
+        if self.mesh.num_processes > 1:
+            if self.batch.rows % self.mesh.num_processes:
+                raise ValueError(f"batch.rows={self.batch.rows} must be a multiple of mesh.num_processes="
+                                 f"{self.mesh.num_processes} (each process packs its share of the rows)")
+            # Held-out and served statistics are per host (each sees its share of traffic); judging on
+            # them needs them agreed first, which is not built: one trainer process for these.
+            local = [k for k, on in (("guard.gate", self.guard.gate), ("guard.rollback", self.guard.rollback),
+                                     ("loop.sync_policy=adaptive", self.loop.sync_policy == "adaptive")) if on]
+            if local:
+                raise ValueError(f"{', '.join(local)}: not supported with mesh.num_processes="
+                                 f"{self.mesh.num_processes} (decided from host-local traffic); use one trainer process")

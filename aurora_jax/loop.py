@@ -9,8 +9,10 @@ every `checkpoint.every` steps it saves asynchronously with orbax.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
+import os
 import sys
 import threading
 import time
@@ -25,13 +27,15 @@ from aurora_jax.batching import pack, pack_all
 from aurora_jax.buffer import ReplayBuffer
 from aurora_jax.checkpoint import Checkpointer
 from aurora_jax.config import TrainerConfig
-from aurora_jax.draft_init import head_from_target_dir, resolve_draft, vocab_from_traces
+from aurora_jax.draft_init import head_from_target_dir, resolve_draft
 from aurora_jax.guard import copy_params, finite, served_worse
+from aurora_jax.hosts import STEP, STOP, Hosts
 from aurora_jax.ingest import IngestServer
 from aurora_jax.served import ServedUtility, serve_metrics
 from aurora_jax.train import Learner, make_mesh
 from bridge.config import to_dict
 from bridge.signals import stop_event
+from bridge.vocab import build_vocab, count_tokens
 
 log = logging.getLogger(__name__)
 
@@ -41,8 +45,11 @@ PublishHook = Callable[[int, nnx.State], None]  # (draft_version, full draft sta
 class Trainer:
     def __init__(self, cfg: TrainerConfig, publish: PublishHook | None = None, resume: bool = False):
         self.cfg, self.publish = cfg, publish
+        mesh = make_mesh(cfg.mesh)  # first: several processes start JAX's distributed runtime before any device use
+        self.hosts = Hosts(mesh)
+        self.local_batch = dataclasses.replace(cfg.batch, rows=cfg.batch.rows // self.hosts.count)  # this host's rows
         self.weights = None
-        if cfg.weight_sync.address and publish is None:
+        if cfg.weight_sync.address and publish is None and self.hosts.primary:  # process 0 publishes
             from aurora_jax.weight_sync import WeightPublisher, WeightSyncServer
             self.weights = WeightSyncServer(cfg.weight_sync)  # bound now, serving from start()
             self.publish = WeightPublisher(self.weights, cfg.model)
@@ -53,16 +60,20 @@ class Trainer:
         self.server: IngestServer | None = None
         draft = resolve_draft(cfg)
         log.info("the draft starts from %s", draft.source)
+        if self.hosts.count > 1:
+            log.info("trainer process %d of %d, %d local devices; if a process dies the others stop (within "
+                     "mesh.heartbeat_timeout_s=%d s): restart every process with --resume", self.hosts.index,
+                     self.hosts.count, len(jax.local_devices()), cfg.mesh.heartbeat_timeout_s)
         model, self.has_embedding = draft.model, draft.has_embedding
         self._vocab_pending = not draft.vocab_fixed and not resume
-        mesh = make_mesh(cfg.mesh)
         if cfg.batch.rows % mesh.shape["data"]:
             raise ValueError(f"batch.rows={cfg.batch.rows} is not a multiple of the {mesh.shape['data']} devices on the "
                              f"data axis (set mesh.data or batch.rows)")
         self.learner = Learner(model, cfg.objective, cfg.optim, mesh, cfg.mesh.fsdp)
         self.ckpt = Checkpointer(cfg.checkpoint, self.buffer)
         self.version = 0
-        self.rng = np.random.default_rng(cfg.loop.seed)
+        self.stopped = False  # the processes agreed to stop (several processes)
+        self._last_step_t = time.monotonic()
         # The guard (aurora_jax/guard.py): the weights of the version serving now and of the one before
         # it (the rollback target), kept only when something judges against them.
         self.guard_stats = dict(gate_passed=0, gate_refused=0, gate_unjudged=0, nonfinite_refused=0, rollbacks=0,
@@ -83,7 +94,6 @@ class Trainer:
             if vocab is not None:
                 self.learner.set_vocab(**vocab)
             self.version = int(meta["draft_version"])
-            self.rng.bit_generator.state = meta["sampler_rng"]
             self.has_embedding |= bool(meta.get("has_embedding"))
             self.served.load(meta.get("served", {}))
             g = meta.get("guard", {})
@@ -113,11 +123,12 @@ class Trainer:
     def _prune_vocab(self) -> None:
         """Day 0 with draft_vocab_size < V: keep the tokens most frequent in the traces so far."""
         traces = [e.trace for e in self.buffer.entries()]
-        d2t, t2d, counts = vocab_from_traces(self.cfg, traces)
+        counts = self.hosts.token_counts(count_tokens(traces, self.cfg.model.vocab_size))  # every host's traffic
+        d2t, t2d = build_vocab(counts, self.cfg.model.vd)
         self.learner.set_vocab(d2t, t2d)
         self._vocab_pending = False
-        log.info("draft vocabulary: the %d most frequent of %d tokens seen in %d traces (%.1f%% of occurrences)",
-                 self.cfg.model.vd, int((counts > 0).sum()), len(traces), 100 * counts[t2d].sum() / max(counts.sum(), 1))
+        log.info("draft vocabulary: the %d most frequent of %d tokens seen in the first traces (%.1f%% of "
+                 "occurrences)", self.cfg.model.vd, int((counts > 0).sum()), 100 * counts[t2d].sum() / max(counts.sum(), 1))
 
     def _start_from_target(self) -> None:
         """Once the draft vocabulary is fixed: the day-0 head from the target (loop.head_init=target,
@@ -142,25 +153,44 @@ class Trainer:
 
     # ------------------------------------------------------------ one step
 
-    def step(self, timeout: float = 1.0) -> bool:
-        """Sample, pack and dispatch one optimizer step. False if the buffer had too little."""
-        cfg = self.cfg
-        if not self.buffer.wait_for(cfg.loop.min_traces, timeout):
-            return False
+    def step(self, timeout: float = 1.0, stop: bool = False) -> bool:
+        """Sample, pack and dispatch one optimizer step. False if the buffer had too little (or, with
+        several processes, the hosts did not agree to step: see `aurora_jax.hosts`; `stop` is this
+        host's wish to stop, and `self.stopped` says when all agreed)."""
+        cfg, hosts = self.cfg, self.hosts
+        if hosts.count == 1:
+            if not self.buffer.wait_for(cfg.loop.min_traces, timeout):
+                return False
+        else:
+            self.buffer.wait_for(-(-cfg.loop.min_traces // hosts.count), timeout)
+            have = sum(not e.holdout for e in self.buffer.entries())
+            decision = hosts.decide(have, cfg.loop.min_traces, time.monotonic() - self._last_step_t,
+                                    cfg.loop.host_deadline_s, stop)
+            self.stopped = decision == STOP
+            if decision != STEP:
+                return False
         if self._vocab_pending:
             self._prune_vocab()
             self._start_from_target()
-        entries = self.buffer.sample(cfg.loop.traces_per_step or cfg.batch.rows, self.rng, self.version)
-        if not entries:
+        # Sampling is seeded by (seed, process, step): reproducible across a resume, different per host.
+        rng = np.random.default_rng([cfg.loop.seed, hosts.index, self.learner.step])
+        wanted = -(-(cfg.loop.traces_per_step or cfg.batch.rows) // hosts.count)
+        entries = self.buffer.sample(wanted, rng, self.version)
+        if not entries and hosts.count == 1:
             return False
-        batch, stats, _ = pack([e.trace for e in entries], cfg.batch, cfg.objective.ttt_length, self.learner.target_to_draft,
-                               cfg.objective.train_on_prompt)
+        traces = [e.trace for e in entries]
+        args = (self.local_batch, cfg.objective.ttt_length, self.learner.target_to_draft, cfg.objective.train_on_prompt)
+        batch, stats, _ = pack(traces, *args, ht3=cfg.model.ht * 3)
+        shape = hosts.shape(stats.shape)  # one shape for the global batch (no-op on one process)
+        if shape != stats.shape:
+            batch, stats, _ = pack(traces, *args, at_least=shape, ht3=cfg.model.ht * 3)
+        self._last_step_t = time.monotonic()
         metrics = self.learner.train_step(batch)
         self.ckpt.poll()
         self._flush()
         self._pending = (self.learner.step, metrics, dict(
             traces=len(entries) - stats.left_over, truncated=stats.truncated, dropped_nodes=stats.dropped_nodes,
-            lag=float(np.mean([max(0, self.version - e.trace.draft_version) for e in entries])),
+            lag=float(np.mean([max(0, self.version - e.trace.draft_version) for e in entries])) if entries else 0.0,
             shape=list(batch.tokens.shape)))
         step = self.learner.step
         self._since_sync += 1
@@ -264,7 +294,10 @@ class Trainer:
             if self.served_params is not None:
                 self.previous = (self.served_version, self.served_params)
             self.served_params, self.served_version = copy_params(params), self.version
-        if self.publish is None:
+        if self.publish is None and self.hosts.count == 1:
+            return
+        params = self.hosts.replicated(params)  # every process enters this collective; process 0 publishes
+        if self.publish is None or not self.hosts.primary:
             return
         t0 = time.perf_counter()
         try:
@@ -300,8 +333,7 @@ class Trainer:
     def save(self) -> None:
         guard = dict(stats=self.guard_stats, rolled_back=sorted(self.rolled_back), served_version=self.served_version,
                      previous_version=self.previous[0] if self.previous is not None else None)
-        meta = dict(draft_version=self.version, step=self.learner.step, sampler_rng=self.rng.bit_generator.state,
-                    has_embedding=self.has_embedding, config=to_dict(self.cfg), served=self.served.state(), guard=guard)
+        meta = dict(draft_version=self.version, step=self.learner.step, has_embedding=self.has_embedding, config=to_dict(self.cfg), served=self.served.state(), guard=guard)
         extra = {}
         if self.served_params is not None:
             extra["served_params"] = self.served_params
@@ -321,8 +353,10 @@ class Trainer:
             bar = tqdm(total=cfg.max_steps or None, initial=self.learner.step, desc="train", unit="step",
                        file=sys.stderr, dynamic_ncols=True)
         waited = time.monotonic()
-        while not stop.is_set() and not (cfg.max_steps and self.learner.step >= cfg.max_steps):
-            if not self.step(timeout=0.5):
+        while not self.stopped and not (cfg.max_steps and self.learner.step >= cfg.max_steps):
+            if self.hosts.count == 1 and stop.is_set():
+                break
+            if not self.step(timeout=0.5, stop=stop.is_set()):
                 if self.cfg.guard.rollback:  # served traces still arrive while the buffer is short
                     self._check_rollback()
                 if time.monotonic() - waited > 30:
@@ -340,6 +374,15 @@ class Trainer:
         if bar is not None:
             bar.close()
         return self.last
+
+    def abandon(self) -> None:
+        """Stop serving and close the spool without entering any collective (a peer process is gone)."""
+        if self.server is not None:
+            self.server.stop(grace=0)
+        if self.weights is not None:
+            self.weights.stop(grace=0)
+        self.buffer.close()
+        self._metrics.close()
 
     def close(self) -> None:
         if self.prometheus is not None:
@@ -372,6 +415,20 @@ def run_train(cfg: TrainerConfig, resume: bool = False) -> int:
         last = trainer.run(stop)
         if last:
             log.info("stopped at step %d: loss %.4f accept_len %.2f", last["step"], last["loss"], last["accept_len"])
+    except Exception:
+        if trainer.hosts.count == 1:
+            raise
+        # Several processes: a peer is gone (or this one failed). No collective can complete now, so
+        # nothing is saved and nothing waits: what was acknowledged is in this host's spool, and every
+        # process resumes from the last checkpoint all of them finished.
+        log.exception("trainer process %d of %d stops: a step with the other processes failed; restart every "
+                      "process with --resume (from checkpoint %s, the last all of them finished)",
+                      trainer.hosts.index, trainer.hosts.count, trainer.ckpt.latest_step())
+        trainer.abandon()
+        logging.shutdown()
+        os._exit(3)  # skips JAX's shutdown barrier, which would wait for the lost peer
     finally:
         trainer.close()
+    print(json.dumps(dict(step=trainer.learner.step, draft_version=trainer.version,
+                          params_digest=trainer.learner.params_digest())), flush=True)
     return 0

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import xxhash
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
@@ -51,6 +52,7 @@ class MeshConfig:
     coordinator: str = ""  # multi-host: "host:port" of process 0 -> jax.distributed.initialize
     num_processes: int = 1
     process_id: int = 0
+    heartbeat_timeout_s: int = 100  # several processes: a process silent this long is declared dead, the job stops
 
 
 def make_optimizer(cfg: OptimConfig) -> optax.GradientTransformation:
@@ -66,8 +68,13 @@ def make_optimizer(cfg: OptimConfig) -> optax.GradientTransformation:
 
 
 def make_mesh(cfg: MeshConfig) -> Mesh:
+    """The mesh over every process's devices. Several processes (mesh.coordinator): JAX's distributed
+    runtime, before anything touches a device; CPU devices then reduce across processes with gloo."""
     if cfg.coordinator and not jax.distributed.is_initialized():
-        jax.distributed.initialize(cfg.coordinator, cfg.num_processes, cfg.process_id)
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        jax.distributed.initialize(cfg.coordinator, cfg.num_processes, cfg.process_id,
+                                   heartbeat_timeout_seconds=cfg.heartbeat_timeout_s,
+                                   shutdown_timeout_seconds=cfg.heartbeat_timeout_s)
     return mesh_of(jax.devices(), cfg.data, cfg.model)
 
 
@@ -217,13 +224,14 @@ class Learner:
         graphdef = self.graphdef
         self._proxy = jax.jit(lambda params, rest, batch: loss_fn(nnx.merge(graphdef, params, rest), batch, objective,
                                                                   plan.attention)[1]["accept_len"])
-        self.rows_multiple = mesh.shape["data"]
+        self.rows_multiple = max(mesh.shape["data"] // jax.process_count(), 1)  # this process's rows
         self._index_vocab()
 
     def device_batch(self, batch: Batch) -> Batch:
         """Host numpy batch -> global arrays sharded over the data axis (multi-host aware)."""
         if batch.aux.shape[0] % self.rows_multiple:
-            raise ValueError(f"batch rows {batch.aux.shape[0]} not divisible by mesh data size {self.rows_multiple}")
+            raise ValueError(f"batch rows {batch.aux.shape[0]} not divisible by this process's {self.rows_multiple} "
+                             f"devices on the data axis")
         return Batch(*(jax.make_array_from_process_local_data(s, np.asarray(a))
                        for s, a in zip(self.batch_sharding, batch)))
 
@@ -250,6 +258,15 @@ class Learner:
         """Flat {'midlayer.self_attn.q_proj.kernel': array, ...} of every variable, on the host."""
         return {k: np.asarray(jax.device_get(v.get_value()))
                 for tree in (self.state.params, self.rest) for k, v in flat_state(tree).items()}
+
+    def params_digest(self) -> str:
+        """xxh3-64 over this process's copy of every trained parameter (its first addressable shard
+        of each): equal on every process when data-parallel replicas agree bit for bit."""
+        h = xxhash.xxh3_64()
+        for name, v in sorted(flat_state(self.state.params).items()):
+            h.update(name.encode())
+            h.update(np.ascontiguousarray(v.get_value().addressable_data(0)).tobytes())
+        return h.hexdigest()
 
     def set_params(self, values: dict[str, np.ndarray]) -> None:
         """Replace trained parameters by flat path before the first step (optimizer moments are

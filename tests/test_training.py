@@ -128,7 +128,7 @@ def test_step_on_8_forced_cpu_devices_matches_one_device(fsdp, attention):
     assert len(leaf.sharding.device_set) == 8
     if fsdp:  # parameters really are split, not replicated
         assert leaf.addressable_shards[0].data.shape != leaf.shape
-    with pytest.raises(ValueError, match="not divisible by mesh data size 8"):
+    with pytest.raises(ValueError, match="not divisible by this process.s 8 devices on the data axis"):
         eight.train_step(pack(toy_target_trace_batch := [toy_target_trace(np.random.default_rng(0), request_id="x",
                                                                           succ=np.arange(V), features=np.zeros((V, 3 * HT)))],
                               BatchConfig(rows=2, lengths=[64], branch_slots=[0, 32], topk=2), D,

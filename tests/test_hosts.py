@@ -1,0 +1,188 @@
+"""Several trainer processes (JAX's distributed runtime, gloo collectives on CPU, loopback): two
+processes x 2 devices, each with its own ingest and spool, against one process x 4 devices fed
+every trace; then a SIGKILL of one process and `--resume` of both."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import yaml
+
+from aurora_jax.batching import BatchConfig, pack
+from aurora_jax.buffer import BufferConfig
+from aurora_jax.config import LoopConfig, TrainerConfig
+from aurora_jax.guard import GuardConfig
+from aurora_jax.hosts import STEP, STOP, WAIT, agree
+from aurora_jax.train import MeshConfig
+from tests.conftest import wait_for
+from tests.test_train_loop import HT, V, _push, _traces
+
+pytestmark = pytest.mark.timeout(400)
+
+CONFIG = dict(
+    target="", ingest=dict(address="127.0.0.1:0"), weight_sync=dict(address="127.0.0.1:0"),
+    buffer=dict(max_reuse=100000, max_staleness=100000, staleness_tau=1e9),
+    model=dict(hidden_size=32, num_attention_heads=4, num_key_value_heads=2, intermediate_size=64, vocab_size=V,
+               target_hidden_size=HT, draft_vocab_size=32),  # day 0 vocabulary: counted over both hosts' traces
+    objective=dict(ttt_length=2), batch=dict(rows=4, lengths=[64], branch_slots=[0, 32], topk=2, pack=False),
+    optim=dict(lr=1e-2, warmup_steps=1), checkpoint=dict(every=3),
+    loop=dict(min_traces=4, sync_every=2, log_every=1, progress=False))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Job:
+    """`aurora-jax train` in `n` processes with `devices` CPU devices each."""
+
+    def __init__(self, tmp_path, name: str, n: int, devices: int, *overrides: str, resume: bool = False):
+        self.dir = tmp_path / name
+        self.dir.mkdir(exist_ok=True)
+        config = self.dir / "trainer.yaml"
+        config.write_text(yaml.safe_dump(CONFIG))
+        coordinator = [f"mesh.coordinator=127.0.0.1:{_free_port()}", f"mesh.num_processes={n}",
+                       "mesh.heartbeat_timeout_s=5"] if n > 1 else []
+        env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu")
+        self.procs, self.logs = [], []
+        for i in range(n):
+            log = open(self.dir / f"train{i}.log", "a")
+            cmd = [sys.executable, "-m", "apps.cli", "train", *(["--resume"] if resume else []), "--config", str(config),
+                   *coordinator,
+                   f"mesh.process_id={i}", f"buffer.spool_dir={self.dir}/spool{i}", f"checkpoint.dir={self.dir}/ckpt",
+                   f"loop.metrics_path={self.dir}/metrics{i}.jsonl", *overrides]
+            self.procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True, env=env))
+            self.logs.append(self.dir / f"train{i}.log")
+        self.addresses = []
+        for i, p in enumerate(self.procs):
+            line = p.stdout.readline()
+            while line.startswith("[Gloo]"):  # gloo announces its connections on stdout
+                line = p.stdout.readline()
+            assert line.startswith("listening on "), (line, self.log(i)[-3000:])
+            self.addresses.append(line.split()[-1])
+
+    def log(self, i: int) -> str:
+        return self.logs[i].read_text()
+
+    def metrics(self, i: int = 0) -> list[dict]:
+        path = self.dir / f"metrics{i}.jsonl"
+        return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+    def finish(self, timeout: float = 120) -> list[dict]:
+        """Each process's exit summary (its last stdout line)."""
+        out = []
+        for i, p in enumerate(self.procs):
+            stdout, _ = p.communicate(timeout=timeout)
+            assert p.returncode == 0, self.log(i)[-3000:]
+            out.append(json.loads(stdout.strip().splitlines()[-1]))
+        return out
+
+    def kill(self):
+        for p in self.procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+
+
+def _state(ckpt_dir, step: int) -> dict[str, np.ndarray]:
+    """The trained parameters of a checkpoint, read back in this process as numpy."""
+    import orbax.checkpoint as ocp
+    from jax.tree_util import tree_flatten_with_path, keystr
+
+    import jax
+
+    path, one = ckpt_dir / str(step) / "state", jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    saved = ocp.StandardCheckpointer().metadata(path)
+    saved = getattr(saved, "item_metadata", saved)
+    like = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=one), saved,
+                        is_leaf=lambda m: hasattr(m, "shape") and hasattr(m, "dtype"))
+    tree = ocp.StandardCheckpointer().restore(path, like)
+    params = tree["params"] if isinstance(tree, dict) else tree.params
+    return {keystr(path): np.asarray(x) for path, x in tree_flatten_with_path(params)[0]}
+
+
+def test_two_processes_train_like_one_and_resume_after_a_kill(tmp_path):
+    traces = _traces(4)
+    one = Job(tmp_path, "one", 1, 4, "loop.max_steps=6")  # the reference: every trace in one process
+    two = Job(tmp_path, "two", 2, 2)  # until killed
+    try:
+        _push(one.addresses[0], traces)
+        _push(two.addresses[0], traces[:2])  # the same traces, split between the two hosts' ingests
+        _push(two.addresses[1], traces[2:])
+        (ref,) = one.finish()
+        assert wait_for(lambda: len(two.metrics(0)) >= 7 and len(two.metrics(1)) >= 7, timeout=120), two.log(0)[-2000:]
+
+        # Equivalence: the same loss trajectory and parameters as one process on all the traces.
+        a, b0, b1 = one.metrics(0)[:6], two.metrics(0)[:6], two.metrics(1)[:6]
+        assert [r["step"] for r in a] == [r["step"] for r in b0] == list(range(1, 7))
+        la, lb = np.array([r["loss"] for r in a]), np.array([r["loss"] for r in b0])
+        assert la[-1] < 0.8 * la[0]  # it trains
+        np.testing.assert_allclose(lb, la, rtol=1e-4)
+        assert [r["loss"] for r in b1] == list(lb)  # both processes read the same global loss
+        pa, pb = _state(one.dir / "ckpt", 6), _state(two.dir / "ckpt", 6)
+        assert pa.keys() == pb.keys()
+        diff = max(float(np.abs(pa[k] - pb[k]).max()) for k in pa)
+        assert diff < 1e-4, diff
+        print(f"2x2 vs 1x4 devices: loss max relative difference {float(np.max(np.abs(lb / la - 1))):.2e}, "
+              f"parameters max abs difference {diff:.2e} after 6 steps")
+        # One publisher: process 0 (versions 1..3 over 6 steps), none from process 1.
+        assert ref["draft_version"] == 3 and len(re.findall(r"published draft_version 3\b", two.log(0))) == 1
+        assert "published draft_version" not in two.log(1) and "WeightSync listening" not in two.log(1)
+
+        # A SIGKILL of one process stops the other (a failed collective, or JAX's runtime at the heartbeat
+        # timeout), non-zero and without a hang.
+        two.procs[1].send_signal(signal.SIGKILL)
+        t0 = time.monotonic()
+        two.procs[0].wait(timeout=60)
+        assert two.procs[0].returncode != 0 and time.monotonic() - t0 < 20
+        print(f"process 0 stopped {time.monotonic() - t0:.1f}s after process 1 was killed")
+    finally:
+        one.kill()
+        two.kill()
+
+    last = max(int(p.name) for p in (two.dir / "ckpt").iterdir() if p.name.isdigit())
+    again = Job(tmp_path, "two", 2, 2, f"loop.max_steps={last + 2}", resume=True)
+    try:
+        digests = again.finish()
+    finally:
+        again.kill()
+    assert [d["step"] for d in digests] == [last + 2] * 2
+    assert digests[0]["params_digest"] == digests[1]["params_digest"]  # identical replicas on both hosts
+    for i in range(2):  # each host's acknowledged traces came back from its own spool
+        assert re.search(rf"resumed at step {last}, draft_version \d+; 2 traces in the buffer", again.log(i))
+
+
+def test_the_hosts_agree_to_step_wait_or_stop_by_one_rule():
+    rows = lambda *r: np.asarray(r, np.int64)  # noqa: E731  (traces held, ms waited, stop) per host
+    assert agree(rows([2, 0, 0], [2, 0, 0]), 4, 10) == STEP  # each holds its share
+    assert agree(rows([4, 9000, 0], [0, 9000, 0]), 4, 10) == WAIT  # one host short: wait for it ...
+    assert agree(rows([4, 10000, 0], [0, 10, 0]), 4, 10) == STEP  # ... until the deadline, then pad it
+    assert agree(rows([3, 60000, 0], [0, 60000, 0]), 4, 10) == WAIT  # never with fewer than min_traces in all
+    assert agree(rows([9, 0, 0], [9, 0, 1]), 4, 10) == STOP  # one host stopping stops all
+
+
+def test_a_host_with_nothing_packs_masked_rows_of_the_agreed_shape():
+    cfg = BatchConfig(rows=2, lengths=[32, 64], branch_slots=[0, 32], topk=2)
+    full, st, _ = pack(_traces(2), cfg, 2, np.arange(V, dtype=np.int32))
+    empty, st0, _ = pack([], cfg, 2, np.arange(V, dtype=np.int32), at_least=st.shape, ht3=3 * HT)
+    assert st0.shape == st.shape and all(a.shape == b.shape and a.dtype == b.dtype for a, b in zip(full, empty))
+    assert empty.loss_mask.sum() == 0 and empty.neg_mask.sum() == 0 and full.loss_mask.sum() > 0
+
+
+def test_several_processes_refuse_what_is_decided_from_host_local_traffic():
+    with pytest.raises(ValueError, match=r"guard.gate, loop.sync_policy=adaptive: not supported with mesh.num_processes=2"):
+        TrainerConfig(mesh=MeshConfig(num_processes=2), guard=GuardConfig(gate=True),
+                      loop=LoopConfig(sync_policy="adaptive"), buffer=BufferConfig(holdout_fraction=0.1))
+    with pytest.raises(ValueError, match=r"batch.rows=3 must be a multiple of mesh.num_processes=2"):
+        TrainerConfig(mesh=MeshConfig(num_processes=2), batch=BatchConfig(rows=3))
