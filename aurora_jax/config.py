@@ -159,6 +159,9 @@ class TrainerConfig:
         if self.batch.rows % max(self.mesh.data, 1):
             raise ValueError(f"batch.rows={self.batch.rows} must be a multiple of mesh.data={self.mesh.data}")
         if self.mesh.num_processes > 1:
+            if self.mesh.data % self.mesh.num_processes:
+                raise ValueError(f"mesh.data={self.mesh.data} must be 0 (every device) or a multiple of mesh.num_processes="
+                                 f"{self.mesh.num_processes} (every process holds part of the data axis)")
             if self.batch.rows % self.mesh.num_processes:
                 raise ValueError(f"batch.rows={self.batch.rows} must be a multiple of mesh.num_processes="
                                  f"{self.mesh.num_processes} (each process packs its share of the rows)")

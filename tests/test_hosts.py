@@ -47,11 +47,13 @@ def _free_port() -> int:
 class Job:
     """`aurora-jax train` in `n` processes with `devices` CPU devices each."""
 
-    def __init__(self, tmp_path, name: str, n: int, devices: int, *overrides: str, resume: bool = False):
+    def __init__(self, tmp_path, name: str, n: int, devices: int, *overrides: str, resume: bool = False,
+                 config: str = ""):
         self.dir = tmp_path / name
         self.dir.mkdir(exist_ok=True)
-        config = self.dir / "trainer.yaml"
-        config.write_text(yaml.safe_dump(CONFIG))
+        if not config:
+            config = self.dir / "trainer.yaml"
+            config.write_text(yaml.safe_dump(CONFIG))
         coordinator = [f"mesh.coordinator=127.0.0.1:{_free_port()}", f"mesh.num_processes={n}",
                        "mesh.heartbeat_timeout_s=5"] if n > 1 else []
         env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu")
@@ -71,6 +73,8 @@ class Job:
                 line = p.stdout.readline()
             assert line.startswith("listening on "), (line, self.log(i)[-3000:])
             self.addresses.append(line.split()[-1])
+            if i == 0 and "weight_sync.address=" in " ".join(overrides):
+                self.weights = p.stdout.readline().split()[-1]  # "weights on HOST:PORT"
 
     def log(self, i: int) -> str:
         return self.logs[i].read_text()
@@ -78,6 +82,10 @@ class Job:
     def metrics(self, i: int = 0) -> list[dict]:
         path = self.dir / f"metrics{i}.jsonl"
         return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+    def stop(self) -> None:
+        for p in self.procs:
+            p.send_signal(signal.SIGTERM)
 
     def finish(self, timeout: float = 120) -> list[dict]:
         """Each process's exit summary (its last stdout line)."""
@@ -184,5 +192,62 @@ def test_several_processes_refuse_what_is_decided_from_host_local_traffic():
     with pytest.raises(ValueError, match=r"guard.gate, loop.sync_policy=adaptive: not supported with mesh.num_processes=2"):
         TrainerConfig(mesh=MeshConfig(num_processes=2), guard=GuardConfig(gate=True),
                       loop=LoopConfig(sync_policy="adaptive"), buffer=BufferConfig(holdout_fraction=0.1))
+    with pytest.raises(ValueError, match=r"mesh.data=1 must be 0 \(every device\) or a multiple of mesh.num_processes=2"):
+        TrainerConfig(mesh=MeshConfig(num_processes=2, data=1))
     with pytest.raises(ValueError, match=r"batch.rows=3 must be a multiple of mesh.num_processes=2"):
         TrainerConfig(mesh=MeshConfig(num_processes=2), batch=BatchConfig(rows=3))
+
+
+def test_three_engine_replicas_and_two_trainer_processes(tmp_path):
+    """The serving fleet against a two-process trainer: each replica's traces spread over both
+    ingests, every replica ends on the version process 0 published last, and a replica restarted
+    mid-run has that version at once."""
+    from serving.engine import DraftSource, Engine, EngineConfig
+    from serving.spec_decode import SpecConfig
+    from serving.target import TargetConfig
+    from serving.trace_client import TraceClientConfig
+    from serving.weight_sync import WeightSubscriberConfig
+
+    job = Job(tmp_path, "fleet", 2, 1, "target=models/demo-target", "model.draft_vocab_size=512", "batch.rows=2",
+              "batch.lengths=[128]", "batch.branch_slots=[0,64]", "objective.ttt_length=1", "loop.traces_per_step=0",
+              "loop.sync_every=1", "buffer.max_reuse=1", "mesh.data=0", "weight_sync.address=127.0.0.1:0",
+              config="configs/demo-trainer.yaml")
+
+    def engine():
+        return Engine(EngineConfig(
+            target=TargetConfig(path="models/demo-target"), draft=DraftSource(mode="untrained", draft_vocab_size=512),
+            spec=SpecConfig(topk=2, num_steps=2, num_draft_tokens=3), max_new_tokens=24, subscribe_weights=True,
+            traces=TraceClientConfig(address=",".join(job.addresses), batch_size=1, backoff_initial_s=0.05),
+            weights=WeightSubscriberConfig(address=job.weights)))
+
+    engines, retired = [], []
+    try:
+        engines = [engine() for _ in range(3)]
+        prompts = [engines[0].tokenizer(f"def f{i}(x):\n    return")["input_ids"] for i in range(4)]
+        for e in engines:
+            for p in prompts:
+                e.complete(p)
+        version = lambda: max(map(int, re.findall(r"published draft_version (\d+)", job.log(0))), default=0)  # noqa: E731
+        assert wait_for(lambda: version() >= 2, timeout=120), job.log(0)[-2000:]
+        retired.append(engines.pop(1))  # a replica restarted mid-run: the latest version at once
+        retired[0].close()
+        engines.insert(1, engine())
+        v = version()
+        assert wait_for(lambda: engines[1].subscriber.version >= v, timeout=5)
+        for p in prompts[:2]:
+            engines[1].complete(p)
+        # the buffers drain (each trace used once): the last version is final; every replica serves it
+        assert wait_for(lambda: all(not e.client.stats()["queued"] for e in engines), timeout=30)
+        time.sleep(3)
+        final = version()
+        assert wait_for(lambda: [e.subscriber.version for e in engines] == [final] * 3, timeout=10), \
+            ([e.subscriber.version for e in engines], final)
+        acked = {a: sum(e.client.stats()["endpoints"][a]["acked"] for e in engines + retired) for a in job.addresses}
+        assert all(e.client.stats()["acked"] > 0 for e in engines + retired) and min(acked.values()) > 0, acked
+        assert sum(acked.values()) == 3 * 4 + 2
+    finally:
+        for e in engines:
+            e.close()
+        job.stop()
+    summary = job.finish()
+    assert summary[0]["params_digest"] == summary[1]["params_digest"]
