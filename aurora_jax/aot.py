@@ -19,6 +19,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -49,17 +50,31 @@ def child_env() -> dict:
             "TF_CPP_MIN_LOG_LEVEL": "3"}
 
 
-def run_child(args: list[str], timeout: float = 1800) -> list[dict]:
-    """`python -m aurora_jax.aot ARGS --json` with libtpu: one record per compile (errors included)."""
+def start_child(args: list[str]) -> subprocess.Popen:
+    """Start `python -m aurora_jax.aot ARGS --json` with libtpu; `child_records` collects it."""
     if not libtpu_available():
         raise FileNotFoundError(f"libtpu is not installed at {LIBTPU_DIR} (the install step, `make .venv/.installed`, "
                                 f"puts it there)")
-    out = subprocess.run([sys.executable, "-m", "aurora_jax.aot", *args, "--json"], env=child_env(), cwd=ROOT,
-                         capture_output=True, text=True, timeout=timeout)
-    records = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+    # Output to files, not pipes: a child started early is read only at the end, and must never block on a full pipe.
+    out, err = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")
+    child = subprocess.Popen([sys.executable, "-m", "aurora_jax.aot", *args, "--json"], env=child_env(), cwd=ROOT,
+                             stdout=out, stderr=err, text=True)
+    child.outputs = (out, err)
+    return child
+
+
+def child_records(child: subprocess.Popen, timeout: float = 1800) -> list[dict]:
+    """One record per compile (errors included)."""
+    child.wait(timeout=timeout)
+    stdout, stderr = (f.seek(0) or f.read() for f in child.outputs)
+    records = [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
     if not records:
-        raise RuntimeError(f"aot child produced nothing (exit {out.returncode}):\n{out.stderr[-4000:]}")
+        raise RuntimeError(f"aot child produced nothing (exit {child.returncode}):\n{stderr[-4000:]}")
     return records
+
+
+def run_child(args: list[str], timeout: float = 1800) -> list[dict]:
+    return child_records(start_child(args), timeout)
 
 
 def _mesh(topology: str, devices: int, model: int = 1):
@@ -100,10 +115,12 @@ def compile_step_cell(config: str, topology: str, devices: int, mesh: str = "dp"
     D = cfg.objective.ttt_length
     batch = batch_shapes(dataclasses.replace(cfg.batch, rows=rows), D, 3 * model.ht)
     t0 = time.perf_counter()
-    compiled = lower_step(model, cfg.objective, cfg.optim, _mesh(topology, devices, tp), fsdp, batch).compile()
+    mesh_ = _mesh(topology, devices, tp)
+    compiled = lower_step(model, cfg.objective, cfg.optim, mesh_, fsdp, batch).compile()
     mem = compiled.memory_analysis()
     N = batch.tokens.shape[-1]
     return dict(rows=rows, slots=N, ttt=D, dtype=model.dtype, compile_s=round(time.perf_counter() - t0, 1),
+                hosts=len({d.process_index for d in mesh_.devices.flat}),  # the trainer processes it spans
                 kernels=sum(compiled.as_text().count(f"tree_attention_{k}") > 0 for k in ("fwd", "dq", "dkv")),
                 hbm_bytes=int(mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
                               - mem.alias_size_in_bytes),

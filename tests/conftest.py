@@ -28,6 +28,24 @@ from bridge.traces import encode
 from serving.http import AppServer
 
 VOCAB = 1000
+TPU_CHILD = pytest.StashKey()  # the libtpu compile child, started early (tests/test_tpu_compile.py)
+
+
+def pytest_collection_finish(session):
+    """Start the TPU ahead-of-time compiles (minutes, mostly one core) as soon as it is known they
+    will be needed, so they run beside the tests collected before them."""
+    from aurora_jax.aot import libtpu_available, start_child
+
+    if libtpu_available() and any(item.nodeid.startswith("tests/test_tpu_compile.py") for item in session.items):
+        from tests.test_tpu_compile import child_args
+        session.config.stash[TPU_CHILD] = start_child(child_args())
+
+
+def pytest_sessionfinish(session):
+    child = session.config.stash.get(TPU_CHILD, None)
+    if child is not None and child.poll() is None:
+        child.kill()
+        child.wait()
 
 
 def make_trace(i: int, seed: int = 0, **kw):

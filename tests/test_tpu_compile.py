@@ -13,7 +13,8 @@ import os
 
 import pytest
 
-from aurora_jax.aot import libtpu_available, run_child
+from aurora_jax.aot import child_records, libtpu_available, start_child
+from tests.conftest import TPU_CHILD
 
 pytestmark = [pytest.mark.skipif(not libtpu_available() and not os.environ.get("CI"),
                                  reason="libtpu is not installed in .venv/tpu-aot (the install step brings it; "
@@ -21,13 +22,13 @@ pytestmark = [pytest.mark.skipif(not libtpu_available() and not os.environ.get("
               pytest.mark.timeout(900)]  # the fixture's compiles take ~4 minutes on 2 cores (~6 with the long profile)
 
 # (config, topology, chips, mesh, activation dtype): every shipped trainer config, every TPU generation,
-# 1 chip and a whole host, data-parallel, FSDP and a model axis, f32 and bf16. The 8B drafts (rows of 2048 + 512
+# 1 chip, a whole host and a multi-host slice (the step several trainer processes run: `aurora_jax/hosts.py`), data-parallel, FSDP and a model axis, f32 and bf16. The 8B drafts (rows of 2048 + 512
 # slots, TTT 5) sit on the hosts they need: with f32 Adam state Llama-3.1-8B's does not fit one 16 GiB
 # v5e chip (32.7 GB of temporaries) and fits 8 with FSDP (13.9 GiB each). An 8B compile takes minutes
 # on 2 cores, so the rest of the full product (README, `aurora-jax aot-compile`) is not in the suite.
 STEP_CELLS = [
     ("configs/demo-trainer.yaml", "v5e:2x4", 1, "dp", "float32"),
-    ("configs/demo-trainer.yaml", "v5p:2x2x1", 4, "dp", "float32"),
+    ("configs/demo-trainer.yaml", "v5e:4x4", 16, "fsdp", "bfloat16"),  # a slice of 4 hosts: one trainer process each
     ("configs/demo-trainer.yaml", "v6e:2x4", 8, "fsdp", "bfloat16"),
     ("configs/demo-trainer.yaml", "v6e:2x4", 8, "fsdp-tp2", "bfloat16"),  # lm_head's vocabulary over 2 chips
     ("configs/llama3.1-8b-trainer.yaml", "v5e:2x4", 8, "fsdp", "bfloat16"),
@@ -47,12 +48,17 @@ ATTENTION_CELLS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def compiled():
-    """One libtpu child compiles every cell (JAX and libtpu start once); records by cell."""
+def child_args() -> list[str]:
     args = [x for c in STEP_CELLS for x in ("--cell", ",".join(map(str, c)))]
-    args += [x for c, _ in ATTENTION_CELLS for x in ("--attention", c)]
-    records = run_child(args)
+    return args + [x for c, _ in ATTENTION_CELLS for x in ("--attention", c)]
+
+
+@pytest.fixture(scope="module")
+def compiled(request):
+    """One libtpu child compiles every cell (JAX and libtpu start once); records by cell. conftest
+    starts it when the session's tests are collected, so its minutes overlap the tests before."""
+    child = request.config.stash.get(TPU_CHILD, None) or start_child(child_args())
+    records = child_records(child)
     assert len(records) == len(STEP_CELLS) + len(ATTENTION_CELLS)
     for r in records:  # the report: what each compile used (pytest -s shows it)
         print({k: v for k, v in r.items() if k != "error"} | ({"error": r["error"][:200]} if "error" in r else {}))
@@ -66,6 +72,13 @@ def test_the_train_step_compiles_for_tpu(compiled, i):
     assert "error" not in r, r["error"]
     assert r["kernels"] == 3, "the forward, dq and dk/dv kernels are in the compiled step"
     assert r["vmem_bytes"] < 4 * 2**20, "tiled kernels: a few blocks of VMEM, whatever the row length"
+
+
+def test_the_step_compiles_for_a_slice_of_several_hosts(compiled):
+    """v5e:4x4 is 16 chips on 4 hosts: the program each of 4 trainer processes runs over the global mesh."""
+    (r,) = [r for c, r in zip(STEP_CELLS, compiled) if c[1] == "v5e:4x4"]
+    assert "error" not in r and r["hosts"] == 4 and r["kernels"] == 3, r
+    assert all(r["hosts"] == 1 for c, r in zip(STEP_CELLS, compiled) if c[2] == 1)
 
 
 @pytest.mark.parametrize("j", range(len(ATTENTION_CELLS)), ids=[
