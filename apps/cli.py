@@ -156,6 +156,8 @@ def _cmd_bench(args) -> int:
         from bench.attention import main as bench_main
     elif args.what == "learn":
         from bench.learn import main as bench_main
+    elif args.what == "fleet":
+        from apps.fleet import main as bench_main
     else:  # argparse restricts choices
         raise AssertionError(args.what)
     return bench_main(args.bench_args)
@@ -292,12 +294,13 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("bench", help="benchmarks: print a table of ratios and write JSON",
                        description="Benchmarks. Each prints a table and writes JSON under --out. "
                                    "Pass -h after the name for its options, e.g. `aurora-jax bench ingest -h`.")
-    s.add_argument("what", choices=["ingest", "train", "bridge", "serve", "flywheel", "attention", "learn"],
+    s.add_argument("what", choices=["ingest", "train", "bridge", "serve", "flywheel", "attention", "learn", "fleet"],
                    help="ingest: endpoint throughput vs raw loopback gRPC; train: step time and tree tokens/s; "
                         "bridge: Flax->torch export (zero copy vs copy) and publish->swap-ready latency; "
                         "serve: target-only vs speculative decoding; flywheel: the paper's experiments in miniature; "
                         "attention: Pallas tree-attention kernel vs jnp reference (time, memory, TFLOP/s); "
-                        "learn: held-out acceptance proxy over training time on a recorded spool, per config arm")
+                        "learn: held-out acceptance proxy over training time on a recorded spool, per config arm; "
+                        "fleet: engine replicas against a multi-process trainer, the capacity model checked")
     s.add_argument("bench_args", nargs=argparse.REMAINDER, help="options of that benchmark")
     s.set_defaults(func=_cmd_bench)
     return p

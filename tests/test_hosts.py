@@ -4,19 +4,15 @@ every trace; then a SIGKILL of one process and `--resume` of both."""
 
 from __future__ import annotations
 
-import json
-import os
 import re
 import signal
-import socket
-import subprocess
-import sys
 import time
 
 import numpy as np
 import pytest
 import yaml
 
+from apps.fleet import TrainerProcesses
 from aurora_jax.batching import BatchConfig, pack
 from aurora_jax.buffer import BufferConfig
 from aurora_jax.config import LoopConfig, TrainerConfig
@@ -38,69 +34,16 @@ CONFIG = dict(
     loop=dict(min_traces=4, sync_every=2, log_every=1, progress=False))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Job:
-    """`aurora-jax train` in `n` processes with `devices` CPU devices each."""
+class Job(TrainerProcesses):
+    """The trainer of CONFIG (or `config`) in `n` processes under tmp_path/name."""
 
     def __init__(self, tmp_path, name: str, n: int, devices: int, *overrides: str, resume: bool = False,
                  config: str = ""):
-        self.dir = tmp_path / name
-        self.dir.mkdir(exist_ok=True)
         if not config:
-            config = self.dir / "trainer.yaml"
+            (tmp_path / name).mkdir(exist_ok=True)
+            config = tmp_path / name / "trainer.yaml"
             config.write_text(yaml.safe_dump(CONFIG))
-        coordinator = [f"mesh.coordinator=127.0.0.1:{_free_port()}", f"mesh.num_processes={n}",
-                       "mesh.heartbeat_timeout_s=5"] if n > 1 else []
-        env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu")
-        self.procs, self.logs = [], []
-        for i in range(n):
-            log = open(self.dir / f"train{i}.log", "a")
-            cmd = [sys.executable, "-m", "apps.cli", "train", *(["--resume"] if resume else []), "--config", str(config),
-                   *coordinator,
-                   f"mesh.process_id={i}", f"buffer.spool_dir={self.dir}/spool{i}", f"checkpoint.dir={self.dir}/ckpt",
-                   f"loop.metrics_path={self.dir}/metrics{i}.jsonl", *overrides]
-            self.procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True, env=env))
-            self.logs.append(self.dir / f"train{i}.log")
-        self.addresses = []
-        for i, p in enumerate(self.procs):
-            line = p.stdout.readline()
-            while line.startswith("[Gloo]"):  # gloo announces its connections on stdout
-                line = p.stdout.readline()
-            assert line.startswith("listening on "), (line, self.log(i)[-3000:])
-            self.addresses.append(line.split()[-1])
-            if i == 0 and "weight_sync.address=" in " ".join(overrides):
-                self.weights = p.stdout.readline().split()[-1]  # "weights on HOST:PORT"
-
-    def log(self, i: int) -> str:
-        return self.logs[i].read_text()
-
-    def metrics(self, i: int = 0) -> list[dict]:
-        path = self.dir / f"metrics{i}.jsonl"
-        return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
-
-    def stop(self) -> None:
-        for p in self.procs:
-            p.send_signal(signal.SIGTERM)
-
-    def finish(self, timeout: float = 120) -> list[dict]:
-        """Each process's exit summary (its last stdout line)."""
-        out = []
-        for i, p in enumerate(self.procs):
-            stdout, _ = p.communicate(timeout=timeout)
-            assert p.returncode == 0, self.log(i)[-3000:]
-            out.append(json.loads(stdout.strip().splitlines()[-1]))
-        return out
-
-    def kill(self):
-        for p in self.procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
+        super().__init__(tmp_path / name, config, n, devices, overrides, resume=resume, heartbeat_timeout_s=5)
 
 
 def _state(ckpt_dir, step: int) -> dict[str, np.ndarray]:
@@ -227,7 +170,7 @@ def test_three_engine_replicas_and_two_trainer_processes(tmp_path):
         for e in engines:
             for p in prompts:
                 e.complete(p)
-        version = lambda: max(map(int, re.findall(r"published draft_version (\d+)", job.log(0))), default=0)  # noqa: E731
+        version = job.published
         assert wait_for(lambda: version() >= 2, timeout=120), job.log(0)[-2000:]
         retired.append(engines.pop(1))  # a replica restarted mid-run: the latest version at once
         retired[0].close()
