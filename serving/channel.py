@@ -25,5 +25,10 @@ class ChannelConfig:
         return grpc.insecure_channel(self.address, options=options)
 
     def metadata(self) -> list[tuple[str, str]]:
-        token = resolve_secret(self.auth_token)
-        return [("authorization", f"Bearer {token}")] if token else []
+        return [(k.lower(), v) for k, v in bearer(self.auth_token).items()]
+
+
+def bearer(token: str) -> dict[str, str]:
+    """The Authorization header for a token ("env:NAME" reads $NAME; an unset one fails here)."""
+    token = resolve_secret(token)
+    return {"Authorization": f"Bearer {token}"} if token else {}

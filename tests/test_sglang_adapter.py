@@ -259,6 +259,15 @@ def test_launch_command_uses_only_pinned_flags(config, mode):
     assert ("enable_return_aux_hidden_states" in flags) == (mode == "no-draft")
 
 
+def test_launch_reads_api_keys_from_the_environment(monkeypatch):
+    from bridge.config import load_config
+    from serving.sglang.launch import SGLangLaunchConfig, sglang_command
+    monkeypatch.setenv("AURORA_TEST_ADMIN_KEY", "adm1n")
+    cfg = load_config(SGLangLaunchConfig, "configs/llama3.1-8b-sglang.yaml", ["sglang.admin_api_key=env:AURORA_TEST_ADMIN_KEY"])
+    cmd = sglang_command(cfg)
+    assert cmd[cmd.index("--admin-api-key") + 1] == "adm1n"
+
+
 @pytest.mark.parametrize("mode", ["draft", "no-draft"])
 def test_launch_sets_the_environment_traces_need(mode, capsys):
     """Output logprobs at temperature != 0, 1 are the raw distribution only with this variable set."""

@@ -173,6 +173,20 @@ def test_errors_say_what_went_wrong():
         SGLangWeightUpdater(SGLangWeightsConfig(url=sgl.url, device="cpu", timeout_s=2))(1, sd)
 
 
+def test_the_api_key_can_come_from_the_environment(monkeypatch):
+    """"env:NAME" as for every other token: read at start, an unset variable named."""
+    with pytest.raises(ValueError, match=r"\$AURORA_TEST_SGLANG_KEY, which is not set"):
+        SGLangWeightUpdater(SGLangWeightsConfig(api_key="env:AURORA_TEST_SGLANG_KEY", device="cpu"))
+    monkeypatch.setenv("AURORA_TEST_SGLANG_KEY", "right")
+    sgl = FakeSGLangServer(api_key="right")
+    try:
+        upd = SGLangWeightUpdater(SGLangWeightsConfig(url=sgl.url, api_key="env:AURORA_TEST_SGLANG_KEY", device="cpu"))
+        upd(1, {k: v for k, v in TorchDraft(CFG).state_dict().items()})
+        assert upd.version == 1
+    finally:
+        sgl.close()
+
+
 def test_a_session_left_open_is_closed_and_the_swap_goes_on():
     """A begin that timed out here can open the session there later (it waits for the writer lock):
     the next swap must not fail for good on "already open"."""

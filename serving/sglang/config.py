@@ -13,7 +13,7 @@ from serving.weight_sync import WeightSubscriberConfig
 @dataclasses.dataclass
 class SGLangWeightsConfig:
     url: str = "http://127.0.0.1:30000"
-    api_key: str = ""           # SGLang --admin-api-key (or --api-key): sent as a Bearer token
+    api_key: str = ""           # SGLang --admin-api-key (or --api-key): sent as a Bearer token; "env:NAME" reads $NAME
     tp_size: int = 1            # one serialized payload per TP rank (tp_worker.py:194)
     device: str = "cuda"        # cuda: CUDA-IPC handles (updater on the SGLang host); cpu: by value
     pause: bool = True          # swap inside /pause_generation in_place (see module doc)

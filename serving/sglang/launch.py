@@ -18,6 +18,7 @@ import time
 
 import httpx
 
+from bridge.config import resolve_secret
 from bridge.signals import stop_event
 from serving.sglang.config import SGLangLaunchConfig, SGLangServerConfig
 from serving.sglang.sidecar import SINK_PATH
@@ -47,9 +48,9 @@ def sglang_command(cfg: SGLangLaunchConfig) -> list[str]:
     if s.chunked_prefill_size:
         cmd += ["--chunked-prefill-size", str(s.chunked_prefill_size)]
     if s.api_key:
-        cmd += ["--api-key", s.api_key]
+        cmd += ["--api-key", resolve_secret(s.api_key)]
     if s.admin_api_key:
-        cmd += ["--admin-api-key", s.admin_api_key]
+        cmd += ["--admin-api-key", resolve_secret(s.admin_api_key)]
     return cmd + list(s.extra_args)
 
 

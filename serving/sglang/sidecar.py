@@ -24,6 +24,7 @@ from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse
 
 from serving.backend import Backend, Handle, Metrics, metrics, new_counters
+from serving.channel import bearer
 from serving.http import AppServer, BodyLimit, HttpLimits, error_text
 from serving.ratelimit import EveryWindow
 from serving.sglang.traces import (SGLangTraceError, StepRecord, served_version, step_from_record, target_forwards,
@@ -37,7 +38,7 @@ SINK_PATH = "/aurora/steps"  # where the scheduler plugin posts StepRecord batch
 @dataclasses.dataclass
 class SidecarConfig:
     sglang_url: str = "http://127.0.0.1:30000"
-    api_key: str = ""  # SGLang --api-key, sent as a Bearer token
+    api_key: str = ""  # SGLang --api-key, sent as a Bearer token ("env:NAME" reads $NAME)
     tokenizer: str = ""  # local tokenizer directory (the target model's), for text prompts
     topk: int = 8  # target top-k exported per position
     with_draft: bool = False  # SGLang runs an EAGLE3 draft and our plugin posts verify trees
@@ -119,7 +120,7 @@ class SGLangEngine(Backend):
         self.client = TraceClient(cfg.traces)
         self._pool = ThreadPoolExecutor(cfg.max_running, thread_name_prefix="sglang-req")
         self._http = httpx.Client(timeout=cfg.timeout_s, limits=httpx.Limits(max_connections=cfg.max_running),
-                                  headers={"Authorization": f"Bearer {cfg.api_key}"} if cfg.api_key else {})
+                                  headers=bearer(cfg.api_key))
         self._lock = threading.Lock()
         self.last_weight_version = 0
         self._skipped_log = EveryWindow(log)

@@ -48,6 +48,7 @@ import torch.multiprocessing  # noqa: F401  (registers torch tensor reductions w
 from torch.multiprocessing import reductions
 
 from bridge.eagle3 import VOCAB_KEYS
+from serving.channel import bearer
 from serving.http import error_text
 from serving.sglang.config import SGLangWeightsConfig
 
@@ -97,15 +98,15 @@ class SGLangWeightUpdater:
 
     def __init__(self, cfg: SGLangWeightsConfig, served_vocab: dict[str, np.ndarray] | None = None):
         self.cfg = cfg
+        self._headers = bearer(cfg.api_key)  # "env:NAME" read once, at start
         self.served_vocab = served_vocab or {}  # the served draft's d2t (as loaded by SGLang at start)
         self.version = 0
         self.applied = 0
         self.last_ms = 0.0
 
     def _post(self, route: str, body: dict, ok=lambda out: out.get("success", False)) -> dict:
-        headers = {"Authorization": f"Bearer {self.cfg.api_key}"} if self.cfg.api_key else {}
         try:
-            r = httpx.post(self.cfg.url.rstrip("/") + route, json=body, headers=headers, timeout=self.cfg.timeout_s)
+            r = httpx.post(self.cfg.url.rstrip("/") + route, json=body, headers=self._headers, timeout=self.cfg.timeout_s)
         except httpx.HTTPError as e:
             raise SGLangUpdateError(f"SGLang {route} at {self.cfg.url} unreachable: {e!r}") from None
         if r.status_code != 200:
