@@ -333,7 +333,8 @@ class Trainer:
     def save(self) -> None:
         guard = dict(stats=self.guard_stats, rolled_back=sorted(self.rolled_back), served_version=self.served_version,
                      previous_version=self.previous[0] if self.previous is not None else None)
-        meta = dict(draft_version=self.version, step=self.learner.step, has_embedding=self.has_embedding, config=to_dict(self.cfg), served=self.served.state(), guard=guard)
+        meta = dict(draft_version=self.version, step=self.learner.step, has_embedding=self.has_embedding,
+                    config=to_dict(self.cfg), served=self.served.state(), guard=guard)
         extra = {}
         if self.served_params is not None:
             extra["served_params"] = self.served_params
