@@ -26,10 +26,11 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q --durations=15 tests
 
-# Mutation testing of the modules in tests/mutation.toml (long: ~1 h on 2 cores with its samples).
+# Mutation testing of the modules in tests/mutation.toml (long: hours on 2 cores with its samples);
+# e.g. make mutation MUTATION_ARGS="--only validate --sample 5" for one module's short sample.
 mutation: $(STAMP)
 	$(PY) -m pip install --quiet -e '.[mutation]'
-	$(PY) scripts/mutation.py
+	$(PY) scripts/mutation.py $(MUTATION_ARGS)
 
 # Regenerate the gRPC/protobuf stubs after editing bridge/proto/aurora.proto.
 proto: $(STAMP)
