@@ -176,10 +176,7 @@ class Engine(Backend):
             try:
                 h.request = self.decoder.start(**kw)
             except Exception as e:  # bad request: answer it, keep serving
-                h.error = str(e)
-                h.events.put(dict(error=str(e)))
-                with self._lock:
-                    self.metrics["errors"] += 1
+                self._fail(h, str(e))
                 continue
             h.events.put(h.request.output)
             h.sent = len(h.request.output)
@@ -196,7 +193,14 @@ class Engine(Backend):
             t0 = time.perf_counter()
             live = [h for h in running if not h.request.done]
             if live:  # one round for every running request, target forwards fused into one batch
-                self.decoder.step_many([h.request for h in live])
+                try:
+                    self.decoder.step_many([h.request for h in live])
+                except Exception as e:  # a failed round fails its requests, never the engine
+                    log.exception("a decode round of %d requests failed; they are answered with the error", len(live))
+                    for h in live:
+                        running.remove(h)
+                        self._fail(h, f"decoding failed: {type(e).__name__}: {e}")
+                    continue
             with self._lock:
                 self.metrics["decode_seconds"] += time.perf_counter() - t0
             for h in list(running):
@@ -207,7 +211,17 @@ class Engine(Backend):
                     h.sent = len(out)
                 if r.done:
                     running.remove(h)
-                    self._complete(h)
+                    try:
+                        self._complete(h)
+                    except Exception as e:
+                        log.exception("finishing request %s failed", r.request_id)
+                        self._fail(h, f"finishing the request failed: {type(e).__name__}: {e}")
+
+    def _fail(self, h: Handle, message: str) -> None:
+        h.error = message
+        h.events.put(dict(error=message))
+        with self._lock:
+            self.metrics["errors"] += 1
 
     def _complete(self, h: Handle) -> None:
         res = self.decoder.finish(h.request)

@@ -296,3 +296,29 @@ def test_refused_traces_are_counted_by_field_and_repeated_failures_logged_once_a
         limited.warning("trainer down: %s", "refused")
     lines = [r.getMessage() for r in caplog.records if r.name == "test.ratelimit"]
     assert lines == ["trainer down: refused", "trainer down: refused (9 more since the last such line)"]
+
+
+def test_a_failing_decode_round_answers_its_requests_and_the_engine_keeps_serving(model_dir):
+    """An exception inside a round (a bug, a broken draft) is every running request's error, counted,
+    instead of a dead scheduler thread and requests that wait forever."""
+    engine, http = _engine(model_dir, None)
+    real = engine.decoder.step_many
+    calls = []
+
+    def broken(reqs):
+        calls.append(len(reqs))
+        if len(calls) == 1:
+            raise RuntimeError("planted failure")
+        return real(reqs)
+    engine.decoder.step_many = broken
+    try:
+        first = engine.complete([5, 6, 7], max_new_tokens=8)
+        assert first["error"] == "decoding failed: RuntimeError: planted failure"
+        second = engine.complete([5, 6, 7], max_new_tokens=8)
+        assert "error" not in second and len(second["output"]) == 8
+        code, body, _ = _post(http.url + "/v1/completions", dict(model="aurora-target", prompt="the quick", max_tokens=4))
+        assert code == 200
+        assert engine.snapshot()["errors"] == 1
+    finally:
+        http.stop()
+        engine.close()

@@ -410,3 +410,19 @@ def test_acceptance_compares_token_ids_by_value_and_samples_at_the_requested_tem
     n, gen = 4000, torch.Generator().manual_seed(0)
     hits = sum(accept(row, [Node(token=0, parent=-1, depth=1, score=0.0)], 0.5, gen)[0] == [0] for _ in range(n))
     assert abs(hits / n - expected) < 4 * (expected * (1 - expected) / n) ** 0.5, (hits / n, expected)
+
+
+def test_tree_nodes_sit_one_level_below_their_parent(target):
+    """A node's depth is its parent's + 1 (the root's children at 1): it is the node's position offset
+    in the target's tree pass, so one off shifts every drafted token's rotary phase (which the greedy
+    tests above do not notice on this sharp toy target)."""
+    spec = SpecConfig(topk=3, num_steps=4, num_draft_tokens=7)
+    dec = SpecDecoder(target, EagleDrafter(_draft(target), spec), spec, topk=4)
+    r = dec.start(PROMPTS[0], 20)
+    nodes = dec.drafter.propose(r.tokens, r.aux, r.draft)
+    assert len(nodes) == 7 and max(n.depth for n in nodes) > 1
+    for n in nodes:
+        assert n.depth == (1 if n.parent < 0 else nodes[n.parent].depth + 1)
+    _, positions, _, _ = dec._plan(r, nodes)
+    q = len(r.tokens) - 1
+    assert positions == [q] + [q + n.depth for n in nodes]
