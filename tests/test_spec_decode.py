@@ -179,7 +179,7 @@ def test_hot_swap_mid_generation_keeps_greedy_output_and_labels_the_trace_with_t
     dec = SpecDecoder(target, drafter, spec, topk=4, draft_version=1)
     r = dec.generate(PROMPTS[0], 30)
     assert r.output == _greedy_reference(target, PROMPTS[0], 30)
-    assert dec.draft_version == 2 and dec.swaps == 1
+    assert dec.draft_version == 2 and dec.swaps == 1 and 0 <= dec.last_swap_ms < 10_000
     assert r.trace.draft_version == 1  # labelled with the oldest version that drafted it, as on SGLang
     assert dec.generate(PROMPTS[1], 8).trace.draft_version == 2
     for k, v in new_sd.items():
@@ -419,10 +419,46 @@ def test_tree_nodes_sit_one_level_below_their_parent(target):
     spec = SpecConfig(topk=3, num_steps=4, num_draft_tokens=7)
     dec = SpecDecoder(target, EagleDrafter(_draft(target), spec), spec, topk=4)
     r = dec.start(PROMPTS[0], 20)
+    f0 = dec.drafter.forwards
     nodes = dec.drafter.propose(r.tokens, r.aux, r.draft)
-    assert len(nodes) == 7 and max(n.depth for n in nodes) > 1
+    assert dec.drafter.forwards - f0 == spec.num_steps  # one draft forward per level
+    assert len(nodes) == 7 and 1 < max(n.depth for n in nodes) <= spec.num_steps
     for n in nodes:
         assert n.depth == (1 if n.parent < 0 else nodes[n.parent].depth + 1)
     _, positions, _, _ = dec._plan(r, nodes)
     q = len(r.tokens) - 1
     assert positions == [q] + [q + n.depth for n in nodes]
+
+
+def test_an_older_version_offered_before_the_round_boundary_is_ignored(target):
+    spec = SpecConfig(topk=2, num_steps=2, num_draft_tokens=3)
+    sd = lambda seed: {k: v.clone() for k, v in _draft(target, seed=seed).state_dict().items()  # noqa: E731
+                       if k not in ("d2t", "t2d", "embed_tokens.weight")}
+    dec = SpecDecoder(target, EagleDrafter(_draft(target), spec), spec, topk=4, draft_version=1)
+    newer, older = sd(5), sd(6)
+    dec.offer_swap(3, newer)
+    dec.offer_swap(2, older)  # arrives late (another stream): never replaces the newer one pending
+    dec.generate(PROMPTS[0], 4)
+    assert dec.draft_version == 3 and dec.swaps == 1
+    assert all(torch.equal(dec.drafter.draft.state_dict()[k], v) for k, v in newer.items())
+
+
+def test_rejected_nodes_carry_the_targets_distribution_at_their_own_position(target):
+    """A rejected node's exported top-k is the target's next-token distribution after the node's path
+    (the trainer's negative signal), checked against a plain HF forward over prompt + that path."""
+    spec = SpecConfig(topk=3, num_steps=3, num_draft_tokens=6)
+    dec = SpecDecoder(target, EagleDrafter(_draft(target, seed=2), spec), spec, topk=4)
+    r = dec.generate(PROMPTS[1], 16)
+    checked = 0
+    for st in r.trace.steps:
+        for m, j in enumerate(st.target_nodes):
+            path, i = [], int(j)
+            while i >= 0:
+                path.insert(0, int(st.tokens[i]))
+                i = int(st.parents[i])
+            context = r.trace.tokens[:st.trunk_pos + 1].tolist() + path
+            with torch.no_grad():
+                logits = target.model(torch.tensor([context])).logits[0, -1]
+            assert int(st.target_ids[m, 0]) == int(logits.argmax()), (st.trunk_pos, j)
+            checked += 1
+    assert checked >= 5
