@@ -402,7 +402,7 @@ class Trainer:
             self._tb.close()
 
 
-def run_train(cfg: TrainerConfig, resume: bool = False) -> int:
+def run_train(cfg: TrainerConfig, *, resume: bool) -> int:
     """`aurora-jax train`: serve ingest and train until max_steps or SIGINT/SIGTERM."""
     trainer = Trainer(cfg, resume=resume)
     stop = stop_event()
