@@ -69,7 +69,8 @@ def test_two_processes_train_like_one_and_resume_after_a_kill(tmp_path):
     two = Job(tmp_path, "two", 2, 2)  # until killed
     try:
         _push(one.addresses[0], traces)
-        _push(two.addresses[0], traces[:2])  # the same traces, split between the two hosts' ingests
+        _push(two.addresses[0], traces[:2])  # the same traces, split between the two hosts' ingests;
+        time.sleep(1.5)  # host 1's a little later: both wait for it (agreed), neither steps nor stops alone
         _push(two.addresses[1], traces[2:])
         (ref,) = one.finish()
         assert wait_for(lambda: len(two.metrics(0)) >= 7 and len(two.metrics(1)) >= 7, timeout=120), two.log(0)[-2000:]

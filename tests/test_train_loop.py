@@ -24,6 +24,7 @@ from aurora_jax.validate import TraceLimits
 from bridge.eagle3 import LayoutError
 from bridge.synthetic import toy_target_trace
 from serving.trace_client import TraceClient, TraceClientConfig
+from tests.conftest import wait_for
 
 V, HT = 64, 16
 
@@ -75,6 +76,24 @@ def test_trainer_ingests_trains_publishes_and_checkpoints(tmp_path):
     assert len(events) == 1 and b"train/loss" in events[0].read_bytes() and b"train/acc_d0" in events[0].read_bytes()
     # 6 steps x 4 traces, each used once (max_reuse=1): the buffer is drained and every mark committed
     assert ReplayBuffer(dataclasses.replace(cfg.buffer)).entries() == []
+
+
+def test_run_returns_when_asked_to_stop(tmp_path):
+    """SIGTERM sets the stop event: run returns at the next step boundary (a trainer that trains on
+    reused traces forever must still stop)."""
+    import threading
+    trainer = Trainer(_cfg(tmp_path, max_steps=0, traces_per_step=4))
+    stop = threading.Event()
+    try:
+        _push(trainer.start(), _traces(8))
+        runner = threading.Thread(target=trainer.run, args=(stop,), daemon=True)
+        runner.start()
+        assert wait_for(lambda: trainer.learner.step >= 1, timeout=60)
+        stop.set()
+        runner.join(timeout=20)
+        assert not runner.is_alive()
+    finally:
+        trainer.close()
 
 
 def test_resume_restores_step_version_and_the_buffers_consumption_position(tmp_path):
