@@ -30,7 +30,7 @@ CONFIG = dict(
     model=dict(hidden_size=32, num_attention_heads=4, num_key_value_heads=2, intermediate_size=64, vocab_size=V,
                target_hidden_size=HT, draft_vocab_size=32),  # day 0 vocabulary: counted over both hosts' traces
     objective=dict(ttt_length=2), batch=dict(rows=4, lengths=[64], branch_slots=[0, 32], topk=2, pack=False),
-    optim=dict(lr=1e-2, warmup_steps=1), checkpoint=dict(every=3),
+    optim=dict(lr=1e-2, warmup_steps=1), checkpoint=dict(every=3, keep=1000),  # step 6 is read back later
     loop=dict(min_traces=4, sync_every=2, log_every=1, progress=False))
 
 
@@ -74,6 +74,7 @@ def test_two_processes_train_like_one_and_resume_after_a_kill(tmp_path):
         _push(two.addresses[1], traces[2:])
         (ref,) = one.finish()
         assert wait_for(lambda: len(two.metrics(0)) >= 7 and len(two.metrics(1)) >= 7, timeout=120), two.log(0)[-2000:]
+        assert wait_for(lambda: (two.dir / "ckpt" / "6").is_dir(), timeout=60)  # orbax renames it in when complete
 
         # Equivalence: the same loss trajectory and parameters as one process on all the traces.
         a, b0, b1 = one.metrics(0)[:6], two.metrics(0)[:6], two.metrics(1)[:6]
