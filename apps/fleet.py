@@ -59,15 +59,21 @@ class TrainerProcesses:
                                                    cwd=ROOT))
         self.addresses, self.weights = [], ""
         for i, p in enumerate(self.procs):
-            line = p.stdout.readline()
-            while line.startswith("[Gloo]"):  # gloo announces its connections on stdout
-                line = p.stdout.readline()
-            if not line.startswith("listening on "):
-                self.kill()
-                raise RuntimeError(f"trainer process {i} did not start: {line!r}\n{self.log(i)[-3000:]}")
-            self.addresses.append(line.split()[-1])
+            self.addresses.append(self._line(i, "listening on ").split()[-1])
             if i == 0 and any(o.startswith("weight_sync.address=") for o in overrides):
-                self.weights = p.stdout.readline().split()[-1]  # "weights on HOST:PORT"
+                self.weights = self._line(0, "weights on ").split()[-1]
+
+    def _line(self, i: int, prefix: str) -> str:
+        """Process i's next stdout line starting with `prefix`. Other lines are skipped: gloo announces
+        its connections on the same stdout, from several threads (their lines can interleave)."""
+        for _ in range(100):
+            line = self.procs[i].stdout.readline()
+            if line.startswith(prefix):
+                return line
+            if not line:
+                break
+        self.kill()
+        raise RuntimeError(f"trainer process {i} did not print {prefix!r}:\n{self.log(i)[-3000:]}")
 
     def log(self, i: int) -> str:
         return self.logs[i].read_text()
