@@ -65,9 +65,12 @@ def _state(ckpt_dir, step: int) -> dict[str, np.ndarray]:
 
 def test_two_processes_train_like_one_and_resume_after_a_kill(tmp_path):
     traces = _traces(4)
-    one = Job(tmp_path, "one", 1, 4, "loop.max_steps=6")  # the reference: every trace in one process
-    two = Job(tmp_path, "two", 2, 2)  # until killed
+    jobs = []  # stopped whatever happens, even if the second fails to start
     try:
+        one = Job(tmp_path, "one", 1, 4, "loop.max_steps=6")  # the reference: every trace in one process
+        jobs.append(one)
+        two = Job(tmp_path, "two", 2, 2)  # until killed
+        jobs.append(two)
         _push(one.addresses[0], traces)
         _push(two.addresses[0], traces[:2])  # the same traces, split between the two hosts' ingests;
         time.sleep(1.5)  # host 1's a little later: both wait for it (agreed), neither steps nor stops alone
@@ -101,8 +104,8 @@ def test_two_processes_train_like_one_and_resume_after_a_kill(tmp_path):
         assert two.procs[0].returncode != 0 and time.monotonic() - t0 < 20
         print(f"process 0 stopped {time.monotonic() - t0:.1f}s after process 1 was killed")
     finally:
-        one.kill()
-        two.kill()
+        for job in jobs:
+            job.kill()
 
     last = max(int(p.name) for p in (two.dir / "ckpt").iterdir() if p.name.isdigit())
     again = Job(tmp_path, "two", 2, 2, f"loop.max_steps={last + 2}", resume=True)
