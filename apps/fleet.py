@@ -20,20 +20,13 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from apps.demo import ROOT, _free_port
 
 
 class TrainerProcesses:
@@ -44,9 +37,9 @@ class TrainerProcesses:
 
     def __init__(self, dir: Path, config: str | Path, n: int, devices: int = 1, overrides=(), resume: bool = False,
                  heartbeat_timeout_s: int = 10):
-        self.dir, self.n = Path(dir), n
+        self.dir = Path(dir)
         self.dir.mkdir(parents=True, exist_ok=True)
-        mesh = [f"mesh.coordinator=127.0.0.1:{free_port()}", f"mesh.num_processes={n}",
+        mesh = [f"mesh.coordinator=127.0.0.1:{_free_port()}", f"mesh.num_processes={n}",
                 f"mesh.heartbeat_timeout_s={heartbeat_timeout_s}"] if n > 1 else []
         env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu")
         self.procs, self.logs = [], [self.dir / f"train{i}.log" for i in range(n)]
@@ -163,8 +156,7 @@ def run_fleet(cfg: FleetConfig) -> dict:
 
             def record(trace, submit=submit):
                 with lock:
-                    sent.append((trace.request_id, trace.num_tokens, trace.num_tokens - trace.prompt_len,
-                                 predicted_trace_bytes(trace)))
+                    sent.append((trace.num_tokens, trace.num_tokens - trace.prompt_len, predicted_trace_bytes(trace)))
                 submit(trace)
             e.client.submit = record
             engines.append(e)
@@ -202,7 +194,7 @@ def run_fleet(cfg: FleetConfig) -> dict:
     finally:
         job.kill()
 
-    predicted, rows, out_tokens = sum(x[3] for x in sent), sum(x[1] for x in sent), sum(x[2] for x in sent)
+    rows, out_tokens, predicted = sum(x[0] for x in sent), sum(x[1] for x in sent), sum(x[2] for x in sent)
     acked = {a: sum(s["endpoints"][a]["acked"] for s in stats) for a in job.addresses}
     steps = [m[-1]["step"] if m else 0 for m in metrics]
     # each process's training rate once compiled (its first step's time is the compile): traces per second
@@ -221,7 +213,7 @@ def run_fleet(cfg: FleetConfig) -> dict:
         trainer_steps=steps, arrival_traces_s=round(arrival, 2),
         trainer_traces_s=[round(c, 2) for c in capacity],
         trainer_processes_needed=round(arrival / per_process, 2) if per_process else None,
-        draft_versions=versions, published=job.published() if job.procs else 0,
+        draft_versions=versions, published=job.published(),
     )
     return result
 

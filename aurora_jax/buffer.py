@@ -306,7 +306,12 @@ class ReplayBuffer:
     def wait_for(self, n: int, timeout: float) -> bool:
         """Block until at least n traces are buffered for training (or timeout). True if they are."""
         with self._mem:
-            return self._mem.wait_for(lambda: sum(not e.holdout for e in self._entries.values()) >= n, timeout)
+            return self._mem.wait_for(lambda: self.trainable() >= n, timeout)
+
+    def trainable(self) -> int:
+        """Traces buffered for training (the held-out slice not counted)."""
+        with self._mem:  # reentrant: wait_for's predicate calls it holding the lock
+            return sum(not e.holdout for e in self._entries.values())
 
     def entries(self) -> list[Entry]:
         """Every buffered trace, training and held-out alike."""
@@ -368,8 +373,8 @@ class ReplayBuffer:
     def snapshot_stats(self) -> dict:
         with self._mem:
             spool = sum(p.stat().st_size for p in self.dir.glob("seg-*.log"))
-            held = sum(e.holdout for e in self._entries.values())
-            return dict(self.stats, buffered=len(self._entries) - held, holdout=held, buffered_bytes=self._bytes,
+            trainable = self.trainable()
+            return dict(self.stats, buffered=trainable, holdout=len(self._entries) - trainable, buffered_bytes=self._bytes,
                         spool_bytes=spool)
 
     def close(self) -> None:

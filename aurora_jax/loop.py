@@ -163,8 +163,7 @@ class Trainer:
                 return False
         else:
             self.buffer.wait_for(-(-cfg.loop.min_traces // hosts.count), timeout)
-            have = sum(not e.holdout for e in self.buffer.entries())
-            decision = hosts.decide(have, cfg.loop.min_traces, time.monotonic() - self._last_step_t,
+            decision = hosts.decide(self.buffer.trainable(), cfg.loop.min_traces, time.monotonic() - self._last_step_t,
                                     cfg.loop.host_deadline_s, stop)
             self.stopped = decision == STOP
             if decision != STEP:
