@@ -44,9 +44,11 @@ def libtpu_available() -> bool:
 
 def child_env() -> dict:
     """A compile-only TPU process: libtpu importable, no metadata-server lookups (they would leave
-    this machine), the host CPU as JAX's default backend."""
+    this machine), the host CPU as JAX's default backend, and no persistent compilation cache (each
+    compile is the evidence: it must run)."""
     path = os.pathsep.join(p for p in (str(LIBTPU_DIR), str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
-    return {**os.environ, "PYTHONPATH": path, "TPU_SKIP_MDS_QUERY": "1", "JAX_PLATFORMS": "cpu",
+    env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
+    return {**env, "PYTHONPATH": path, "TPU_SKIP_MDS_QUERY": "1", "JAX_PLATFORMS": "cpu",
             "TF_CPP_MIN_LOG_LEVEL": "3"}
 
 

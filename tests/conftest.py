@@ -4,10 +4,18 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
+import tempfile
 import time
 
 # Eight host CPU devices so the trainer's mesh tests can shard (must precede the first jax import).
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+# One JAX compilation cache per test session, empty at its start (as in CI): many tests, and the trainer
+# processes they start, compile the same programs (a third of some files' time). Every program is still
+# compiled for real once per session; the libtpu compile child runs without it (aurora_jax.aot.child_env).
+_COMPILE_CACHE = tempfile.mkdtemp(prefix="aurora-jax-compile-cache-")
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", _COMPILE_CACHE)
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 
 import grpc
 import numpy as np
@@ -46,6 +54,7 @@ def pytest_sessionfinish(session):
     if child is not None and child.poll() is None:
         child.kill()
         child.wait()
+    shutil.rmtree(_COMPILE_CACHE, ignore_errors=True)
 
 
 def make_trace(i: int, seed: int = 0, **kw):

@@ -11,15 +11,15 @@ from apps.load import LoadConfig
 
 def test_short_demo_closes_the_loop(tmp_path):
     run = tmp_path / "demo"
-    cfg = DemoConfig(run_dir=str(run), trainer_overrides=["loop.sync_every=6", "checkpoint.every=0"],
-                     load=LoadConfig(requests=40, concurrency=2, max_tokens=32), until_version=2, max_requests=400,
+    cfg = DemoConfig(run_dir=str(run), trainer_overrides=["loop.sync_every=3", "checkpoint.every=0"],
+                     load=LoadConfig(requests=24, concurrency=2, max_tokens=32), until_version=2, max_requests=400,
                      side_by_side_requests=3, side_by_side_rounds=2, side_by_side_concurrency=[2],
                      side_by_side_split="train")  # (the toy prompts have no held-out split)
     assert run_demo(cfg) == 0
     summary = json.loads((run / "report.json").read_text())["summary"]
     train = [json.loads(line) for line in (run / "train.jsonl").read_text().splitlines()]
     requests = [json.loads(line) for line in (run / "requests.jsonl").read_text().splitlines()]
-    assert summary["failed"] == 0 and 40 <= len(requests) <= 400
+    assert summary["failed"] == 0 and 24 <= len(requests) <= 400
     assert train[-1]["accepted"] > 0  # traces were ingested by the trainer
     swaps = float(next(l.split()[1] for l in summary["metrics"].splitlines() if l.startswith("aurora_draft_swaps_total")))
     assert swaps >= 1 and max(summary["draft_versions_served"]) > 0
@@ -57,7 +57,7 @@ def test_demo_fails_loudly_when_the_engine_refuses_every_version(tmp_path, capsy
     run = tmp_path / "demo"
     demo = DemoConfig(run_dir=str(run), trainer_overrides=["loop.publish_initial=true", "checkpoint.every=0"],
                       serve_overrides=["draft.mode=hf", f"draft.path={other}"],
-                      load=LoadConfig(requests=16, concurrency=2, max_tokens=16))
+                      load=LoadConfig(requests=8, concurrency=2, max_tokens=8))
     assert run_demo(demo) == 1
     summary = json.loads((run / "report.json").read_text())["summary"]
     assert summary["versions_refused"] >= 1 and summary["draft_versions_served"] == [0]
