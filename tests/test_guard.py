@@ -313,7 +313,7 @@ def test_a_real_engine_serving_a_bad_version_gets_the_previous_weights_back(tmp_
                                   "target.dtype=float32", "draft.mode=hf", f"draft.path={good}", "spec.topk=2",
                                   "spec.num_steps=3", "spec.num_draft_tokens=4", f"traces.address={ingest}",
                                   "traces.batch_size=1", f"weights.address={trainer.weights.address}",
-                                  "subscribe_weights=true", "export_traces=true", "max_running=1", "port=0"],
+                                  "subscribe_weights=true", "export_traces=true", "max_running=1", "threads=1", "port=0"],
                        tmp_path / "engine.log")
         url = engine.wait_line("serving on", 120)
         http = httpx.Client(base_url=url, timeout=60)

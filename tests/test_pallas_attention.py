@@ -150,12 +150,12 @@ def test_select_attention():
 
 def test_ttt_loss_and_parameter_gradients_with_the_kernel():
     """The whole TTT objective on a packed batch of toy traces: loss, metrics and parameter gradients
-    with the kernel (interpret) equal the reference's; a Learner picks it from the config."""
+    with the kernel (interpret) equal the reference's. (The sharded train step with the kernel:
+    tests/test_training.py; which attention a config picks: test_select_attention.)"""
     from flax import nnx
 
     from aurora_jax.model import Eagle3Draft
     from aurora_jax.objective import ObjectiveConfig, loss_fn
-    from aurora_jax.train import Learner, MeshConfig, OptimConfig, make_mesh
     from tests.test_training import CFG, D, _batches
 
     batch = _batches(1, seed=3)[0]
@@ -174,9 +174,3 @@ def test_ttt_loss_and_parameter_gradients_with_the_kernel():
         np.testing.assert_allclose(m1[key], m2[key], rtol=1e-4, atol=1e-5, err_msg=key)
     for (path, a), (_, b) in zip(jax.tree_util.tree_leaves_with_path(g1), jax.tree_util.tree_leaves_with_path(g2)):
         np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-6, err_msg=jax.tree_util.keystr(path))
-    learner = Learner(Eagle3Draft(CFG, rngs=nnx.Rngs(0)), ObjectiveConfig(ttt_length=D, attention="pallas"),
-                      OptimConfig(), make_mesh(MeshConfig(data=1)))
-    ref = Learner(Eagle3Draft(CFG, rngs=nnx.Rngs(0)), ObjectiveConfig(ttt_length=D, attention="reference"),
-                  OptimConfig(), make_mesh(MeshConfig(data=1)))
-    a, b = learner.train_step(batch), ref.train_step(batch)
-    np.testing.assert_allclose(float(a["loss"]), float(b["loss"]), rtol=1e-5)
