@@ -92,6 +92,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--num-steps", type=int, default=5)
     p.add_argument("--num-draft-tokens", type=int, default=8)
     p.add_argument("--min-prob", type=float, default=0.0, help="spec.min_prob: smallest draft path probability in a tree")
+    p.add_argument("--batched-num-steps", type=int, default=0, help="spec.batched_num_steps: tree depth of a round of "
+                   "several requests (0 = --num-steps)")
+    p.add_argument("--batched-num-draft-tokens", type=int, default=0, help="spec.batched_num_draft_tokens (0 = "
+                   "--num-draft-tokens)")
     p.add_argument("--threads", type=int, default=0, help="engine decode threads (0 = torch's default)")
     p.add_argument("--cpus", default="", help="pin the engine to these CPUs, e.g. 0 or 0,1")
     p.add_argument("--concurrency", type=int, default=4, help="requests in flight for the batched rows")
@@ -111,7 +115,8 @@ def main(argv: list[str] | None = None) -> int:
         a.target = tmp.name
     tcfg = TargetConfig(path=a.target, dtype=a.dtype)
     target = Target(tcfg)
-    spec = SpecConfig(topk=a.topk, num_steps=a.num_steps, num_draft_tokens=a.num_draft_tokens, min_prob=a.min_prob)
+    spec = SpecConfig(topk=a.topk, num_steps=a.num_steps, num_draft_tokens=a.num_draft_tokens, min_prob=a.min_prob,
+                      batched_num_steps=a.batched_num_steps, batched_num_draft_tokens=a.batched_num_draft_tokens)
     draft = DraftSource(mode="untrained", draft_vocab_size=a.draft_vocab_size) if a.draft == "untrained" \
         else DraftSource(mode="hf", path=a.draft)
     rows, identical, margins, ms = [], True, [], lambda s, n: 1e3 * s / max(n, 1)
@@ -151,7 +156,9 @@ def main(argv: list[str] | None = None) -> int:
                                 and r["concurrency"] == 1)
     print(f"\ntarget {a.target if not a.tiny else '(tiny random Llama)'} ({a.dtype}); {len(ids)} prompts x "
           f"{a.max_tokens} tokens, greedy, {a.rounds} interleaved rounds per arm; tree topk={a.topk} "
-          f"steps={a.num_steps} tokens={a.num_draft_tokens} min_prob={a.min_prob}\n")
+          f"steps={a.num_steps} tokens={a.num_draft_tokens} min_prob={a.min_prob}"
+          + (f"; batched rounds steps={a.batched_num_steps or a.num_steps} tokens={a.batched_num_draft_tokens or a.num_draft_tokens}"
+             if a.batched_num_steps or a.batched_num_draft_tokens else "") + "\n")
     head = (f"{'path':28} {'conc':>4} {'batch':>5} {'fwd/tok':>7} {'tok/s':>7} {'speedup':>8} {'min..max':>10} "
             f"{'draft ms/step':>13} {'tree fwd ms':>11} {'1-tok fwd ms':>12}")
     print(head + "\n" + "-" * len(head))

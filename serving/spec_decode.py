@@ -41,12 +41,26 @@ class SpecConfig:
     # costs fewer draft forwards and a smaller verification, down to a plain one-token forward when no
     # candidate reaches it (an untrained draft on day 0). 0 = always the full shape (SGLang's trees).
     min_prob: float = 0.0
+    # A round that fuses several requests verifies all their trees in one target forward whose cost
+    # grows with its rows, while one-token decoding of the same batch barely pays for a second row
+    # (SmolLM2 bf16, one thread: two 7-node trees 86 ms, two single tokens 64 ms, one 59 ms). Such
+    # rounds may draft shallower, smaller trees (0 = the shape used alone); `bench serve --concurrency 2`.
+    batched_num_steps: int = 0
+    batched_num_draft_tokens: int = 0
 
     def __post_init__(self):
         if min(self.topk, self.num_steps, self.num_draft_tokens) < 1:
             raise ValueError("topk, num_steps and num_draft_tokens must be >= 1")
+        if min(self.batched_num_steps, self.batched_num_draft_tokens) < 0:
+            raise ValueError("batched_num_steps and batched_num_draft_tokens must be >= 0 (0 = as alone)")
         if not 0.0 <= self.min_prob < 1.0:
             raise ValueError("min_prob must be in [0, 1)")
+
+    def shape(self, batch: int) -> tuple[int, int]:
+        """(draft forwards, tree nodes) of each tree in a round of `batch` requests."""
+        if batch > 1:
+            return self.batched_num_steps or self.num_steps, self.batched_num_draft_tokens or self.num_draft_tokens
+        return self.num_steps, self.num_draft_tokens
 
 
 @dataclasses.dataclass
@@ -98,7 +112,8 @@ class EagleDrafter:
         """Trees for several requests, their draft forwards fused: each request's drafting is a
         coroutine that yields one draft step at a time; every round's steps run as one padded
         forward (`_forward_many`), so a batch costs num_steps draft forwards, not num_steps each."""
-        gens = [self._propose(*it) for it in items]
+        steps, size = self.cfg.shape(len(items))
+        gens = [self._propose(*it, steps, size) for it in items]
         out: list = [None] * len(gens)
         pending = {i: next(g) for i, g in enumerate(gens)}
         while pending:
@@ -137,9 +152,9 @@ class EagleDrafter:
         return [(logits[b:b + 1, :n], h[b:b + 1, :n], (pad.own(k, b, dim=1), pad.own(v, b, dim=1)))
                 for b, n in enumerate(pad.ns)]
 
-    def _propose(self, tokens: list[int], aux: list[torch.Tensor], st: "DraftState"):
+    def _propose(self, tokens: list[int], aux: list[torch.Tensor], st: "DraftState", num_steps: int, num_nodes: int):
         """One request's drafting as a coroutine: yields each draft step's inputs, receives its
-        outputs, returns the tree's nodes."""
+        outputs, returns the tree's nodes (at most `num_steps` deep, `num_nodes` of them)."""
         q = len(tokens) - 1
         d = self.draft
         if st.weights_id != self.weights_id:  # swapped since: rebuild this request's draft cache
@@ -167,7 +182,7 @@ class EagleDrafter:
         self._children(nodes, -1, 0.0, 1, logp)
         floor = math.log(self.cfg.min_prob) if self.cfg.min_prob > 0 else -math.inf
         frontier = [i for i in range(len(nodes)) if nodes[i].score >= floor]
-        for depth in range(1, self.cfg.num_steps):
+        for depth in range(1, num_steps):
             if not frontier:  # nothing here is likely enough to be worth another draft forward
                 break
             m = len(frontier)
@@ -197,8 +212,8 @@ class EagleDrafter:
             new.sort(key=lambda i: -nodes[i].score)
             frontier = [i for i in new[:self.cfg.topk] if nodes[i].score >= floor]
 
-        # 3. the best num_draft_tokens nodes above min_prob (scores fall along a path, so parents come along)
-        keep = sorted(range(len(nodes)), key=lambda i: (-nodes[i].score, nodes[i].depth))[:self.cfg.num_draft_tokens]
+        # 3. the best num_nodes nodes above min_prob (scores fall along a path, so parents come along)
+        keep = sorted(range(len(nodes)), key=lambda i: (-nodes[i].score, nodes[i].depth))[:num_nodes]
         keep = {i for i in keep if nodes[i].score >= floor}
         for i in list(keep):
             j = nodes[i].parent

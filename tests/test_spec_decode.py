@@ -303,6 +303,33 @@ def test_fused_drafting_matches_per_request_drafting(target):
             torch.testing.assert_close(x, y, atol=1e-5, rtol=1e-5)
 
 
+def test_a_batched_round_drafts_the_batched_shape_and_stays_lossless(target):
+    """spec.batched_num_steps / batched_num_draft_tokens: in a round of several requests each tree is
+    the one the smaller shape gives alone (at most that deep and that many nodes); a request alone
+    keeps the full shape; greedy outputs stay the target's own."""
+    import copy
+    spec = SpecConfig(topk=3, num_steps=4, num_draft_tokens=7, batched_num_steps=2, batched_num_draft_tokens=3)
+    small = SpecConfig(topk=3, num_steps=2, num_draft_tokens=3)
+    draft = _draft(target)
+    drafter, alone_small = EagleDrafter(draft, spec), EagleDrafter(draft, small)
+    dec = SpecDecoder(target, drafter, spec, topk=4)
+    reqs = [dec.start(p, 24) for p in PROMPTS]
+    dec.step_many(reqs)
+    state = lambda r: copy.deepcopy(r.draft)  # noqa: E731  (proposing advances a request's draft cache)
+    fused = drafter.propose_many([(r.tokens, r.aux, state(r)) for r in reqs])
+    for r, tree in zip(reqs, fused):
+        assert len(tree) == 3 and max(n.depth for n in tree) <= 2
+        oracle = alone_small.propose(r.tokens, r.aux, state(r))
+        assert [(n.token, n.parent, n.depth) for n in tree] == [(n.token, n.parent, n.depth) for n in oracle]
+    assert len(drafter.propose(reqs[0].tokens, reqs[0].aux, state(reqs[0]))) == 7  # alone: the full shape
+    while not all(r.done for r in reqs):
+        dec.step_many([r for r in reqs if not r.done])
+    for p, r in zip(PROMPTS, reqs):
+        assert dec.finish(r).output == _greedy_reference(target, p, 24)
+    with pytest.raises(ValueError, match="batched_num_steps and batched_num_draft_tokens must be >= 0"):
+        SpecConfig(batched_num_steps=-1)
+
+
 def _paths(nodes):
     """Each node as the token path from the root to it (a tree's content, whatever its node order)."""
     def path(i):
