@@ -165,11 +165,13 @@ def test_resume_keeps_the_served_statistics_the_slice_and_the_guards_weights(tmp
 
 
 def test_adaptive_sync_waits_while_nothing_gains_and_publishes_by_sync_max_steps(tmp_path):
-    """sync_every=2, sync_max_steps=8, a gain no candidate reaches: v1 at step 2 (nothing served to compare
-    with), then checks 2, 4 and 8 steps after each publish, publishing at the 8th: steps 2, 10, 18."""
+    """sync_every=2, sync_max_steps=8, a gain no candidate reaches (1.0: candidate and served proxies here
+    differ by ~0.01 while their sum is ~2.1, so a gain taken as a sum would publish): v1 at step 2
+    (nothing served to compare with), then checks 2, 4 and 8 steps after each publish, publishing at
+    the 8th: steps 2, 10, 18."""
     cfg = _cfg(tmp_path, max_steps=20, sync_every=2, traces_per_step=4)
     cfg = dataclasses.replace(cfg, buffer=dataclasses.replace(cfg.buffer, holdout_fraction=0.3, max_reuse=16),
-                              loop=dataclasses.replace(cfg.loop, sync_policy="adaptive", sync_gain=10.0, sync_max_steps=8))
+                              loop=dataclasses.replace(cfg.loop, sync_policy="adaptive", sync_gain=1.0, sync_max_steps=8))
     published = []
     trainer = Trainer(cfg, publish=lambda v, state: published.append((v, trainer.learner.step)))
     try:
