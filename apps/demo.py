@@ -260,8 +260,9 @@ def run_demo(cfg: DemoConfig) -> int:
                 max((r.get("draft_version") or 0) for r in records) < cfg.until_version:
             more = dataclasses.replace(cfg.load, requests=min(20, cfg.max_requests - len(records)),
                                        seed=cfg.load.seed + len(records))
+            base = len(records)
             for r in run_load(more, progress=False):
-                r["index"] += len(records)
+                r["index"] += base
                 records.append(r)
         alive()
         metrics = httpx.get(url + "/metrics", timeout=30).raise_for_status().text
@@ -313,7 +314,8 @@ def run_demo(cfg: DemoConfig) -> int:
     for i in range(0, len(ok), w):
         part = ok[i:i + w]
         vs = sorted({r.get("draft_version") or 0 for r in part})
-        print(f"  requests {part[0]['index']:5d}-{part[-1]['index']:5d}: {mean(part, 'accept_length'):.2f} "
+        idx = [r["index"] for r in part]  # (completion order: at concurrency > 1 neighbours may swap)
+        print(f"  requests {min(idx):5d}-{max(idx):5d}: {mean(part, 'accept_length'):.2f} "
               f"(draft version {vs[0]}{'' if len(vs) == 1 else f'..{vs[-1]}'})")
     if sbs:
         print("\nside-by-side on held-out prompts (same engine, trainer stopped; generated tokens/s, median of rounds):")

@@ -20,6 +20,7 @@ def test_short_demo_closes_the_loop(tmp_path):
     train = [json.loads(line) for line in (run / "train.jsonl").read_text().splitlines()]
     requests = [json.loads(line) for line in (run / "requests.jsonl").read_text().splitlines()]
     assert summary["failed"] == 0 and 24 <= len(requests) <= 400
+    assert sorted(r["index"] for r in requests) == list(range(len(requests)))  # each request once, numbered in order sent
     assert train[-1]["accepted"] > 0  # traces were ingested by the trainer
     swaps = float(next(l.split()[1] for l in summary["metrics"].splitlines() if l.startswith("aurora_draft_swaps_total")))
     assert swaps >= 1 and max(summary["draft_versions_served"]) > 0
