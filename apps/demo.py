@@ -62,7 +62,7 @@ class DemoConfig:
             raise ValueError("train: false (static serving) is for serving: embedded")
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -217,7 +217,7 @@ def run_demo(cfg: DemoConfig) -> int:
         raise FileNotFoundError(f"no model directory at {cfg.target} (the toy target: scripts/make_demo_target.py)")
     if cfg.prepare_target:  # first use: convert the registry-installed target once (torch, in a child)
         subprocess.run(py + ["prepare-target", cfg.prepare_target, "--out", cfg.target], check=True, cwd=ROOT)
-    ingest, weights = _free_port(), _free_port()
+    ingest, weights = free_port(), free_port()
     trainer = engine = None
     t0 = time.perf_counter()
     try:
@@ -235,7 +235,7 @@ def run_demo(cfg: DemoConfig) -> int:
             trainer_metrics = trainer.wait_line("metrics on", cfg.start_timeout_s)
         if sglang:  # SGLang + sidecar + plugin + hot-swap, as `aurora-jax sglang-launch` runs them
             serve = ["sglang-launch", "--config", cfg.serve_config, f"sidecar.traces.address=127.0.0.1:{ingest}",
-                     f"weights.address=127.0.0.1:{weights}", "sidecar.host=127.0.0.1", f"sidecar.port={_free_port()}"]
+                     f"weights.address=127.0.0.1:{weights}", "sidecar.host=127.0.0.1", f"sidecar.port={free_port()}"]
         else:
             serve = ["serve", "--config", cfg.serve_config, f"target.path={cfg.target}",
                      f"traces.address=127.0.0.1:{ingest}", f"weights.address=127.0.0.1:{weights}",

@@ -26,7 +26,7 @@ import threading
 import time
 from pathlib import Path
 
-from apps.demo import ROOT, _free_port
+from apps.demo import ROOT, free_port
 
 
 class TrainerProcesses:
@@ -39,7 +39,7 @@ class TrainerProcesses:
                  heartbeat_timeout_s: int = 10):
         self.dir = Path(dir)
         self.dir.mkdir(parents=True, exist_ok=True)
-        mesh = [f"mesh.coordinator=127.0.0.1:{_free_port()}", f"mesh.num_processes={n}",
+        mesh = [f"mesh.coordinator=127.0.0.1:{free_port()}", f"mesh.num_processes={n}",
                 f"mesh.heartbeat_timeout_s={heartbeat_timeout_s}"] if n > 1 else []
         env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu")
         self.procs, self.logs = [], [self.dir / f"train{i}.log" for i in range(n)]

@@ -290,7 +290,7 @@ def test_a_real_engine_serving_a_bad_version_gets_the_previous_weights_back(tmp_
     K of its requests the trainer publishes v3 with v1's weights, which the engine swaps in."""
     import httpx
 
-    from apps.demo import _free_port, _Proc
+    from apps.demo import _Proc
     from bridge.config import load_config
     from aurora_jax.config import TrainerConfig
 

@@ -221,10 +221,8 @@ def test_tls(server_factory, tmp_path):
 
 
 def test_trainer_down_client_never_blocks_and_counts_drops():
-    import socket
-    with socket.socket() as s:  # a port with nothing listening
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    from apps.demo import free_port
+    port = free_port()  # nothing listens there
     client = TraceClient(TraceClientConfig(address=f"127.0.0.1:{port}", max_queue=5, backoff_initial_s=0.05,
                                            backoff_max_s=0.2))
     t0 = time.perf_counter()

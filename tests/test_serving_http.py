@@ -12,6 +12,7 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+from apps.demo import free_port
 from serving.engine import DraftSource, Engine, EngineConfig
 from serving.http import HttpServer
 from serving.spec_decode import SpecConfig
@@ -115,9 +116,7 @@ def test_openai_style_requests_streaming_metrics_and_traces(model_dir, server_fa
 
 
 def test_trainer_offline_requests_still_served_and_drops_counted(model_dir):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        dead = s.getsockname()[1]
+    dead = free_port()  # nothing listens there
     engine, http = _engine(model_dir, TraceClientConfig(address=f"127.0.0.1:{dead}", max_queue=1, batch_size=1,
                                                         rpc_timeout_s=0.5))
     try:
