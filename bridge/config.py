@@ -261,7 +261,7 @@ def _coerce(tp: Any, value: Any, key: str, origin: dict[str, str], source: str) 
         return ConfigError(f"{_where(key, origin, source)}: key '{key}' expects {expected}, got {value!r}")
 
     if isinstance(value, _Override):
-        if tp is str or str in typing.get_args(tp):
+        if tp is str or (typing.get_origin(tp) in (Union, types.UnionType) and str in typing.get_args(tp)):
             return value.text
         try:
             value = _parse(value.text)

@@ -141,6 +141,16 @@ def test_override_text_kept_for_string_keys():
         load_config(TrainerConfig, "configs/trainer.yaml", ["ingest.max_streams=many"])
 
 
+def test_a_list_of_strings_override_is_parsed_as_a_list():
+    """`demo 'trainer_overrides=["buffer.max_reuse=16"]'`: a list, not its text (the trainer once got '[')."""
+    from apps.demo import DemoConfig
+
+    cfg = load_config(DemoConfig, "configs/demo-smollm2.yaml", ['trainer_overrides=["buffer.max_reuse=16", "optim.lr=1e-3"]'])
+    assert cfg.trainer_overrides == ["buffer.max_reuse=16", "optim.lr=1e-3"]
+    with pytest.raises(ConfigError, match="trainer_overrides"):
+        load_config(DemoConfig, "configs/demo-smollm2.yaml", ["trainer_overrides=buffer.max_reuse=16"])
+
+
 def test_draft_config_derived_from_the_target(tmp_path):
     """`target:` fills model.* and limits.* from the target's config.json; a key that disagrees is
     refused by name and origin; a float32 round trip of a float is not a disagreement."""
