@@ -119,11 +119,14 @@ def _plot(records: list[dict], path: Path, side_by_side: dict | None = None) -> 
     a1.plot(x, smooth(acc), color="black", lw=1.5, label=f"mean of {k}")
     a2.plot(x, smooth(thr), color="black", lw=1.5)
     versions = [r.get("draft_version") or 0 for r in ok]
+    labelled = -np.inf  # every swap gets its line; labels keep ~1/15 of the axis apart, so they stay legible
     for i in range(1, len(ok)):
         if versions[i] != versions[i - 1]:
             for ax in (a1, a2):
                 ax.axvline(x[i], color="gray", ls=":", lw=0.8)
-            a1.text(x[i], max(acc) * 1.02, f"v{versions[i]}", fontsize=7, color="gray")
+            if x[i] - labelled >= (x[-1] - x[0]) / 15:
+                a1.text(x[i], max(acc) * 1.02, f"v{versions[i]}", fontsize=7, color="gray")
+                labelled = x[i]
     if side_by_side:  # measured after the flywheel with the trainer stopped, on held-out prompts
         x = side_by_side
         a2.axhline(x["target_only_request_throughput"], color="red", ls="--", lw=1,
