@@ -1,4 +1,5 @@
-"""`aurora-jax bench learn` on a recorded spool of toy-target traffic: a config that learns scores higher."""
+"""`aurora-jax bench learn` on a recorded spool of toy-target traffic: a config that learns scores higher,
+and traffic is replayed through the trainer's buffer (a trace used `max_reuse` times is gone)."""
 
 from __future__ import annotations
 
@@ -28,9 +29,12 @@ def test_bench_learn_scores_drafts_on_held_out_traffic(tmp_path):
     buf.close()
     (tmp_path / "toy.yaml").write_text(CONFIG)
     assert main(["--spool", str(tmp_path / "spool"), "--config", str(tmp_path / "toy.yaml"), "--arms", "base",
-                 "optim.lr=1e-9", "--heldout", "8", "--budget", "4", "--evals", "2", "--out", str(tmp_path)]) == 0
+                 "optim.lr=1e-9", "buffer.max_reuse=1", "--heldout", "8", "--budget", "4", "--evals", "2", "--out", str(tmp_path)]) == 0
     runs = {r["arm"]: r for r in json.loads((tmp_path / "learn.json").read_text())["runs"]}
-    learned, frozen = runs["base"], runs["optim.lr=1e-9"]
+    learned, frozen, once = runs["base"], runs["optim.lr=1e-9"], runs["buffer.max_reuse=1"]
     assert learned["steps"] > 20 and len(learned["curve"]) == 3
     assert learned["proxy"] > learned["curve"][0]["proxy"] + 0.5  # the toy successor map is learnable
     assert abs(frozen["proxy"] - frozen["curve"][0]["proxy"]) < 0.05  # no learning rate, no learning
+    # 40 training traces, each drawable once: at most 40 steps (a step draws at least one), and the
+    # trainer waits for traffic; with 4 uses a trace (the default) it steps more (the old replay ignored the buffer)
+    assert once["steps"] <= 40 < learned["steps"] and once["waited_s"] > 0
