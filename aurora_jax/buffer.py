@@ -54,8 +54,11 @@ class BufferConfig:
     segment_bytes: int = 256 << 20
     max_reuse: int = 4  # a trace is consumed after this many samples
     evict_after_uses: int = 1  # when full, traces sampled this often may make room (oldest first)
-    staleness_tau: float = 4.0  # sampling weight exp(-lag / tau), lag in draft versions
-    max_staleness: int = 32  # traces more versions behind than this are dropped
+    # Freshness. The loss imitates the target's distributions, which do not depend on the draft that
+    # served a trace; only its rejected proposals do. Where traffic is scarce, old traces are still
+    # good data: 0 turns either off (every trace weighs the same / none is dropped for its age).
+    staleness_tau: float = 4.0  # sampling weight exp(-lag / tau), lag in draft versions; 0 = no preference
+    max_staleness: int = 32  # traces more versions behind than this are dropped; 0 = never
     retry_after_ms: int = 250  # hint given to clients under backpressure
     # The evaluation gate's slice (`guard.gate`): this share of requests (chosen by a hash of the
     # request id, so a restart or a resent trace decides the same way) is never trained on; the
@@ -68,8 +71,8 @@ class BufferConfig:
                      "holdout_traces"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive")
-        if self.staleness_tau <= 0:
-            raise ValueError("staleness_tau must be positive")
+        if self.staleness_tau < 0 or self.max_staleness < 0:
+            raise ValueError("staleness_tau and max_staleness must be >= 0 (0 = off)")
         if not 0.0 <= self.holdout_fraction < 1.0:
             raise ValueError("holdout_fraction must be in [0, 1)")
 
@@ -285,8 +288,8 @@ class ReplayBuffer:
         """
         cfg = self.cfg
         with self._mem:
-            for e in [e for e in self._entries.values()
-                      if current_version - e.trace.draft_version > cfg.max_staleness and not e.holdout]:
+            for e in [e for e in self._entries.values() if cfg.max_staleness and not e.holdout
+                      and current_version - e.trace.draft_version > cfg.max_staleness]:
                 self._consume(e)
                 self.stats["evicted_stale"] += 1
             entries = [e for e in self._entries.values() if not e.holdout]
@@ -294,7 +297,7 @@ class ReplayBuffer:
                 return []
             lag = np.array([max(0, current_version - e.trace.draft_version) for e in entries], np.float64)
             uses = np.array([e.uses for e in entries], np.float64)
-            w = np.exp(-lag / cfg.staleness_tau) / (1.0 + uses)
+            w = (np.exp(-lag / cfg.staleness_tau) if cfg.staleness_tau else 1.0) / (1.0 + uses)
             idx = rng.choice(len(entries), size=min(n, len(entries)), replace=False, p=w / w.sum())
             picked = [entries[i] for i in idx]
             for e in picked:

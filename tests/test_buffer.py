@@ -112,6 +112,19 @@ def test_sampling_prefers_fresh_and_drops_stale(tmp_path):
     buf.close()
 
 
+def test_staleness_off_keeps_old_traces_and_weighs_them_alike(tmp_path):
+    """staleness_tau 0 and max_staleness 0: a trace 40 versions old is drawn as often as a fresh one
+    and never dropped (where traffic is scarce, old traces are still good data)."""
+    buf = ReplayBuffer(cfg(tmp_path, staleness_tau=0.0, max_staleness=0, max_reuse=10**6))
+    for i in range(20):
+        put(buf, make_trace(i, draft_version=0 if i < 10 else 40))
+    rng = np.random.default_rng(0)
+    versions = [e.trace.draft_version for _ in range(400) for e in buf.sample(1, rng, current_version=40)]
+    assert 0.4 < versions.count(0) / len(versions) < 0.6
+    assert len(buf.entries()) == 20 and buf.snapshot_stats()["evicted_stale"] == 0
+    buf.close()
+
+
 def test_max_reuse_consumes(tmp_path):
     buf = ReplayBuffer(cfg(tmp_path, max_reuse=2))
     put(buf, make_trace(0))
