@@ -27,14 +27,15 @@ from bench.report import write_json
 
 
 def load_spool(path: str) -> list[tuple[bytes, object]]:
-    """Every trace in a spool directory, consumed or not, in arrival (seq) order: (payload, Trace)."""
+    """Every trace in a spool directory, consumed or not, in arrival (seq) order: (payload, Trace), the
+    Trace a zero-copy view of its payload bytes (so keeping both costs no second copy)."""
     from aurora_jax.buffer import _read_records
     from bridge.traces import decode
 
     records = [r for seg in sorted(Path(path).glob("seg-*.log")) for r in _read_records(seg, truncate_tail=False)]
     if not records:
         raise SystemExit(f"no traces in {path} (a spool directory: buffer.spool_dir of a trainer)")
-    return [(bytes(payload), decode(payload)) for _, payload in sorted(records, key=lambda r: r[0])]
+    return [(payload, decode(payload)) for _, payload in sorted(records, key=lambda r: r[0])]
 
 
 def run_arm(cfg, train: list, heldout: list, budget: float, evals: int, seed: int) -> dict:
@@ -131,8 +132,8 @@ def main(argv: list[str] | None = None) -> int:
         for seed in range(a.seeds):
             r = run_arm(cfg, train, heldout, a.budget, a.evals, seed)
             rows.append(dict(arm=arm, **r))
-            print(f"  {arm}: seed {seed}: {r['steps']} steps ({r['waited_s']:.0f} s waiting for traffic), held-out proxy "
-                  + " -> ".join(f"{c['proxy']:.3f}" for c in r["curve"]), flush=True)
+            print(f"  {arm}: seed {seed}: {r['steps']} steps ({r['waited_s']:.0f} s waiting for traffic), "
+                  "held-out proxy " + " -> ".join(f"{c['proxy']:.3f}" for c in r["curve"]), flush=True)
     print(f"\n{'arm':40} {'runs':>4} {'steps':>6} {'waited s':>8} {'held-out acceptance proxy':>26}")
     for arm in a.arms:
         rs = [r for r in rows if r["arm"] == arm]

@@ -29,7 +29,8 @@ def test_bench_learn_scores_drafts_on_held_out_traffic(tmp_path):
     buf.close()
     (tmp_path / "toy.yaml").write_text(CONFIG)
     assert main(["--spool", str(tmp_path / "spool"), "--config", str(tmp_path / "toy.yaml"), "--arms", "base",
-                 "optim.lr=1e-9", "buffer.max_reuse=1", "--heldout", "8", "--budget", "4", "--evals", "2", "--out", str(tmp_path)]) == 0
+                 "optim.lr=1e-9", "buffer.max_reuse=1", "--heldout", "8", "--budget", "4", "--evals", "2",
+                 "--out", str(tmp_path)]) == 0
     runs = {r["arm"]: r for r in json.loads((tmp_path / "learn.json").read_text())["runs"]}
     learned, frozen, once = runs["base"], runs["optim.lr=1e-9"], runs["buffer.max_reuse=1"]
     assert learned["steps"] > 20 and len(learned["curve"]) == 3
