@@ -3,6 +3,12 @@
 EAGLE3 needs three of the target's hidden states per position ("aux": low, middle, high layer).
 Like SGLang we take the residual stream entering layers [2, n/2, n-3] (clamped for tiny models);
 `output_hidden_states[i]` is exactly that stream at layer i.
+
+Every forward gets explicit positions and an explicit attention mask (a tree's, or causal), and
+runs on `serving.kv_cache.KVCache`. Attention is transformers' sdpa except where it would copy the
+cache: with a mask and several query tokens, sdpa repeats each kv head's keys and values once per
+query head of its group (`repeat_kv`); `packed_gqa_attention` stacks a group's query heads along
+the query axis instead, so they attend to their shared kv head without a copy.
 """
 
 from __future__ import annotations
@@ -10,9 +16,12 @@ from __future__ import annotations
 import dataclasses
 
 import torch
-from transformers import AutoModelForCausalLM, DynamicCache
+import torch.nn.functional as F
+from transformers import AttentionInterface, AutoModelForCausalLM
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from bridge.eagle3 import read_target_config
+from serving.kv_cache import KVCache
 from serving.padding import Padding
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -37,6 +46,25 @@ def default_aux_layers(num_layers: int) -> list[int]:
     return [min(max(i, 1), n - 1) for i in (2, n // 2, n - 3)] if n > 1 else [1, 1, 1]
 
 
+def packed_gqa_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    """sdpa for grouped-query attention with a mask over several query tokens, without repeating the
+    keys and values: query [B, H, n, d] -> [B, kv heads, group * n, d] (head g * group + r's row i
+    becomes row r * n + i of kv head g), the mask [B, 1, n, L] repeated per head of a group.
+    Anything else (one query token, no grouping, no mask, dropout) goes to transformers' sdpa."""
+    group = getattr(module, "num_key_value_groups", 1)
+    B, H, n, d = query.shape
+    if group == 1 or n == 1 or attention_mask is None or dropout or attention_mask.shape[1] != 1:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
+    mask = attention_mask[:, :, :, :key.shape[2]].repeat(1, 1, group, 1)
+    out = F.scaled_dot_product_attention(query.reshape(B, H // group, group * n, d), key, value, attn_mask=mask,
+                                         scale=scaling)
+    return out.reshape(B, H, n, d).transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register("packed_gqa", packed_gqa_attention)
+
+
 class Target:
     def __init__(self, cfg: TargetConfig, model=None):
         self.cfg = cfg
@@ -44,27 +72,35 @@ class Target:
             read_target_config(cfg.path)  # "no model directory at ...", not a hub lookup error
             model = AutoModelForCausalLM.from_pretrained(cfg.path, dtype=_DTYPES[cfg.dtype], local_files_only=True)
         self.model = model.eval()
+        if self.model.config._attn_implementation == "sdpa":
+            self.model.set_attn_implementation("packed_gqa")
         c = self.model.config
         self.num_layers, self.hidden_size, self.vocab_size = c.num_hidden_layers, c.hidden_size, c.vocab_size
         self.aux_layers = list(cfg.aux_layers) or default_aux_layers(self.num_layers)
         if any(not 0 <= i <= self.num_layers for i in self.aux_layers):
             raise ValueError(f"aux_layers {self.aux_layers} outside [0, {self.num_layers}]")
 
-    def new_cache(self) -> DynamicCache:
-        return DynamicCache()
+    def new_cache(self) -> KVCache:
+        return KVCache()
+
+    def _mask(self, allowed: torch.Tensor) -> torch.Tensor:
+        """bool [..., n, keys] -> the additive mask transformers takes, [batch, 1, n, keys]."""
+        if allowed.dim() == 2:
+            allowed = allowed[None]
+        return torch.where(allowed[:, None], 0.0, torch.finfo(torch.float32).min).to(self.model.dtype)
 
     @torch.no_grad()
-    def forward(self, ids, cache, positions=None, allowed=None):
-        """Run `ids` [n] after what `cache` holds. `allowed` bool [n, past + n] for tree masks.
-        Returns (logits [n, V] f32, aux [n, 3H])."""
+    def forward(self, ids, cache: KVCache, positions=None, allowed=None):
+        """Run `ids` [n] after what `cache` holds (default: the next positions, causal).
+        `allowed` bool [n, past + n] for tree masks. Returns (logits [n, V] f32, aux [n, 3H])."""
         ids = torch.as_tensor(ids, dtype=torch.long)[None]
-        kw = {}
-        if positions is not None:
-            kw["position_ids"] = torch.as_tensor(positions, dtype=torch.long)[None]
-        if allowed is not None:
-            kw["attention_mask"] = torch.where(allowed[None, None], 0.0, torch.finfo(torch.float32).min).to(
-                self.model.dtype)
-        out = self.model(ids, past_key_values=cache, use_cache=True, output_hidden_states=True, **kw)
+        past, n = cache.get_seq_length(), ids.shape[1]
+        if positions is None:
+            positions = range(past, past + n)
+        if allowed is None:
+            allowed = torch.ones(n, past + n, dtype=torch.bool).tril(past)
+        out = self.model(ids, past_key_values=cache, position_ids=torch.as_tensor(positions, dtype=torch.long)[None],
+                         attention_mask=self._mask(allowed), use_cache=True, output_hidden_states=True)
         aux = torch.cat([out.hidden_states[i][0] for i in self.aux_layers], dim=-1)
         return out.logits[0].float(), aux
 
@@ -85,17 +121,11 @@ class Target:
             ids[b, :n] = torch.as_tensor(tok, dtype=torch.long)
             pos[b, :n] = torch.as_tensor(positions if positions is not None else range(past, past + n))
             masks.append(a if a is not None else torch.ones(n, past + n, dtype=torch.bool).tril(past))
-        batched = DynamicCache()
-        for li in range(len(items[0][1].layers)):  # cache layers are [1, kv heads, seq, head dim]
-            batched.update(pad.cache([c.layers[li].keys for _, c, _, _ in items], dim=2),
-                           pad.cache([c.layers[li].values for _, c, _, _ in items], dim=2), li)
-        mask = torch.where(pad.mask(masks)[:, None], 0.0, torch.finfo(torch.float32).min).to(self.model.dtype)
-        out = self.model(ids, past_key_values=batched, position_ids=pos, attention_mask=mask, use_cache=True,
-                         output_hidden_states=True)
-        for b, (_, cache, _, _) in enumerate(items):
-            for li, layer in enumerate(cache.layers):
-                layer.keys = pad.own(batched.layers[li].keys, b, dim=2)
-                layer.values = pad.own(batched.layers[li].values, b, dim=2)
+        caches = [c for _, c, _, _ in items]
+        batched = KVCache.stack(caches, pad.N)
+        out = self.model(ids, past_key_values=batched, position_ids=pos, attention_mask=self._mask(pad.mask(masks)),
+                         use_cache=True, output_hidden_states=True)
+        batched.unstack(caches, pad.ns, pad.P)
         res = []
         for b, n in enumerate(pad.ns):
             aux = torch.cat([out.hidden_states[i][b, :n] for i in self.aux_layers], dim=-1)
@@ -103,9 +133,6 @@ class Target:
         return res
 
     @staticmethod
-    def keep(cache: DynamicCache, past: int, new_idx: list[int]) -> None:
+    def keep(cache: KVCache, past: int, new_idx: list[int]) -> None:
         """After a tree pass: keep the first `past` entries plus the tree entries `new_idx` (in order)."""
-        idx = torch.tensor(list(range(past)) + [past + i for i in new_idx], dtype=torch.long)
-        for layer in cache.layers:
-            layer.keys = layer.keys.index_select(2, idx)
-            layer.values = layer.values.index_select(2, idx)
+        cache.keep(past, new_idx)

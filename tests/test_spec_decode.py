@@ -255,7 +255,7 @@ def test_batched_requests_decode_as_if_alone(target, drafted):
         alone = dec.start(p, 16 + 4 * i)  # the oracle: the same request decoded by itself
         while not alone.done:
             dec.step(alone)
-        for (k1, v1), (k2, v2) in zip(_cache_tensors(r.cache), _cache_tensors(alone.cache), strict=True):
+        for (k1, v1), (k2, v2) in zip(r.cache.entries(), alone.cache.entries(), strict=True):
             torch.testing.assert_close(k1, k2, rtol=1e-5, atol=1e-5)  # its own KV entries, no padding
             torch.testing.assert_close(v1, v2, rtol=1e-5, atol=1e-5)
         res, solo = dec.finish(r), dec.finish(alone)
@@ -272,13 +272,6 @@ def test_batched_requests_decode_as_if_alone(target, drafted):
             assert x.trunk_pos == y.trunk_pos
             for f in ("tokens", "parents", "accepted", "target_nodes", "target_ids"):
                 np.testing.assert_array_equal(getattr(x, f), getattr(y, f), err_msg=f)
-
-
-def _cache_tensors(cache):
-    """(keys, values) per layer of a transformers DynamicCache, whichever its version's layout."""
-    if hasattr(cache, "layers"):
-        return [(layer.keys, layer.values) for layer in cache.layers]
-    return list(zip(cache.key_cache, cache.value_cache))
 
 
 def test_fused_drafting_matches_per_request_drafting(target):
@@ -400,10 +393,10 @@ def test_fused_forward_matches_separate_forwards(target):
         torch.testing.assert_close(l2, l1, atol=1e-4, rtol=1e-4)
         torch.testing.assert_close(x2, x1, atol=1e-4, rtol=1e-4)
     for got, want in zip((a, b), want_caches):
-        for lg, lw in zip(got.layers, want.layers):
-            assert lg.keys.shape == lw.keys.shape
-            torch.testing.assert_close(lg.keys, lw.keys, atol=1e-5, rtol=1e-5)
-            torch.testing.assert_close(lg.values, lw.values, atol=1e-5, rtol=1e-5)
+        for (kg, vg), (kw, vw) in zip(got.entries(), want.entries(), strict=True):
+            assert kg.shape == kw.shape
+            torch.testing.assert_close(kg, kw, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(vg, vw, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("scaling", [None, {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
