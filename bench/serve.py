@@ -5,7 +5,9 @@ One engine, one target, the same prompts, greedy. Every request of the target-on
 arm drafts with the given draft; the two arms alternate in rounds (A B, B A, A B, ...), so load on the
 machine or drift hits both alike, and the table reports the median ratio and its spread over rounds
 and flags a run whose rounds disagree on the winner. Each arm runs once with requests one at a time
-and once `--concurrency` at a time (target forwards fused; `batch` = mean requests per fused forward).
+and once with `--concurrency` clients in a closed loop (each sends its next prompt as soon as its
+request finished, as the demo's load driver does; target forwards fused; `batch` = mean requests per
+fused forward, below `--concurrency` only while the last requests finish).
 Also reported: where a round's time goes (the draft phase per draft step, the target forward over a
 tree vs over one token), target forwards per token (1 / acceptance length), and whether the greedy
 outputs of the two arms are identical. The target is a local HF dir (`--target`, `--dtype`); `--tiny`
@@ -18,6 +20,7 @@ import argparse
 import json
 import statistics
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -57,14 +60,27 @@ def _prompts(a, tok) -> list[list[int]]:
 def _arm(eng, ids, conc, max_tokens, speculative) -> dict:
     d = eng.decoder
     before = dict(d.timing, fwd=d.fused_forwards, req=d.fused_requests)
-    t0 = time.perf_counter()
-    evs = []
-    for i in range(0, len(ids), conc):  # waves of `conc` requests submitted together
-        handles = [eng.submit(x, max_new_tokens=max_tokens, speculative=speculative) for x in ids[i:i + conc]]
-        for h in handles:
+    evs: list = [None] * len(ids)
+    todo = iter(enumerate(ids))
+    lock = threading.Lock()
+
+    def client():  # a closed loop: the next prompt as soon as this client's request finished
+        while True:
+            with lock:
+                i, x = next(todo, (None, None))
+            if x is None:
+                return
+            h = eng.submit(x, max_new_tokens=max_tokens, speculative=speculative)
             while not isinstance(ev := h.events.get(), dict):
                 pass
-            evs.append(ev)
+            evs[i] = ev
+
+    t0 = time.perf_counter()
+    clients = [threading.Thread(target=client) for _ in range(conc)]
+    for c in clients:
+        c.start()
+    for c in clients:
+        c.join()
     wall = time.perf_counter() - t0
     delta = {k: v - before[k] for k, v in dict(d.timing, fwd=d.fused_forwards, req=d.fused_requests).items()}
     ntok = sum(len(ev["output"]) for ev in evs)
