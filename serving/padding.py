@@ -4,7 +4,9 @@ Used by the target's fused verification (`Target.forward_many`) and the draft's 
 (`EagleDrafter._forward_many`). Caches are right-padded to the longest (P entries), new tokens to
 the widest round (N); the attention mask hides pad keys, and a pad row sees only itself (so its
 softmax has no empty row and no NaN). Positions are explicit, so padding shifts no rotary phase.
-Afterwards a request keeps exactly its own entries: its first `past`, then its `n` new ones.
+Afterwards a request keeps exactly its own entries: its first `past`, then its `n` new ones. The
+draft's caches are padded and split here (`cache`, `own`); the target's, which live in buffers with
+spare room, by `serving.kv_cache.KVCache.stack` / `unstack` in the same layout.
 """
 
 from __future__ import annotations
