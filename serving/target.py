@@ -46,6 +46,16 @@ def default_aux_layers(num_layers: int) -> list[int]:
     return [min(max(i, 1), n - 1) for i in (2, n // 2, n - 3)] if n > 1 else [1, 1, 1]
 
 
+def _or_causal(positions, allowed, past: int, n: int):
+    """A round's (positions, allowed) with the defaults filled in: n tokens right after `past` cached
+    ones, each seeing the cache and the tokens before it."""
+    if positions is None:
+        positions = range(past, past + n)
+    if allowed is None:
+        allowed = torch.ones(n, past + n, dtype=torch.bool).tril(past)
+    return positions, allowed
+
+
 def packed_gqa_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
     """sdpa for grouped-query attention with a mask over several query tokens, without repeating the
     keys and values: query [B, H, n, d] -> [B, kv heads, group * n, d] (head g * group + r's row i
@@ -94,11 +104,7 @@ class Target:
         """Run `ids` [n] after what `cache` holds (default: the next positions, causal).
         `allowed` bool [n, past + n] for tree masks. Returns (logits [n, V] f32, aux [n, 3H])."""
         ids = torch.as_tensor(ids, dtype=torch.long)[None]
-        past, n = cache.get_seq_length(), ids.shape[1]
-        if positions is None:
-            positions = range(past, past + n)
-        if allowed is None:
-            allowed = torch.ones(n, past + n, dtype=torch.bool).tril(past)
+        positions, allowed = _or_causal(positions, allowed, cache.get_seq_length(), ids.shape[1])
         out = self.model(ids, past_key_values=cache, position_ids=torch.as_tensor(positions, dtype=torch.long)[None],
                          attention_mask=self._mask(allowed), use_cache=True, output_hidden_states=True)
         aux = torch.cat([out.hidden_states[i][0] for i in self.aux_layers], dim=-1)
@@ -118,9 +124,10 @@ class Target:
         pos = torch.zeros(len(items), pad.N, dtype=torch.long)
         masks = []
         for b, ((tok, cache, positions, a), past, n) in enumerate(zip(items, pad.pasts, pad.ns)):
+            positions, a = _or_causal(positions, a, past, n)
             ids[b, :n] = torch.as_tensor(tok, dtype=torch.long)
-            pos[b, :n] = torch.as_tensor(positions if positions is not None else range(past, past + n))
-            masks.append(a if a is not None else torch.ones(n, past + n, dtype=torch.bool).tril(past))
+            pos[b, :n] = torch.as_tensor(positions)
+            masks.append(a)
         caches = [c for _, c, _, _ in items]
         batched = KVCache.stack(caches, pad.N)
         out = self.model(ids, past_key_values=batched, position_ids=pos, attention_mask=self._mask(pad.mask(masks)),
