@@ -22,6 +22,7 @@ from bridge.eagle3 import DraftConfig, check_draft_fits_target, draft_fields_fro
 from serving.backend import Backend, Handle, Metrics, metrics, new_counters
 from serving.eagle3 import Eagle3Draft
 from serving.http import HttpLimits
+from serving.packed_linear import pack_linears
 from serving.spec_decode import EagleDrafter, SpecConfig, SpecDecoder
 from serving.target import Target, TargetConfig
 from serving.trace_client import TraceClient, TraceClientConfig
@@ -99,7 +100,9 @@ def load_draft(cfg: DraftConfig, state_dict: dict, target: Target, random_init: 
     missing, _ = draft.load_state_dict(state_dict, strict=False)
     if "embed_tokens.weight" in missing:
         draft.embed_tokens.weight.data.copy_(target.model.get_input_embeddings().weight.float())
-    return draft.to(target.model.dtype).eval()
+    draft = draft.to(target.model.dtype).eval()
+    pack_linears(draft)
+    return draft
 
 
 def build_draft(src: DraftSource, target: Target) -> Eagle3Draft | None:

@@ -22,6 +22,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from bridge.eagle3 import read_target_config
 from serving.kv_cache import KVCache
+from serving.packed_linear import pack_linears
 from serving.padding import Padding
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -84,6 +85,7 @@ class Target:
         self.model = model.eval()
         if self.model.config._attn_implementation == "sdpa":
             self.model.set_attn_implementation("packed_gqa")
+        pack_linears(self.model)
         c = self.model.config
         self.num_layers, self.hidden_size, self.vocab_size = c.num_hidden_layers, c.hidden_size, c.vocab_size
         self.aux_layers = list(cfg.aux_layers) or default_aux_layers(self.num_layers)
