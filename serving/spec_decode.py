@@ -42,8 +42,8 @@ class SpecConfig:
     # candidate reaches it (an untrained draft on day 0). 0 = always the full shape (SGLang's trees).
     min_prob: float = 0.0
     # A round that fuses several requests verifies all their trees in one target forward whose cost
-    # grows with its rows, while one-token decoding of the same batch barely pays for a second row
-    # (SmolLM2 bf16, one thread: two 7-node trees 86 ms, two single tokens 64 ms, one 59 ms). Such
+    # grows with its rows, while one-token decoding of the same batch pays less for a second row
+    # (SmolLM2 bf16, one thread: two 7-node trees 64 ms, two 4-node trees 52, two single tokens 50). Such
     # rounds may draft shallower, smaller trees (0 = the shape used alone); `bench serve --concurrency 2`.
     batched_num_steps: int = 0
     batched_num_draft_tokens: int = 0
