@@ -13,8 +13,8 @@ bit-identical to `F.linear`; in float32 they differ by the summation order (~1e-
 
 A packed copy is rebuilt when its weight changes. A hot-swap's `load_state_dict` writes in place,
 which bumps the tensor's version, so draft swaps need nothing more. Where oneDNN cannot pack a
-weight (another device, float16 without AVX512-FP16, a torch built without oneDNN), the layer
-stays a plain `nn.Linear`.
+weight (another device, float16, a torch built without oneDNN), the layer multiplies as a plain
+`nn.Linear`, also after a cast or a move.
 """
 
 from __future__ import annotations
@@ -31,17 +31,21 @@ class PackedLinear(nn.Linear):
     _packed: torch.Tensor | None = None
     _packed_from: tuple = ()
 
-    def pack(self) -> torch.Tensor:
-        """The packed weight, rebuilt if the weight was replaced, cast or written since."""
+    def pack(self) -> torch.Tensor | None:
+        """The packed weight, rebuilt if the weight was replaced, cast, moved or written since;
+        None where oneDNN cannot pack it (then the layer multiplies as `nn.Linear` does)."""
         w = self.weight
-        key = (w.data_ptr(), w._version, w.dtype)
+        key = (w.data_ptr(), w._version, w.dtype, w.device)
         if self._packed_from != key:
-            self._packed = torch.ops.mkldnn._reorder_linear_weight(w.detach(), _ROWS_HINT)
+            self._packed = torch.ops.mkldnn._reorder_linear_weight(w.detach(), _ROWS_HINT) if _packable(w) else None
             self._packed_from = key
         return self._packed
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.mkldnn._linear_pointwise(x, self.pack(), self.bias, "none", [], "")
+        packed = self.pack()
+        if packed is None:
+            return super().forward(x)
+        return torch.ops.mkldnn._linear_pointwise(x, packed, self.bias, "none", [], "")
 
 
 def _packable(w: torch.Tensor) -> bool:

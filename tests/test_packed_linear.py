@@ -57,3 +57,5 @@ def test_packed_follows_in_place_swaps_and_casts():
         assert torch.equal(packed(ids), plain(ids))
         packed.float(), plain.float()
         torch.testing.assert_close(packed(ids), plain(ids), rtol=1e-5, atol=1e-5)
+        packed.half(), plain.half()  # packable or not on this CPU: the same products either way
+        torch.testing.assert_close(packed(ids), plain(ids), rtol=2e-3, atol=2e-3)
