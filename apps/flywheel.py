@@ -84,7 +84,9 @@ def main(argv: list[str] | None = None) -> int:
                    "(configs/demo-cpu.yaml: the toy target, minutes)")
     p.add_argument("--experiments", default="a,b,c,d,e")
     p.add_argument("--requests", type=int, default=0, help="requests of (a) (default: the demo config's)")
-    p.add_argument("--requests-short", type=int, default=48, help="requests of each run of (b) phase, (c), (d)")
+    p.add_argument("--requests-shift", type=int, default=96, help="requests of each phase of (b): code, then prose "
+                   "static and online (the code draft (e) starts from is (b)'s)")
+    p.add_argument("--requests-short", type=int, default=48, help="requests of each run of (c), (d), (e)")
     p.add_argument("--seeds", type=int, default=3, help="seeds per arm of (c)")
     p.add_argument("--sync", default="2,10", help="sync_every values for (d)")
     p.add_argument("--pareto", default="5,15,45,adaptive", help="the arms of (e): sync_every values and/or adaptive")
@@ -118,13 +120,14 @@ def main(argv: list[str] | None = None) -> int:
         draft = a.code_draft
         hf = ["draft.mode=hf", f"draft.path={draft}"]
     elif exps & {"b", "e"}:  # both start from a draft trained online on code
-        code = _run(base, out, "b-code-online", n, domains=["code"], shape="ordered")
+        code = _run(base, out, "b-code-online", a.requests_shift, domains=["code"], shape="ordered")
         from aurora_jax.export import export_hf
         draft = export_hf(str(out / "b-code-online" / "ckpt"), str(out / "b-draft-code"))
         hf = ["draft.mode=hf", f"draft.path={draft}"]
     if "b" in exps:
-        static = _run(base, out, "b-prose-static", n, serve=hf, sbs=True, train=False, **prose)
-        online = _run(base, out, "b-prose-online", n, trainer=[f"loop.init_from={draft}"], serve=hf, sbs=True, **prose)
+        nb = a.requests_shift
+        static = _run(base, out, "b-prose-static", nb, serve=hf, sbs=True, train=False, **prose)
+        online = _run(base, out, "b-prose-online", nb, trainer=[f"loop.init_from={draft}"], serve=hf, sbs=True, **prose)
         ratio = online["speedup"] / static["speedup"]
         results["b"] = dict(code=code, static=static, online=online, online_over_static=ratio)
         _table(f"(b) after the shift code -> prose: static vs online; online/static speedup {ratio:.2f}x "
