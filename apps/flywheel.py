@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(a.out)
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
-    n = a.requests_short
+    n, n_shift = a.requests_short, a.requests_shift
     results: dict = dict(demo=a.demo, overrides=a.overrides)
     exps = set(a.experiments.split(","))
     t0 = time.perf_counter()
@@ -120,14 +120,13 @@ def main(argv: list[str] | None = None) -> int:
         draft = a.code_draft
         hf = ["draft.mode=hf", f"draft.path={draft}"]
     elif exps & {"b", "e"}:  # both start from a draft trained online on code
-        code = _run(base, out, "b-code-online", a.requests_shift, domains=["code"], shape="ordered")
+        code = _run(base, out, "b-code-online", n_shift, domains=["code"], shape="ordered")
         from aurora_jax.export import export_hf
         draft = export_hf(str(out / "b-code-online" / "ckpt"), str(out / "b-draft-code"))
         hf = ["draft.mode=hf", f"draft.path={draft}"]
     if "b" in exps:
-        nb = a.requests_shift
-        static = _run(base, out, "b-prose-static", nb, serve=hf, sbs=True, train=False, **prose)
-        online = _run(base, out, "b-prose-online", nb, trainer=[f"loop.init_from={draft}"], serve=hf, sbs=True, **prose)
+        static = _run(base, out, "b-prose-static", n_shift, serve=hf, sbs=True, train=False, **prose)
+        online = _run(base, out, "b-prose-online", n_shift, trainer=[f"loop.init_from={draft}"], serve=hf, sbs=True, **prose)
         ratio = online["speedup"] / static["speedup"]
         results["b"] = dict(code=code, static=static, online=online, online_over_static=ratio)
         _table(f"(b) after the shift code -> prose: static vs online; online/static speedup {ratio:.2f}x "

@@ -5,9 +5,10 @@ tree round's trim to the accepted path copied it again, and a fused round of sev
 padded, concatenated and split the caches once more. On a CPU decoding SmolLM2 in bf16 those copies
 were about a sixth of a fused round's operator time; without them a fused round of two trees takes
 0.88x the time (README, "The target's KV cache"). Here each layer's keys and values live in a
-buffer with spare room ([batch, kv heads, capacity, head dim]): a forward writes its new entries after the cached ones and
-attends to a view of the filled prefix, the trim moves only the accepted entries, and a fused round
-copies each request's cache once into a padded batch and hands back only the new entries.
+buffer with spare room ([batch, kv heads, capacity, head dim]): a forward writes its new entries
+after the cached ones and attends to a view of the filled prefix, the trim moves only the accepted
+entries, and a fused round copies each request's cache once into a padded batch and hands back only
+the new entries.
 
 Any model whose attention calls `cache.update(keys, values, layer_idx, ...)` (every transformers
 decoder) can run on it; the attention mask is always given explicitly (`serving.target`), so the
