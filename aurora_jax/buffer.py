@@ -235,6 +235,7 @@ class ReplayBuffer:
             st[_HDR.size:end] = payload
             st[end:size] = _ZEROS[:size - end]
         _HDR.pack_into(st, 0, _MAGIC, seq, length, crc)
+        self._reserve(self._seg_size + size)
         view = memoryview(st)[:size]
         while view:
             view = view[os.write(self._fd, view):]
@@ -267,7 +268,21 @@ class ReplayBuffer:
         if self._fd < 0:
             self._fd = os.open(path, flags, 0o644)
         self._seg_size = os.fstat(self._fd).st_size
-        _preallocate(self._fd, self.cfg.segment_bytes)
+        self._reserved_to = 0
+        self._reserve(self._seg_size)
+
+    def _reserve(self, upto: int) -> None:
+        """Keep the segment's blocks reserved ahead of its end (see `_preallocate`).
+
+        The reservation grows with what the segment holds (as far ahead again, 1 to 64 MiB, never
+        past `segment_bytes`), so a busy spool reserves in large steps while a quiet one, or a
+        test's, holds a few MiB of disk instead of a whole 256 MiB segment per buffer.
+        """
+        if upto <= self._reserved_to:
+            return
+        ahead = min(max(upto, _RESERVE_MIN), _RESERVE_MAX)
+        self._reserved_to = max(upto, min(upto + ahead, self.cfg.segment_bytes))
+        _preallocate(self._fd, self._reserved_to)
 
     def _rotate(self) -> None:
         if self.cfg.fsync != "none":
@@ -446,10 +461,12 @@ def _load_fallocate():
 
 _FALLOCATE = _load_fallocate()
 _FALLOC_FL_KEEP_SIZE = 1
+_RESERVE_MIN, _RESERVE_MAX = 1 << 20, 64 << 20
 
 
 def _preallocate(fd: int, nbytes: int) -> None:
-    """Reserve a segment's blocks up front without changing its size (Linux fallocate KEEP_SIZE).
+    """Reserve a segment's blocks ahead of its writes without changing its size (Linux
+    fallocate KEEP_SIZE).
 
     Appends then skip block allocation, which on ext4 made spool writes several times faster
     (see `aurora-jax bench ingest`). Best effort: where unsupported, appends still work.

@@ -242,3 +242,15 @@ def test_staleness_weight_is_exp_of_minus_lag_over_tau(tmp_path):
     old = versions.count(0) / len(versions)
     assert 0.06 < old < 0.35, old
     buf.close()
+
+
+def test_a_segment_reserves_disk_ahead_of_its_writes_not_a_whole_segment(tmp_path):
+    """Blocks are reserved as a segment fills (so appends skip block allocation), not a whole
+    256 MiB segment per buffer up front: with that, the suite's ~100 buffers ran CI's disk out."""
+    buf = ReplayBuffer(cfg(tmp_path))  # the default segment_bytes, 256 MiB
+    for i in range(3):
+        put(buf, make_trace(i))
+    st = next((tmp_path / "spool").glob("seg-*.log")).stat()
+    reserved = st.st_blocks * 512
+    assert max(st.st_size, 1 << 20) < reserved <= 2 * st.st_size + (2 << 20)
+    buf.close()
