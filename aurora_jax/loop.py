@@ -244,7 +244,7 @@ class Trainer:
         with the gate, not worse than the served version on the held-out slice; adaptive sync: gained
         enough). A failing publisher is logged, not fatal. True if a version was published."""
         cfg, step = self.cfg, self.learner.step
-        params = self.learner.state.params
+        params = self.learner.published_params()
         if not finite(params):
             self.guard_stats["nonfinite_refused"] += 1
             back = self.served_params is not None

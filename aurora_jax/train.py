@@ -38,10 +38,15 @@ class OptimConfig:
     b1: float = 0.9
     b2: float = 0.95
     clip_norm: float = 1.0  # global-norm clipping; 0 = off
+    # > 0: publish, gate and export an exponential moving average of the weights (Polyak averaging,
+    # debiased) instead of the last step's; training itself is unchanged. 0 = off.
+    ema_decay: float = 0.0
 
     def __post_init__(self):
         if self.lr <= 0 or self.warmup_steps < 0 or self.total_steps <= 0:
             raise ValueError("lr and total_steps must be positive, warmup_steps >= 0")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
 
 
 @dataclasses.dataclass
@@ -64,7 +69,37 @@ def make_optimizer(cfg: OptimConfig) -> optax.GradientTransformation:
                                    optax.constant_schedule(cfg.lr)], [max(cfg.warmup_steps, 1)])
     decay_mask = lambda params: jax.tree.map(lambda x: x.ndim >= 2, params)  # no decay on norms
     tx = optax.adamw(lr, b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay, mask=decay_mask)
-    return optax.chain(optax.clip_by_global_norm(cfg.clip_norm), tx) if cfg.clip_norm > 0 else tx
+    parts = [optax.clip_by_global_norm(cfg.clip_norm)] * (cfg.clip_norm > 0) + [tx]
+    parts += [average_params(cfg.ema_decay)] * (cfg.ema_decay > 0)
+    return optax.chain(*parts) if len(parts) > 1 else tx
+
+
+class AverageParamsState(NamedTuple):
+    count: jax.Array  # steps averaged since the optimizer state was made
+    ema: Any  # sum over steps s of (1 - decay) * decay^(count - s) * params_s: debiased by `averaged`
+
+
+def average_params(decay: float) -> optax.GradientTransformation:
+    """Last in a chain: leaves the updates alone and keeps an exponential moving average of the
+    parameters they lead to. Being optimizer state, the average is sharded like the parameters,
+    checkpointed with the moments, and restarted with them (a rollback, `Learner.reset_params`)."""
+    def init(params):
+        return AverageParamsState(jnp.zeros((), jnp.int32), jax.tree.map(jnp.zeros_like, params))
+
+    def update(updates, state, params):
+        new = optax.apply_updates(params, updates)
+        return updates, AverageParamsState(optax.safe_increment(state.count),
+                                           optax.incremental_update(new, state.ema, 1.0 - decay))
+    return optax.GradientTransformation(init, update)
+
+
+def averaged(opt_state, params, decay: float):
+    """The debiased average held by `average_params` in `opt_state` (the parameters themselves
+    before any step has been averaged)."""
+    avg = next(s for s in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, AverageParamsState))
+               if isinstance(s, AverageParamsState))
+    scale = 1.0 / (1.0 - decay ** avg.count.astype(jnp.float32))
+    return jax.tree.map(lambda e, p: jnp.where(avg.count > 0, e * scale, p).astype(p.dtype), avg.ema, params)
 
 
 def make_mesh(cfg: MeshConfig) -> Mesh:
@@ -222,6 +257,8 @@ class Learner:
         self.batch_sharding = plan.batch_sharding
         self._step = jax.jit(plan.step, donate_argnums=(0,))
         graphdef = self.graphdef
+        self._published = (jax.jit(lambda opt_state, params: averaged(opt_state, params, optim.ema_decay))
+                           if optim.ema_decay > 0 else None)
         self._proxy = jax.jit(lambda params, rest, batch: loss_fn(nnx.merge(graphdef, params, rest), batch, objective,
                                                                   plan.attention)[1]["accept_len"])
         self.rows_multiple = max(mesh.shape["data"] // jax.process_count(), 1)  # this process's rows
@@ -254,10 +291,17 @@ class Learner:
         """The current draft (or these `params` in it) as an NNX module (shares the arrays; do not mutate)."""
         return nnx.merge(self.graphdef, self.state.params if params is None else params, self.rest)
 
+    def published_params(self):
+        """The weights the trainer publishes, gates and exports: the moving average with
+        optim.ema_decay > 0, else the last step's."""
+        if self._published is None:
+            return self.state.params
+        return self._published(self.state.opt_state, self.state.params)
+
     def host_params(self) -> dict[str, np.ndarray]:
-        """Flat {'midlayer.self_attn.q_proj.kernel': array, ...} of every variable, on the host."""
+        """Flat {'midlayer.self_attn.q_proj.kernel': array, ...} of every variable as published, on the host."""
         return {k: np.asarray(jax.device_get(v.get_value()))
-                for tree in (self.state.params, self.rest) for k, v in flat_state(tree).items()}
+                for tree in (self.published_params(), self.rest) for k, v in flat_state(tree).items()}
 
     def params_digest(self) -> str:
         """xxh3-64 over this process's copy of every trained parameter (its first addressable shard
@@ -295,9 +339,9 @@ class Learner:
         self.target_to_draft = target_to_draft(vocab["d2t"], vocab["t2d"].shape[0])
 
     def proxy(self, batches: list[Batch], params=None) -> float:
-        """The acceptance-length proxy of `params` (default: the live ones) over `batches`, each weighted
-        by its scored trunk slots: what the loss would report, without a step."""
-        params = self.state.params if params is None else params
+        """The acceptance-length proxy of `params` (default: the published ones) over `batches`, each
+        weighted by its scored trunk slots: what the loss would report, without a step."""
+        params = self.published_params() if params is None else params
         total = weight = 0.0
         for b in batches:
             w = float((b.loss_mask[0][:, :b.aux.shape[1]] > 0).sum())

@@ -12,7 +12,7 @@ from flax import nnx
 
 from aurora_jax.batching import BatchConfig, pack
 from aurora_jax.checkpoint import CheckpointConfig, Checkpointer
-from aurora_jax.model import DraftConfig, Eagle3Draft, target_to_draft
+from aurora_jax.model import DraftConfig, Eagle3Draft, flat_state, target_to_draft
 from aurora_jax.objective import ObjectiveConfig
 from aurora_jax.train import Learner, MeshConfig, OptimConfig, make_mesh
 from bridge.synthetic import toy_target_trace
@@ -50,10 +50,11 @@ def _batches(n, seed=0, traces=8, second_choice=False):
     return out
 
 
-def _learner(devices=1, fsdp=False, reject_weight=0.1, lr=3e-3, attention="auto", model=1):
+def _learner(devices=1, fsdp=False, reject_weight=0.1, lr=3e-3, attention="auto", model=1, ema_decay=0.0):
     return Learner(Eagle3Draft(CFG, rngs=nnx.Rngs(0)),
                    ObjectiveConfig(ttt_length=D, reject_weight=reject_weight, attention=attention),
-                   OptimConfig(lr=lr, warmup_steps=10), make_mesh(MeshConfig(data=devices, model=model)), fsdp=fsdp)
+                   OptimConfig(lr=lr, warmup_steps=10, ema_decay=ema_decay),
+                   make_mesh(MeshConfig(data=devices, model=model)), fsdp=fsdp)
 
 
 def test_training_on_a_toy_target_drives_per_depth_accuracy_up():
@@ -109,6 +110,34 @@ def test_checkpoint_restore_is_bit_identical_and_continues_the_same_curve(tmp_pa
         assert saved[k].dtype == restored[k].dtype and np.array_equal(saved[k], restored[k]), k
     curve_b = [float(b_.train_step(b)["loss"]) for b in batches[4:]]
     assert curve_a == curve_b
+
+
+def test_ema_decay_publishes_the_debiased_average_of_each_steps_weights_and_checkpoints_it(tmp_path):
+    """optim.ema_decay leaves training alone (the live weights follow the same curve) and publishes,
+    exports and scores sum_i (1-d) d^(n-1-i) w_i / (1 - d^n) over the weights w_i after each of n steps."""
+    d, batches = 0.8, _batches(4, seed=3, traces=4)
+    plain, avg = _learner(), _learner(ema_decay=d)
+    live = lambda lr: {k: np.asarray(v.get_value()) for k, v in flat_state(lr.state.params).items()}  # noqa: E731
+    assert all(np.array_equal(avg.host_params()[k], w) for k, w in live(avg).items())  # nothing averaged yet
+    after = []
+    for b in batches:
+        plain.train_step(b), avg.train_step(b)
+        after.append(live(avg))
+    n = len(after)
+    published = avg.host_params()
+    for k, w in live(plain).items():
+        np.testing.assert_allclose(after[-1][k], w, rtol=1e-6, atol=1e-7)
+        expected = sum((1 - d) * d ** (n - 1 - i) * a[k] for i, a in enumerate(after)) / (1 - d ** n)
+        np.testing.assert_allclose(published[k], expected, rtol=1e-5, atol=1e-6, err_msg=k)
+        assert not np.allclose(published[k], w), k  # it is not the last step's weights
+    ck = Checkpointer(CheckpointConfig(dir=str(tmp_path / "ckpt")))
+    ck.save(avg.step, avg.state, {"draft_version": 1})
+    ck.close()
+    back = _learner(ema_decay=d)
+    ck = Checkpointer(CheckpointConfig(dir=str(tmp_path / "ckpt")))
+    back.restore(ck.restore(back.state)[0])
+    ck.close()
+    assert all(np.array_equal(back.host_params()[k], v) for k, v in published.items())
 
 
 @pytest.mark.parametrize("fsdp,attention", [(False, "auto"), (True, "auto"), (True, "pallas")])
