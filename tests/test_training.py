@@ -14,7 +14,7 @@ from aurora_jax.batching import BatchConfig, pack
 from aurora_jax.checkpoint import CheckpointConfig, Checkpointer
 from aurora_jax.model import DraftConfig, Eagle3Draft, flat_state, target_to_draft
 from aurora_jax.objective import ObjectiveConfig
-from aurora_jax.train import Learner, MeshConfig, OptimConfig, make_mesh
+from aurora_jax.train import AverageParamsState, Learner, MeshConfig, OptimConfig, make_mesh
 from bridge.synthetic import toy_target_trace
 
 V, HT, D = 64, 16, 3
@@ -166,9 +166,9 @@ def test_step_on_8_forced_cpu_devices_matches_one_device(fsdp, attention):
 
 def test_shardings_come_from_the_models_partition_metadata():
     """A 4 x 2 (data x model) mesh with FSDP: each kernel's hidden ("embed") dim over data, lm_head's
-    vocabulary over model, norms whole; Adam's moments sharded like their parameter; and the step
-    equals the one-device step."""
-    one, mesh8 = _learner(devices=1), _learner(devices=4, model=2, fsdp=True)
+    vocabulary over model, norms whole; Adam's moments and the weights' moving average sharded like
+    their parameter; and the step, and the averaged weights published, equal the one-device ones."""
+    one, mesh8 = _learner(devices=1, ema_decay=0.9), _learner(devices=4, model=2, fsdp=True, ema_decay=0.9)
     spec = lambda tree, *path: tree[path[0]] if len(path) == 1 else spec(tree[path[0]], *path[1:])  # noqa: E731
     params = mesh8.state.params
     assert spec(params, "lm_head", "kernel").get_value().sharding.spec == P("data", "model")
@@ -178,8 +178,15 @@ def test_shardings_come_from_the_models_partition_metadata():
     moments = [s for s in jax.tree.leaves(mesh8.state.opt_state) if getattr(s, "ndim", 0) == 2]
     assert moments and {m.sharding.spec for m in moments} <= {P("data", "model"), P(None, "data"), P("data")}
     assert any(m.sharding.spec == P("data", "model") for m in moments)  # lm_head's moments
+    averages = [s.ema for s in jax.tree.leaves(mesh8.state.opt_state, is_leaf=lambda x: isinstance(x, AverageParamsState))
+                if isinstance(s, AverageParamsState)]
+    assert len(averages) == 1
+    assert spec(averages[0], "lm_head", "kernel").get_value().sharding.spec == P("data", "model")
     for b in _batches(2, seed=5):
         np.testing.assert_allclose(float(one.train_step(b)["loss"]), float(mesh8.train_step(b)["loss"]), rtol=1e-5)
+    p1, p8 = _host(one), _host(mesh8)
+    for k in p1:
+        np.testing.assert_allclose(p1[k], p8[k], rtol=1e-4, atol=1e-6, err_msg=k)
 
 
 def test_bf16_activations_with_f32_master_weights():
