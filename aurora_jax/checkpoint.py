@@ -92,7 +92,14 @@ class Checkpointer:
         extras = [name for name in (extra_like or {}) if name in saved]
         for name in extras:
             items[name] = ocp.args.StandardRestore(abstract(extra_like[name]))
-        out = self.mgr.restore(step, args=ocp.args.Composite(**items))
+        try:
+            out = self.mgr.restore(step, args=ocp.args.Composite(**items))
+        except ValueError as e:  # orbax names the subtree, not the setting that shaped it
+            if "do not match" not in str(e):
+                raise
+            raise ValueError(f"checkpoint {step} in {self.dir} holds a train state shaped unlike this trainer's: "
+                             f"resume with the model.* and optim.* it was saved with (the `config` in its meta; "
+                             f"e.g. optim.ema_decay and optim.clip_norm add optimizer state). orbax: {e}") from None
         log.info("restored checkpoint %d from %s", step, self.dir)
         return out.state, out.meta, (dict(out.vocab) if has_vocab else None), {name: out[name] for name in extras}
 

@@ -138,6 +138,10 @@ def test_ema_decay_publishes_the_debiased_average_of_each_steps_weights_and_chec
     back.restore(ck.restore(back.state)[0])
     ck.close()
     assert all(np.array_equal(back.host_params()[k], v) for k, v in published.items())
+    ck = Checkpointer(CheckpointConfig(dir=str(tmp_path / "ckpt")))
+    with pytest.raises(ValueError, match=r"resume with the model.\* and optim.\* it was saved with"):
+        ck.restore(plain.state)  # saved with the average, resumed without it
+    ck.close()
 
 
 @pytest.mark.parametrize("fsdp,attention", [(False, "auto"), (True, "auto"), (True, "pallas")])
