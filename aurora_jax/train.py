@@ -69,8 +69,11 @@ def make_optimizer(cfg: OptimConfig) -> optax.GradientTransformation:
                                    optax.constant_schedule(cfg.lr)], [max(cfg.warmup_steps, 1)])
     decay_mask = lambda params: jax.tree.map(lambda x: x.ndim >= 2, params)  # no decay on norms
     tx = optax.adamw(lr, b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay, mask=decay_mask)
-    parts = [optax.clip_by_global_norm(cfg.clip_norm)] * (cfg.clip_norm > 0) + [tx]
-    parts += [average_params(cfg.ema_decay)] * (cfg.ema_decay > 0)
+    parts = [tx]
+    if cfg.clip_norm > 0:
+        parts.insert(0, optax.clip_by_global_norm(cfg.clip_norm))
+    if cfg.ema_decay > 0:
+        parts.append(average_params(cfg.ema_decay))
     return optax.chain(*parts) if len(parts) > 1 else tx
 
 
