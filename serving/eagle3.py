@@ -24,16 +24,19 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x):
-        x32 = x.float()
-        y = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (y * self.weight.float()).to(x.dtype)
+        # torch's fused kernel: float32 inside, as x32 * rsqrt(mean(x32^2) + eps) * weight, cast back
+        return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
 
 
-def rope(x, positions, inv_freq):
-    """Llama rotary embedding (rotate-half) on x [B, N, heads, hd] at positions [B, N];
-    inv_freq [hd/2] float32 from `DraftConfig.inv_freq` (rope_theta and rope_scaling applied)."""
-    ang = positions.float()[..., None] * inv_freq
-    cos, sin = ang.cos()[:, :, None, :], ang.sin()[:, :, None, :]
+def rope_angles(positions, inv_freq):
+    """(cos, sin) [B, N, 1, hd/2] float32 at positions [B, N]; inv_freq [hd/2] float32 from
+    `DraftConfig.inv_freq` (rope_theta and rope_scaling applied). Queries and keys share them."""
+    ang = positions.float()[..., None, None] * inv_freq
+    return ang.cos(), ang.sin()
+
+
+def rope(x, cos, sin):
+    """Llama rotary embedding (rotate-half) on x [B, N, heads, hd], in float32."""
     x1, x2 = x.float().chunk(2, dim=-1)
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
 
@@ -54,17 +57,23 @@ class Attention(nn.Module):
         B, N, _ = x.shape
         if self.inv_freq.device != x.device:
             self.inv_freq = self.inv_freq.to(x.device)
-        q = rope(self.q_proj(x).view(B, N, c.num_attention_heads, c.hd), positions, self.inv_freq)
-        k = rope(self.k_proj(x).view(B, N, c.num_key_value_heads, c.hd), positions, self.inv_freq)
+        cos, sin = rope_angles(positions, self.inv_freq)
+        q = rope(self.q_proj(x).view(B, N, c.num_attention_heads, c.hd), cos, sin)
+        k = rope(self.k_proj(x).view(B, N, c.num_key_value_heads, c.hd), cos, sin)
         v = self.v_proj(x).view(B, N, c.num_key_value_heads, c.hd)
         if cache is not None:
             k, v = torch.cat([cache[0], k], 1), torch.cat([cache[1], v], 1)
-        g = c.num_attention_heads // c.num_key_value_heads
-        kk, vv = k.repeat_interleave(g, dim=2), v.repeat_interleave(g, dim=2)
-        o = F.scaled_dot_product_attention(q.transpose(1, 2), kk.transpose(1, 2), vv.transpose(1, 2),
-                                           attn_mask=mask[:, None])  # [B, heads, N, hd]
-        o = torch.where(mask.any(-1)[:, None, :, None], o, torch.zeros((), dtype=o.dtype))
-        return self.o_proj(o.transpose(1, 2).reshape(B, N, -1)), (k, v)
+        # grouped-query attention without copying keys and values per query head: a kv head's g
+        # query heads (heads kv*g .. kv*g+g-1) are stacked along the query axis and read it together
+        kvh, g = c.num_key_value_heads, c.num_attention_heads // c.num_key_value_heads
+        qg = q.view(B, N, kvh, g, c.hd).permute(0, 2, 3, 1, 4).reshape(B, kvh, g * N, c.hd)
+        o = F.scaled_dot_product_attention(qg, k.transpose(1, 2), v.transpose(1, 2),
+                                           attn_mask=mask.repeat(1, g, 1)[:, None])  # [B, kvh, g*N, hd]
+        o = o.view(B, kvh, g, N, c.hd).permute(0, 3, 1, 2, 4).reshape(B, N, -1)
+        empty = ~mask.any(-1)  # a padding row (several requests' steps fused) attends to nothing: zeros, not NaN
+        if empty.any():
+            o = o.masked_fill(empty[..., None], 0)
+        return self.o_proj(o), (k, v)
 
 
 class MLP(nn.Module):

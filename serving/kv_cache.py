@@ -62,13 +62,16 @@ class KVCache:
 
     def keep(self, past: int, new_idx: list[int]) -> None:
         """After a tree pass: keep the first `past` entries plus the tree entries `new_idx` (in order).
-        Moves only the kept tree entries (the rest is overwritten by later forwards)."""
-        src = torch.tensor([past + i for i in new_idx], dtype=torch.long)
+        Moves only the kept tree entries not already in place (the rest is overwritten by later
+        forwards): a path through the first child at each depth moves nothing, which is most rounds."""
         end = past + len(new_idx)
-        for li in range(len(self.keys)):
-            for buf in (self.keys[li], self.values[li]):
-                buf[:, :, past:end] = buf.index_select(2, src)
-            self.lengths[li] = end
+        first = next((j for j, i in enumerate(new_idx) if i != j), len(new_idx))  # entries before it stay
+        if first < len(new_idx):
+            src = torch.tensor([past + i for i in new_idx[first:]], dtype=torch.long)
+            for li in range(len(self.keys)):
+                for buf in (self.keys[li], self.values[li]):
+                    buf[:, :, past + first:end] = buf.index_select(2, src)
+        self.lengths = [end] * len(self.keys)
 
     @classmethod
     def stack(cls, caches: list["KVCache"], width: int) -> "KVCache":

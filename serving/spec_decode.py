@@ -177,9 +177,8 @@ class EagleDrafter:
         frontier: list[int] = []  # node indices expanded at the current depth
         tree_kv = None
         kv_index: dict[int, int] = {}  # node -> position in tree_kv
-        logp = torch.log_softmax(logits[0, -1], -1)
         parent_h = {-1: h[0, -1]}
-        self._children(nodes, -1, 0.0, 1, logp)
+        self._children(nodes, [-1], 1, logits[0, -1:])
         floor = math.log(self.cfg.min_prob) if self.cfg.min_prob > 0 else -math.inf
         frontier = [i for i in range(len(nodes)) if nodes[i].score >= floor]
         for depth in range(1, num_steps):
@@ -202,13 +201,12 @@ class EagleDrafter:
                      torch.cat([st.cache[1]] + ([tree_kv[1]] if tree_kv else []), 1))
             logits, h, full = yield tok, hid, pos, mask, cache
             tree_kv = (full[0][:, trunk_len:], full[1][:, trunk_len:])
-            new = []
             for r, i in enumerate(frontier):
                 kv_index[i] = done + r
                 parent_h[i] = h[0, r]
-                first = len(nodes)
-                self._children(nodes, i, nodes[i].score, depth + 1, torch.log_softmax(logits[0, r], -1))
-                new.extend(range(first, len(nodes)))
+            first = len(nodes)
+            self._children(nodes, frontier, depth + 1, logits[0])
+            new = list(range(first, len(nodes)))
             new.sort(key=lambda i: -nodes[i].score)
             frontier = [i for i in new[:self.cfg.topk] if nodes[i].score >= floor]
 
@@ -224,11 +222,14 @@ class EagleDrafter:
         new_index = {old: k for k, old in enumerate(order)}
         return [Node(nodes[i].token, new_index.get(nodes[i].parent, -1), nodes[i].depth, nodes[i].score) for i in order]
 
-    def _children(self, nodes, parent, score, depth, logp):
-        top = torch.topk(logp, min(self.cfg.topk, logp.shape[0]))
+    def _children(self, nodes, parents: list[int], depth: int, logits: torch.Tensor):
+        """Append each parent's `topk` most likely children (logits row r: parent r's; -1 = the root)."""
+        top = torch.topk(torch.log_softmax(logits, -1), min(self.cfg.topk, logits.shape[-1]), dim=-1)
         ids = self.draft.draft_to_target(top.indices)
-        for lp, t in zip(top.values.tolist(), ids.tolist()):
-            nodes.append(Node(int(t), parent, depth, score + lp))
+        for parent, lps, toks in zip(parents, top.values.tolist(), ids.tolist()):
+            score = nodes[parent].score if parent >= 0 else 0.0
+            for lp, t in zip(lps, toks):
+                nodes.append(Node(int(t), parent, depth, score + lp))
 
 
 
@@ -397,10 +398,10 @@ class SpecDecoder:
         n = len(nodes)
         path, bonus = accept(logits, nodes, r.temperature, r.gen)  # node k is logits row k + 1
         rows = [0] + [k + 1 for k in path]
-        ids, lps = self._topk(logits[rows])
-        for i, row in enumerate(rows):
+        ids, lps = self._topk(logits)  # every row is in the trace: the path's, or a rejected node's
+        for row in rows:
             r.aux.append(a[row])
-            r.top_ids.append(ids[i]), r.top_lp.append(lps[i])
+            r.top_ids.append(ids[row]), r.top_lp.append(lps[row])
         tokens.extend(nodes[k].token for k in path)
         tokens.append(bonus)
         self.target.keep(r.cache, q, rows)
@@ -408,10 +409,9 @@ class SpecDecoder:
         accepted = np.zeros(n, bool)
         accepted[path] = True
         rejected = np.nonzero(~accepted)[0].astype(np.int32)
-        r_ids, r_lps = self._topk(logits[rejected + 1]) if rejected.size else \
-            (np.zeros((0, self.topk), np.int32), np.zeros((0, self.topk), np.float32))
         r.steps.append(TreeStep(q, np.asarray([nd.token for nd in nodes], np.int32),
-                                np.asarray([nd.parent for nd in nodes], np.int32), accepted, rejected, r_ids, r_lps))
+                                np.asarray([nd.parent for nd in nodes], np.int32), accepted, rejected,
+                                ids[rejected + 1], lps[rejected + 1]))
         return len(path) + 1
 
     @torch.no_grad()

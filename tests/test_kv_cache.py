@@ -64,6 +64,7 @@ def test_cache_grows_and_trims_in_place_as_a_whole_sequence_forward_would(target
     cache = target.new_cache()
     logits, _ = target.forward(seq, cache)
     torch.testing.assert_close(logits, _uncached(target, seq), rtol=1e-4, atol=1e-4)
+    paths = [[0, 2, 3], [0, 1], [0], [0, 2]]  # rows kept: node 2 then 3, node 1, none, node 2
     for step in range(80):  # ~110 tokens: past the first buffers' 64 entries
         if step % 3:
             x = int(torch.randint(0, 64, (1,), generator=g))
@@ -78,8 +79,9 @@ def test_cache_grows_and_trims_in_place_as_a_whole_sequence_forward_would(target
         allowed[:, :q + 1] = True  # the cache and the root
         allowed[1, q + 1] = allowed[2, q + 2] = allowed[3, q + 2] = allowed[3, q + 3] = True
         target.forward([seq[q]] + nodes, cache, [q, q + 1, q + 1, q + 2], allowed)
-        cache.keep(q, [0, 2, 3])  # accept node 2 then node 3
-        seq.extend([nodes[1], nodes[2]])
+        rows = paths[(step // 3) % len(paths)]  # some kept rows are already in place, some move
+        cache.keep(q, rows)
+        seq.extend(nodes[r - 1] for r in rows[1:])
         assert cache.get_seq_length() == len(seq)
     for keys, values in cache.entries():
         assert keys.shape[2] == values.shape[2] == len(seq)
