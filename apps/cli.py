@@ -71,7 +71,7 @@ def _cmd_count_tokens(args) -> int:
 
     files = [Path(args.prompts) / f"{d}.jsonl" for d in args.domains.split(",")] if Path(args.prompts).is_dir() \
         else [Path(args.prompts)]
-    counts = count_prompt_tokens(args.tokenizer, files, args.vocab_size)
+    counts = count_prompt_tokens(args.tokenizer, files, args.vocab_size, args.split)
     np.save(args.out, counts)
     print(f"wrote {args.out}: {int(counts.sum())} tokens, {int((counts > 0).sum())} distinct of {counts.size}")
     return 0
@@ -263,6 +263,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--prompts", default="models/demo-target/prompts", help="a .jsonl file or a directory of them")
     s.add_argument("--domains", default="code,prose", help="with a directory: which <domain>.jsonl files")
     s.add_argument("--vocab-size", type=int, default=0, help="V (default: the target config's vocab_size)")
+    s.add_argument("--split", default="all", help="only prompts of this split (e.g. train: never the held-out ones)")
     s.set_defaults(func=_cmd_count_tokens)
 
     s = sub.add_parser("prepare-target", help="convert a registry-installed real target (GGUF) into a local HF dir",

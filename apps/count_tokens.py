@@ -13,8 +13,9 @@ from pathlib import Path
 import numpy as np
 
 
-def count_prompt_tokens(tokenizer_path: str, files: list[Path], vocab_size: int = 0) -> np.ndarray:
-    """Token counts [V] over every `prompt` of the given .jsonl files (V: the target's vocab_size)."""
+def count_prompt_tokens(tokenizer_path: str, files: list[Path], vocab_size: int = 0, split: str = "all") -> np.ndarray:
+    """Token counts [V] over the `prompt`s of the given .jsonl files (V: the target's vocab_size);
+    `split`: only records of that split (a record without one is "train"), or "all"."""
     from transformers import AutoConfig, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(tokenizer_path, local_files_only=True)
@@ -29,9 +30,12 @@ def count_prompt_tokens(tokenizer_path: str, files: list[Path], vocab_size: int 
             if not line.strip():
                 continue
             try:
-                prompt = json.loads(line)["prompt"]
+                record = json.loads(line)
+                prompt = record["prompt"]
             except (json.JSONDecodeError, KeyError, TypeError):
                 raise ValueError(f"{f}:{n}: expected a JSON object with a 'prompt' string") from None
+            if split != "all" and record.get("split", "train") != split:
+                continue
             ids = np.asarray(tok(prompt, add_special_tokens=False)["input_ids"], np.int64)
             if ids.size and ids.max() >= vocab_size:
                 raise ValueError(f"{f}:{n}: token id {ids.max()} >= vocab_size {vocab_size}")

@@ -54,6 +54,9 @@ class DemoConfig:
     side_by_side_split: str = "heldout"  # the prompts' split it runs on (never sent while training)
     train: bool = True  # false: no trainer; the engine serves its draft statically (a baseline of `bench flywheel`)
     require_new_version: bool = True  # false: no version > 0 served is a result, not a failure (slow-sync arms)
+    # Embedded day 0: the pruned draft vocabulary from the workload's prompts (`count-tokens`, the load's
+    # split) and the first traces, rather than from the first traces alone (README, "Draft vocabulary").
+    vocab_from_prompts: bool = False
 
     def __post_init__(self):
         if self.serving not in ("embedded", "sglang"):
@@ -198,16 +201,21 @@ def sglang_day0(cfg: DemoConfig, run: Path, py: list[str]) -> list[str]:
     serve = load_config(SGLangLaunchConfig, ROOT / cfg.serve_config, cfg.serve_overrides).sglang
     draft = Path(serve.draft_path)
     if not (draft / "config.json").exists():
-        extra = []
-        if not any(o.startswith("loop.vocab_counts=") for o in cfg.trainer_overrides):
-            counts = run / "vocab_counts.npy"
-            subprocess.run(py + ["count-tokens", str(counts), "--tokenizer", serve.model_path,
-                                 "--prompts", str(ROOT / cfg.load.prompts), "--domains", ",".join(cfg.load.domains)],
-                           check=True)
-            extra = [f"loop.vocab_counts={counts}"]
         subprocess.run(py + ["init-draft", "--config", cfg.trainer_config, "--out", str(draft),
-                             *cfg.trainer_overrides, *extra], check=True)
+                             *cfg.trainer_overrides, *prompt_counts(cfg, run, py, serve.model_path)], check=True)
     return [f"loop.init_from={draft}"]
+
+
+def prompt_counts(cfg: DemoConfig, run: Path, py: list[str], tokenizer: str) -> list[str]:
+    """The workload's prompts (the load's split: never the held-out ones) counted with the target's
+    tokenizer (`count-tokens`) for the day-0 draft vocabulary; returns the trainer override that uses
+    them (none if the trainer overrides already name counts)."""
+    if any(o.startswith("loop.vocab_counts=") for o in cfg.trainer_overrides):
+        return []
+    counts = run / "vocab_counts.npy"
+    subprocess.run(py + ["count-tokens", str(counts), "--tokenizer", tokenizer, "--prompts", str(ROOT / cfg.load.prompts),
+                         "--domains", ",".join(cfg.load.domains), "--split", cfg.load.split], check=True)
+    return [f"loop.vocab_counts={counts}"]
 
 
 def run_demo(cfg: DemoConfig) -> int:
@@ -220,11 +228,15 @@ def run_demo(cfg: DemoConfig) -> int:
         raise FileNotFoundError(f"no model directory at {cfg.target} (the toy target: scripts/make_demo_target.py)")
     if cfg.prepare_target:  # first use: convert the registry-installed target once (torch, in a child)
         subprocess.run(py + ["prepare-target", cfg.prepare_target, "--out", cfg.target], check=True, cwd=ROOT)
+    if not sglang and cfg.load.prompts == LoadConfig.prompts:  # the embedded target's own prompts
+        cfg.load.prompts = str(ROOT / cfg.target / "prompts")
+    cfg.load.prompts = str(ROOT / cfg.load.prompts)  # (an absolute path stays as it is)
     ingest, weights = free_port(), free_port()
     trainer = engine = None
     t0 = time.perf_counter()
     try:
-        day0 = sglang_day0(cfg, run, py) if sglang else []
+        day0 = sglang_day0(cfg, run, py) if sglang else \
+            prompt_counts(cfg, run, py, str(ROOT / cfg.target)) if cfg.vocab_from_prompts and cfg.train else []
         trainer = None if not cfg.train else _Proc("trainer", py + ["train", "--config", cfg.trainer_config,
                                          f"ingest.address=127.0.0.1:{ingest}", f"weight_sync.address=127.0.0.1:{weights}",
                                          f"buffer.spool_dir={run / 'spool'}", f"checkpoint.dir={run / 'ckpt'}",
@@ -248,9 +260,6 @@ def run_demo(cfg: DemoConfig) -> int:
         print((f"trainer: ingest :{ingest}, weights :{weights} (log {run / 'trainer.log'}); " if trainer else
                "no trainer (static draft); ") + f"engine {url} (log {run / 'engine.log'})", flush=True)
         cfg.load.endpoint = url
-        if not sglang and cfg.load.prompts == LoadConfig.prompts:  # the embedded target's own prompts
-            cfg.load.prompts = str(ROOT / cfg.target / "prompts")
-        cfg.load.prompts = str(ROOT / cfg.load.prompts)  # (an absolute path stays as it is)
         def alive():
             for proc in (trainer, engine):
                 if proc is not None and proc.p.poll() is not None:

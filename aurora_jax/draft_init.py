@@ -18,7 +18,7 @@ from flax import nnx
 from aurora_jax.config import TrainerConfig
 from aurora_jax.model import Eagle3Draft, head_from_target, load_flat
 from bridge.eagle3 import LayoutError, from_torch_layout, load_hf, read_target_config, read_tensor, weights_file
-from bridge.vocab import build_vocab, count_tokens
+from bridge.vocab import build_vocab, token_frequencies
 
 
 @dataclasses.dataclass
@@ -68,7 +68,7 @@ def resolve_draft(cfg: TrainerConfig) -> Draft:
 def vocab_from_traces(cfg: TrainerConfig, traces) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Day 0 with draft_vocab_size < V and no counts given: the tokens most frequent in these (the
     first) traces. Returns (d2t, t2d, counts)."""
-    counts = count_tokens(traces, cfg.model.vocab_size)
+    counts = token_frequencies(traces, cfg.model.vocab_size)
     return (*build_vocab(counts, cfg.model.vd), counts)
 
 

@@ -35,7 +35,7 @@ from aurora_jax.served import ServedUtility, serve_metrics
 from aurora_jax.train import Learner, make_mesh
 from bridge.config import to_dict
 from bridge.signals import stop_event
-from bridge.vocab import build_vocab, count_tokens
+from bridge.vocab import build_vocab, token_frequencies
 
 log = logging.getLogger(__name__)
 
@@ -123,7 +123,7 @@ class Trainer:
     def _prune_vocab(self) -> None:
         """Day 0 with draft_vocab_size < V: keep the tokens most frequent in the traces so far."""
         traces = [e.trace for e in self.buffer.entries()]
-        counts = self.hosts.token_counts(count_tokens(traces, self.cfg.model.vocab_size))  # every host's traffic
+        counts = self.hosts.token_counts(token_frequencies(traces, self.cfg.model.vocab_size))  # every host's traffic
         d2t, t2d = build_vocab(counts, self.cfg.model.vd)
         self.learner.set_vocab(d2t, t2d)
         self._vocab_pending = False

@@ -10,12 +10,20 @@ from __future__ import annotations
 import numpy as np
 
 
-def count_tokens(traces, vocab_size: int) -> np.ndarray:
-    """Token frequencies [V] over the trunks of traces (prompt and output)."""
-    counts = np.zeros(vocab_size, np.int64)
+def token_frequencies(traces, vocab_size: int) -> np.ndarray:
+    """How often each target token [V] occurs in `traces` (float64): every trunk token once, plus, at
+    every position, the target's top-k probabilities of the next token. The second term is what the
+    target would say there, so a few traces sample the answers' vocabulary far more widely than the
+    tokens they happen to hold: on the demo's traffic the 4096 tokens kept after its first 4 traces
+    cover 88.8% of later outputs with it, 84.9% from the tokens alone (README, "Draft vocabulary")."""
+    freq = np.zeros(vocab_size, np.float64)
     for t in traces:
-        counts += np.bincount(np.asarray(t.tokens), minlength=vocab_size)[:vocab_size]
-    return counts
+        freq += np.bincount(np.asarray(t.tokens), minlength=vocab_size)[:vocab_size]
+        ids = np.asarray(t.target_ids).ravel()
+        ok = (ids >= 0) & (ids < vocab_size)
+        freq += np.bincount(ids[ok], weights=np.exp(np.asarray(t.target_logprobs, np.float64).ravel()[ok]),
+                            minlength=vocab_size)
+    return freq
 
 
 def build_vocab(counts: np.ndarray, draft_vocab_size: int) -> tuple[np.ndarray, np.ndarray]:

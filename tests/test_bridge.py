@@ -17,7 +17,7 @@ from aurora_jax.model import Eagle3Draft, flat_variables, load_flat
 from aurora_jax.tree_attention import TreeMeta, tree_mask
 from bridge.eagle3 import DraftConfig, LayoutError, from_torch_layout, load_hf, save_hf, to_torch_layout
 from bridge.torch_io import from_torch, to_torch
-from bridge.vocab import build_vocab, count_tokens
+from bridge.vocab import build_vocab, token_frequencies
 from serving.eagle3 import Eagle3Draft as TorchDraft
 
 CFG = DraftConfig(hidden_size=32, num_attention_heads=4, num_key_value_heads=2, intermediate_size=48,
@@ -212,14 +212,19 @@ def test_llama31_8b_shaped_sglang_state_dict_imports_without_missing_or_unexpect
 
 
 def test_vocab_pruning_keeps_the_most_frequent_tokens():
-    class T:
-        def __init__(self, toks):
+    class T:  # trunk tokens; the target's top-2 at each position: the next token, p = 0.99
+        def __init__(self, toks, also=11, p_also=0.01):
             self.tokens = np.asarray(toks)
-    counts = count_tokens([T([5, 5, 5, 7, 7, 1, 9, 9, 9, 9]), T([3, 3, 7])], 12)
+            self.target_ids = np.stack([np.r_[toks[1:], 0], np.full(len(toks), also)], 1)
+            self.target_logprobs = np.log(np.tile([1.0 - p_also, p_also], (len(toks), 1)))
+    counts = token_frequencies([T([5, 5, 5, 7, 7, 1, 9, 9, 9, 9]), T([3, 3, 7])], 12)
     d2t, t2d = build_vocab(counts, 4)
     kept = np.arange(4) + d2t
     assert kept.tolist() == [3, 5, 7, 9]  # the four most frequent, in target-id order
     assert t2d.sum() == 4 and t2d[kept].all() and not t2d[1]
+    # a token the traces never hold but the target keeps offering (0.4 a position) is kept over a rare one
+    counts = token_frequencies([T([5, 5, 5, 7, 7, 1, 9, 9, 9, 9], p_also=0.4), T([3, 3, 7], p_also=0.4)], 12)
+    assert counts[11] == pytest.approx(0.4 * 13) and 11 in (np.arange(4) + build_vocab(counts, 4)[0])
     with pytest.raises(ValueError, match="draft_vocab_size 13 outside"):
         build_vocab(counts, 13)
 
