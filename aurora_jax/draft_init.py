@@ -57,8 +57,12 @@ def resolve_draft(cfg: TrainerConfig) -> Draft:
         load_flat(model, from_torch_layout(init_sd, hf_cfg))
         vocab_fixed, source = True, f"{path} ({len(init_sd)} tensors)"  # its d2t/t2d stay (SGLang caches them)
     elif not vocab_fixed and cfg.loop.vocab_counts:
-        model.set_vocab(build_vocab(np.load(cfg.loop.vocab_counts), m.vd)[0])
+        counts = np.load(cfg.loop.vocab_counts)
+        d2t, t2d = build_vocab(counts, m.vd)
+        model.set_vocab(d2t)
         vocab_fixed = True
+        source += (f"; vocabulary: the {m.vd} most frequent tokens of {cfg.loop.vocab_counts} "
+                   f"({100 * counts[t2d].sum() / max(counts.sum(), 1):.1f}% of its {int(counts.sum())})")
     embedding = frozen_embedding(cfg, init_sd)
     if embedding is not None:
         model.set_embedding(embedding)
