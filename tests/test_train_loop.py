@@ -205,6 +205,31 @@ def test_import_hf_prints_the_overrides_that_make_init_from_match(tmp_path):
     assert loaded.loop.init_from == str(out) and loaded.limits.vocab_size == V
 
 
+def test_prompt_counts_for_the_embedded_day0_leave_out_the_heldout_split(tmp_path):
+    """`demo` with vocab_from_prompts: the load's prompts of its split (never the held-out ones) are
+    counted with the target's tokenizer, and the trainer is told to take its vocabulary from them."""
+    from transformers import AutoTokenizer
+
+    from apps.demo import DemoConfig, prompt_counts
+    from apps.load import LoadConfig
+
+    prompts = tmp_path / "prompts"
+    prompts.mkdir()
+    records = [dict(prompt="def add(a, b):\n    return a + b\n", split="train"),
+               dict(prompt="zebra quagga okapi", split="heldout"), dict(prompt="import os\n")]  # no split: train
+    (prompts / "code.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    demo = DemoConfig(load=LoadConfig(prompts=str(prompts), domains=["code"]))
+    assert prompt_counts(demo, tmp_path, [sys.executable, "-m", "apps.cli"], "models/demo-target") == \
+        [f"loop.vocab_counts={tmp_path / 'vocab_counts.npy'}"]
+    tok = AutoTokenizer.from_pretrained("models/demo-target", local_files_only=True)
+    want = np.zeros(4096, np.int64)
+    for r in (records[0], records[2]):
+        want += np.bincount(tok(r["prompt"], add_special_tokens=False)["input_ids"], minlength=4096)
+    np.testing.assert_array_equal(np.load(tmp_path / "vocab_counts.npy"), want)
+    demo.trainer_overrides = ["loop.vocab_counts=mine.npy"]  # counts the user names win
+    assert prompt_counts(demo, tmp_path, [sys.executable, "-m", "apps.cli"], "models/demo-target") == []
+
+
 def test_day0_sglang_draft_dir_from_prompt_counts(tmp_path):
     """Day 0 on SGLang (`demo` with serving=sglang): count the workload's prompts with the target's
     tokenizer (`count-tokens`), write an untrained draft dir with that pruned vocabulary
