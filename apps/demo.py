@@ -209,8 +209,8 @@ def sglang_day0(cfg: DemoConfig, run: Path, py: list[str]) -> list[str]:
 def prompt_counts(cfg: DemoConfig, run: Path, py: list[str], tokenizer: str) -> list[str]:
     """The workload's prompts (the load's split: never the held-out ones) counted with the target's
     tokenizer (`count-tokens`) for the day-0 draft vocabulary; returns the trainer override that uses
-    them (none if the trainer overrides already name counts)."""
-    if any(o.startswith("loop.vocab_counts=") for o in cfg.trainer_overrides):
+    them (none if the trainer overrides already name counts, or a draft whose vocabulary it keeps)."""
+    if any(o.startswith(("loop.vocab_counts=", "loop.init_from=")) for o in cfg.trainer_overrides):
         return []
     counts = run / "vocab_counts.npy"
     subprocess.run(py + ["count-tokens", str(counts), "--tokenizer", tokenizer, "--prompts", str(ROOT / cfg.load.prompts),

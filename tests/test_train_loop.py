@@ -226,8 +226,9 @@ def test_prompt_counts_for_the_embedded_day0_leave_out_the_heldout_split(tmp_pat
     for r in (records[0], records[2]):
         want += np.bincount(tok(r["prompt"], add_special_tokens=False)["input_ids"], minlength=4096)
     np.testing.assert_array_equal(np.load(tmp_path / "vocab_counts.npy"), want)
-    demo.trainer_overrides = ["loop.vocab_counts=mine.npy"]  # counts the user names win
-    assert prompt_counts(demo, tmp_path, [sys.executable, "-m", "apps.cli"], "models/demo-target") == []
+    for given in ("loop.vocab_counts=mine.npy", "loop.init_from=a-draft"):  # counts the user names win; a
+        demo.trainer_overrides = [given]  # draft to continue keeps its own vocabulary
+        assert prompt_counts(demo, tmp_path, [sys.executable, "-m", "apps.cli"], "models/demo-target") == []
 
 
 def test_day0_sglang_draft_dir_from_prompt_counts(tmp_path):
