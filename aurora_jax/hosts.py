@@ -50,8 +50,14 @@ class Hosts:
         return tuple(int(x) for x in self.gather(np.asarray(local, np.int64)).max(0))
 
     def token_counts(self, counts: np.ndarray) -> np.ndarray:
-        """Token counts summed over the hosts (the day-0 draft vocabulary is chosen from all traffic)."""
-        return self.gather(counts).sum(0).astype(counts.dtype)
+        """Token frequencies (int64, `token_frequencies`) summed over the hosts (the day-0 draft vocabulary
+        is chosen from all traffic)."""
+        if self.count == 1:
+            return counts
+        # gathered through JAX, whose integers are 32-bit here: send int64 counts as two 20-bit-split halves
+        counts = np.asarray(counts, np.int64)
+        high, low = self.gather(counts >> 20).astype(np.int64), self.gather(counts & ((1 << 20) - 1)).astype(np.int64)
+        return ((high << 20) + low).sum(0)
 
     def replicated(self, tree):
         """`tree` with every array whole on every device, so that process 0 can read it (publishing

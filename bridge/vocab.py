@@ -10,19 +10,24 @@ from __future__ import annotations
 import numpy as np
 
 
+MASS_UNITS = 1024  # a trunk token counts this much; the target's probabilities count in 1/1024ths
+
+
 def token_frequencies(traces, vocab_size: int) -> np.ndarray:
-    """How often each target token [V] occurs in `traces` (float64): every trunk token once, plus, at
-    every position, the target's top-k probabilities of the next token. The second term is what the
-    target would say there, so a few traces sample the answers' vocabulary far more widely than the
-    tokens they happen to hold: on the demo's traffic the 4096 tokens kept after its first 4 traces
-    cover 88.8% of later outputs with it, 84.9% from the tokens alone (README, "Draft vocabulary")."""
-    freq = np.zeros(vocab_size, np.float64)
+    """How often each target token [V] occurs in `traces`: every trunk token once, plus, at every
+    position, the target's top-k probabilities of the next token. The second term is what the target
+    would say there, so a few traces sample the answers' vocabulary far more widely than the tokens
+    they happen to hold: on the demo's traffic the 4096 tokens kept after its first 4 traces cover
+    88.8% of later outputs with it, 84.9% from the tokens alone (README, "Draft vocabulary").
+    Integers in 1/MASS_UNITS of a token (int64): sums are exact, so hosts that each count their own
+    traces and add them up (`Hosts.token_counts`) keep the very tokens one process would."""
+    freq = np.zeros(vocab_size, np.int64)
     for t in traces:
-        freq += np.bincount(np.asarray(t.tokens), minlength=vocab_size)[:vocab_size]
+        freq += MASS_UNITS * np.bincount(np.asarray(t.tokens), minlength=vocab_size)[:vocab_size]
         ids = np.asarray(t.target_ids).ravel()
         ok = (ids >= 0) & (ids < vocab_size)
-        freq += np.bincount(ids[ok], weights=np.exp(np.asarray(t.target_logprobs, np.float64).ravel()[ok]),
-                            minlength=vocab_size)
+        mass = np.rint(MASS_UNITS * np.exp(np.asarray(t.target_logprobs, np.float64).ravel()[ok])).astype(np.int64)
+        freq += np.bincount(ids[ok], weights=mass, minlength=vocab_size).astype(np.int64)
     return freq
 
 

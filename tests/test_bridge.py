@@ -224,7 +224,7 @@ def test_vocab_pruning_keeps_the_most_frequent_tokens():
     assert t2d.sum() == 4 and t2d[kept].all() and not t2d[1]
     # a token the traces never hold but the target keeps offering (0.4 a position) is kept over a rare one
     counts = token_frequencies([T([5, 5, 5, 7, 7, 1, 9, 9, 9, 9], p_also=0.4), T([3, 3, 7], p_also=0.4)], 12)
-    assert counts[11] == pytest.approx(0.4 * 13) and 11 in (np.arange(4) + build_vocab(counts, 4)[0])
+    assert counts[11] == 13 * round(0.4 * 1024) and 11 in (np.arange(4) + build_vocab(counts, 4)[0])
     with pytest.raises(ValueError, match="draft_vocab_size 13 outside"):
         build_vocab(counts, 13)
 
