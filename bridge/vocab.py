@@ -18,7 +18,7 @@ def token_frequencies(traces, vocab_size: int) -> np.ndarray:
     position, the target's top-k probabilities of the next token. The second term is what the target
     would say there, so a few traces sample the answers' vocabulary far more widely than the tokens
     they happen to hold: on the demo's traffic the 4096 tokens kept after its first 4 traces cover
-    88.8% of later outputs with it, 84.9% from the tokens alone (README, "Draft vocabulary").
+    88.6% of later outputs with it, 84.9% from the tokens alone (README, "Draft vocabulary").
     Integers in 1/MASS_UNITS of a token (int64): sums are exact, so hosts that each count their own
     traces and add them up (`Hosts.token_counts`) keep the very tokens one process would."""
     freq = np.zeros(vocab_size, np.int64)
