@@ -18,7 +18,7 @@ from flax import nnx
 from aurora_jax.config import TrainerConfig
 from aurora_jax.model import Eagle3Draft, head_from_target, load_flat
 from bridge.eagle3 import LayoutError, from_torch_layout, load_hf, read_target_config, read_tensor, weights_file
-from bridge.vocab import build_vocab, token_frequencies
+from bridge.vocab import build_vocab, kept_share, token_frequencies
 
 
 @dataclasses.dataclass
@@ -62,7 +62,7 @@ def resolve_draft(cfg: TrainerConfig) -> Draft:
         model.set_vocab(d2t)
         vocab_fixed = True
         source += (f"; vocabulary: the {m.vd} most frequent tokens of {cfg.loop.vocab_counts} "
-                   f"({100 * counts[t2d].sum() / max(counts.sum(), 1):.1f}% of its {int(counts.sum())})")
+                   f"({kept_share(counts, t2d):.1f}% of its {int(counts.sum())})")
     embedding = frozen_embedding(cfg, init_sd)
     if embedding is not None:
         model.set_embedding(embedding)

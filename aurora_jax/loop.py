@@ -35,7 +35,7 @@ from aurora_jax.served import ServedUtility, serve_metrics
 from aurora_jax.train import Learner, make_mesh
 from bridge.config import to_dict
 from bridge.signals import stop_event
-from bridge.vocab import build_vocab, token_frequencies
+from bridge.vocab import build_vocab, kept_share, token_frequencies
 
 log = logging.getLogger(__name__)
 
@@ -127,8 +127,8 @@ class Trainer:
         d2t, t2d = build_vocab(counts, self.cfg.model.vd)
         self.learner.set_vocab(d2t, t2d)
         self._vocab_pending = False
-        log.info("draft vocabulary: the %d most frequent of %d tokens seen in the first traces (%.1f%% of "
-                 "occurrences)", self.cfg.model.vd, int((counts > 0).sum()), 100 * counts[t2d].sum() / max(counts.sum(), 1))
+        log.info("draft vocabulary: the %d most frequent of %d tokens the first traces hold or the target offered "
+                 "there (%.1f%% of their frequency)", self.cfg.model.vd, int((counts > 0).sum()), kept_share(counts, t2d))
 
     def _start_from_target(self) -> None:
         """Once the draft vocabulary is fixed: the day-0 head from the target (loop.head_init=target,

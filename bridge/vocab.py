@@ -41,3 +41,8 @@ def build_vocab(counts: np.ndarray, draft_vocab_size: int) -> tuple[np.ndarray, 
     t2d = np.zeros(V, bool)
     t2d[kept] = True
     return (kept - np.arange(draft_vocab_size)).astype(np.int64), t2d
+
+
+def kept_share(counts: np.ndarray, t2d: np.ndarray) -> float:
+    """The share of `counts` that the kept tokens (`t2d`) hold, in percent (for the logs)."""
+    return 100 * float(counts[t2d].sum()) / max(float(counts.sum()), 1.0)
